@@ -91,7 +91,7 @@ class Task:
     def words(self, cls: str) -> tuple[str, ...]:
         for c, ws in self.label_words:
             if c == cls:
-                return ws
+                return tuple(ws)
         raise KeyError(cls)
 
     def label_strings(self) -> tuple[tuple[str, ...], ...]:
