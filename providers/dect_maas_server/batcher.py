@@ -1,0 +1,239 @@
+"""Dynamic batching: coalesce concurrent queries into padded forward passes in one thread.
+
+Request handlers ``await submit(...)``; a dedicated worker thread takes up to
+``max_batch_size`` queued queries (waiting at most ``max_wait_ms`` after the oldest arrived),
+groups them by length so that padding stays small, runs the forward pass (torch releases the
+GIL, so the event loop keeps answering) and resolves the handlers' futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import Encoded, Engine, ItemOutput
+
+logger = logging.getLogger("dect_maas_server")
+
+
+class QueueFull(Exception):
+    """More queued queries than ``max_queue``; the client should retry after ``retry_after`` s."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"queue full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Job:
+    encoded: Encoded
+    want_pooled: bool
+    want_all: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[ItemOutput]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def split_by_length(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Group indices (sorted by length) so each group pads little and stays under a token cap.
+
+    A new group starts when the next input is more than 1.5x (+8 tokens) longer than the
+    shortest in the group, or when the padded group would exceed ``max_tokens``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            shortest = lengths[g[0]]
+            if lengths[i] <= shortest * 1.5 + 8 and (len(g) + 1) * lengths[i] <= max_tokens:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+class Metrics:
+    """Counters read by ``GET /metrics``; written by the worker and the handlers."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.requests = 0
+        self.queries = 0
+        self.rejected = 0
+        self.batches = 0
+        self.batch_hist: collections.Counter[int] = collections.Counter()
+        self.forward_seconds = 0.0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
+        self.lock = threading.Lock()
+
+    def record_batch(self, size: int, seconds: float) -> None:
+        with self.lock:
+            self.batches += 1
+            self.queries += size
+            self.batch_hist[size] += 1
+            self.forward_seconds += seconds
+            self.recent.append((time.monotonic(), size))
+
+    def snapshot(self, queue_depth: int) -> dict[str, Any]:
+        with self.lock:
+            now = time.monotonic()
+            window = [(t, n) for t, n in self.recent if now - t <= 60.0]
+            span = min(60.0, now - self.started)
+            recent_q = sum(n for _, n in window)
+            hist = {str(k): v for k, v in sorted(self.batch_hist.items())}
+            return {
+                "uptime_s": round(now - self.started, 3),
+                "queue_depth": queue_depth,
+                "requests_total": self.requests,
+                "queries_total": self.queries,
+                "rejected_total": self.rejected,
+                "batches_total": self.batches,
+                "batch_size_mean": (self.queries / self.batches) if self.batches else 0.0,
+                "batch_size_histogram": hist,
+                "forward_seconds_total": round(self.forward_seconds, 6),
+                "throughput_qps_60s": (recent_q / span) if span > 0 else 0.0,
+                "forward_qps": (self.queries / self.forward_seconds)
+                if self.forward_seconds
+                else 0.0,
+            }
+
+
+class Batcher:
+    """Owns the worker thread; one per server."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        max_batch_tokens: int,
+        metrics: Metrics,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.max_batch_tokens = max_batch_tokens
+        self.metrics = metrics
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dect-maas-model", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    async def submit(
+        self,
+        items: list[Encoded],
+        *,
+        pooled: bool = False,
+        all_positions: bool = False,
+    ) -> list[ItemOutput]:
+        """Queue ``items`` as queries; all or none are accepted (``QueueFull``)."""
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(it, pooled, all_positions, loop, loop.create_future()) for it in items]
+        with self._cond:
+            if self._stopping:
+                raise QueueFull(retry_after=5)
+            if len(self._pending) + len(jobs) > self.max_queue:
+                with self.metrics.lock:
+                    self.metrics.rejected += 1
+                raise QueueFull(retry_after=self._retry_after(len(jobs)))
+            self._pending.extend(jobs)
+            self._cond.notify()
+        return list(await asyncio.gather(*(j.future for j in jobs)))
+
+    def _retry_after(self, extra: int) -> int:
+        snap = self.metrics.snapshot(len(self._pending))
+        rate = snap["forward_qps"] or 1.0
+        return max(1, math.ceil((len(self._pending) + extra - self.max_queue) / rate))
+
+    # -- worker thread ------------------------------------------------------------------
+
+    def _take(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            deadline = self._pending[0].enqueued + self.max_wait
+            while len(self._pending) < self.max_batch_size and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if len(self._pending) <= self.max_batch_size:
+                batch = list(self._pending)
+                self._pending.clear()
+                return batch
+            # More than a batch waiting: the oldest job plus those closest to it in length.
+            pending = list(self._pending)
+            order = sorted(range(len(pending)), key=lambda i: len(pending[i].encoded.ids))
+            pos = order.index(0)
+            best_lo, best_span = 0, math.inf
+            for lo in range(
+                max(0, pos - self.max_batch_size + 1),
+                min(pos, len(order) - self.max_batch_size) + 1,
+            ):
+                hi = lo + self.max_batch_size - 1
+                span = len(pending[order[hi]].encoded.ids) - len(pending[order[lo]].encoded.ids)
+                if span < best_span:
+                    best_lo, best_span = lo, span
+            chosen = set(order[best_lo : best_lo + self.max_batch_size])
+            batch = [pending[i] for i in sorted(chosen)]
+            self._pending = collections.deque(p for i, p in enumerate(pending) if i not in chosen)
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            lengths = [len(j.encoded.ids) for j in batch]
+            for group in split_by_length(lengths, self.max_batch_tokens):
+                jobs = [batch[i] for i in group]
+                started = time.monotonic()
+                try:
+                    outs = self.engine.forward(
+                        [j.encoded for j in jobs],
+                        want_pooled=[j.want_pooled for j in jobs],
+                        want_all=[j.want_all for j in jobs],
+                    )
+                except Exception as exc:  # the handlers turn this into a 500
+                    logger.exception("forward pass failed for a batch of %d", len(jobs))
+                    for j in jobs:
+                        j.loop.call_soon_threadsafe(_set_exception, j.future, exc)
+                    continue
+                self.metrics.record_batch(len(jobs), time.monotonic() - started)
+                for j, out in zip(jobs, outs, strict=True):
+                    j.loop.call_soon_threadsafe(_set_result, j.future, out)
+
+
+def _set_result(fut: asyncio.Future[ItemOutput], value: ItemOutput) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[ItemOutput], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,370 @@
+"""The model side: loading, tokenizing with safe truncation, and one padded forward pass.
+
+Everything here is synchronous and runs in the batcher's worker thread (forward) or in request
+handlers (tokenizing, which is cheap). Padding is always on the right, so that position ids
+are the plain 0..n-1 of every sequence and no real token attends to padding: an input's result
+does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import SCORING_VERSION
+
+ModelKind = Literal["masked", "causal"]
+logger = logging.getLogger("dect_maas_server")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class InputError(ValueError):
+    """An input the model cannot score (for example no mask token); carries the input's index."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized input, ready for the forward pass."""
+
+    ids: tuple[int, ...]
+    score_pos: int  # index in ``ids`` of the scoring position (mask, or last token)
+    truncated: bool
+
+
+@dataclass
+class ItemOutput:
+    """What one input's forward pass gives back (float32, on CPU)."""
+
+    logits: torch.Tensor  # [V] raw logits at the scoring position
+    logprobs: torch.Tensor  # [V] log-softmax of ``logits``
+    hidden: torch.Tensor  # [H] last-layer hidden state at the scoring position
+    pooled: torch.Tensor | None  # [H] mean of the last layer over real tokens
+    all_logprobs: torch.Tensor | None  # [n, V] next-token log-probs at every position
+
+
+def detect_kind(config: Any) -> ModelKind:
+    """Masked or causal, from the config: ``architectures`` first, then ``is_decoder``."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForMaskedLM"):
+            return "masked"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal"
+    if getattr(config, "is_decoder", False):
+        return "causal"
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise ValueError(
+        f"cannot tell whether model type {model_type!r} is a masked or causal LM; "
+        "pass --model-kind masked or --model-kind causal"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}") from None
+
+
+def fingerprint(model: torch.nn.Module, tokenizer: Any, kind: str) -> str:
+    """Hash of the weights (as loaded, dtype included), the tokenizer and the scoring code."""
+    h = hashlib.sha256()
+    h.update(f"dect-maas-server scoring v{SCORING_VERSION}\n{kind}\n".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _keep_window(length: int, budget: int, score: int) -> list[int]:
+    """Indices of ``length`` body tokens to keep within ``budget``, always keeping ``score``.
+
+    Drops from the middle: keeps the start (instructions, the text's beginning) and a window
+    around the scoring position (the template's end), which is where prompts put what matters.
+    """
+    if length <= budget:
+        return list(range(length))
+    head = budget // 2
+    tail = budget - head
+    if score < head:
+        return [*range(head), *range(length - tail, length)]
+    start = min(length - tail, max(head, score - (tail - 1) // 2))
+    if not start <= score < start + tail:  # budget too small for a head: window only
+        start = max(0, min(length - budget, score - (budget - 1) // 2))
+        return list(range(start, start + budget))
+    return [*range(head), *range(start, start + tail)]
+
+
+def _special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (e.g. <s> ... </s>)."""
+    probe = "hello world"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError("cannot tell which special tokens the tokenizer adds around a text")
+
+
+class Engine:
+    """A loaded model with its tokenizer; scoring logic shared by every endpoint."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        kind: ModelKind,
+        *,
+        name: str,
+        max_input_tokens: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kind: ModelKind = kind
+        self.name = name
+        self.device = device
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.hidden_size = int(model.config.hidden_size)
+        if tokenizer.pad_token_id is not None:
+            self.pad_id = int(tokenizer.pad_token_id)
+        elif tokenizer.eos_token_id is not None:
+            self.pad_id = int(tokenizer.eos_token_id)
+        else:
+            self.pad_id = 0
+        self.mask_id: int | None = None
+        self.mask_token: str | None = None
+        if kind == "masked":
+            if tokenizer.mask_token_id is None:
+                raise ValueError("a masked LM needs a tokenizer with a mask token")
+            self.mask_id = int(tokenizer.mask_token_id)
+            self.mask_token = str(tokenizer.mask_token)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and model.config.model_type in ("roberta", "xlm-roberta"):
+            limit -= 2  # RoBERTa positions start after the padding index
+        self.max_input_tokens = (
+            min(max_input_tokens, limit) if isinstance(limit, int) else (max_input_tokens)
+        )
+        self.prefix_ids, self.suffix_ids = _special_wrapping(tokenizer)
+        self.n_prefix = len(self.prefix_ids)
+        self.n_special = len(self.prefix_ids) + len(self.suffix_ids)
+        if self.max_input_tokens <= self.n_special + 1:
+            raise ValueError(f"--max-input-tokens {max_input_tokens} leaves no room for text")
+        self._keep_arg = (
+            kind == "causal" and "logits_to_keep" in inspect.signature(model.forward).parameters
+        )
+        self.fingerprint = fingerprint(model, tokenizer, kind)
+
+    # -- tokenizing -------------------------------------------------------------------------
+
+    def encode(self, text: str, index: int = 0, *, for_embedding: bool = False) -> Encoded:
+        """Tokenize with special tokens; truncate the body, never at the scoring position."""
+        body = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        budget = self.max_input_tokens - self.n_special
+        if self.kind == "masked" and not for_embedding:
+            assert self.mask_id is not None
+            n_masks = body.count(self.mask_id)
+            if n_masks != 1:
+                raise InputError(
+                    index,
+                    f"input {index} has {n_masks} mask tokens ({self.mask_token!r}); "
+                    "exactly one is required",
+                )
+            score = body.index(self.mask_id)
+        else:
+            if not body and self.n_special == 0:
+                raise InputError(index, f"input {index} is empty")
+            score = len(body) - 1
+        truncated = len(body) > budget
+        if truncated:
+            if for_embedding:
+                keep = list(range(budget))
+            else:
+                keep = _keep_window(len(body), budget, max(score, 0))
+            body = [body[i] for i in keep]
+            if score >= 0 and not for_embedding:
+                score = keep.index(score)
+        ids = [*self.prefix_ids, *body, *self.suffix_ids]
+        if self.kind == "masked" and not for_embedding:
+            score_pos = ids.index(self.mask_id)
+        elif body:
+            # The last body token, not a trailing special token such as BERT's [SEP].
+            score_pos = self.n_prefix + len(body) - 1
+        else:
+            score_pos = len(ids) - 1
+        return Encoded(tuple(ids), score_pos, truncated)
+
+    def encode_ids(self, ids: list[int], index: int = 0) -> Encoded:
+        """Token ids given by the client (OpenAI prompt as ids): checked and truncated."""
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise InputError(index, f"input {index} has token id {t} outside the vocabulary")
+        if not ids:
+            raise InputError(index, f"input {index} is empty")
+        truncated = len(ids) > self.max_input_tokens
+        if truncated:
+            keep = _keep_window(len(ids), self.max_input_tokens, len(ids) - 1)
+            ids = [ids[i] for i in keep]
+        return Encoded(tuple(ids), len(ids) - 1, truncated)
+
+    def piece(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+    # -- forward --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self, items: list[Encoded], *, want_pooled: list[bool], want_all: list[bool]
+    ) -> list[ItemOutput]:
+        """One right-padded forward pass over ``items``; per-item outputs in float32 on CPU."""
+        n = len(items)
+        width = max(len(it.ids) for it in items)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        for row, it in enumerate(items):
+            input_ids[row, : len(it.ids)] = torch.tensor(it.ids, dtype=torch.long)
+            attention[row, : len(it.ids)] = 1
+        score_pos = torch.tensor([it.score_pos for it in items], dtype=torch.long)  # [B]
+        rows = torch.arange(n)
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention.to(self.device),
+            "output_hidden_states": True,
+        }
+        need_all = any(want_all)
+        keep_positions: torch.Tensor | None = None
+        if self._keep_arg and not need_all:
+            # Only the logits at scoring positions: skips most of the LM head's work.
+            keep_positions = torch.unique(score_pos)  # [K] sorted
+            kwargs["logits_to_keep"] = keep_positions.to(self.device)
+        out = self.model(**kwargs)
+        last = out.hidden_states[-1].float()  # [B, T, H]
+        hidden = last[rows, score_pos.to(last.device)]  # [B, H]
+        logits_all = out.logits.float()  # [B, T or K, V]
+        if keep_positions is not None:
+            column = torch.searchsorted(keep_positions, score_pos)  # [B]
+            logits = logits_all[rows, column.to(logits_all.device)]  # [B, V]
+        else:
+            logits = logits_all[rows, score_pos.to(logits_all.device)]  # [B, V]
+        logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        pooled: torch.Tensor | None = None
+        if any(want_pooled):
+            mask = attention.to(last.device).unsqueeze(-1).float()  # [B, T, 1]
+            pooled = (last * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
+            pooled = pooled.cpu()
+        logits, logprobs, hidden = logits.cpu(), logprobs.cpu(), hidden.cpu()
+        results = []
+        for row, it in enumerate(items):
+            all_lp = None
+            if want_all[row]:
+                all_lp = torch.log_softmax(logits_all[row, : len(it.ids)], dim=-1).cpu()  # [n, V]
+            results.append(
+                ItemOutput(
+                    logits=logits[row],
+                    logprobs=logprobs[row],
+                    hidden=hidden[row],
+                    pooled=pooled[row] if pooled is not None and want_pooled[row] else None,
+                    all_logprobs=all_lp,
+                )
+            )
+        return results
+
+
+def load_engine(
+    model_path: str,
+    *,
+    kind: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    max_input_tokens: int = 512,
+    name: str | None = None,
+) -> Engine:
+    """Load a masked or causal LM and its tokenizer from a folder (or a hub id)."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+    )
+
+    started = time.monotonic()
+    config = AutoConfig.from_pretrained(model_path)
+    resolved: ModelKind = detect_kind(config) if kind == "auto" else kind  # type: ignore[assignment]
+    if resolved not in ("masked", "causal"):
+        raise ValueError(f"--model-kind must be auto, masked or causal, not {kind!r}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    auto = AutoModelForMaskedLM if resolved == "masked" else AutoModelForCausalLM
+    model: Any = auto.from_pretrained(model_path, dtype=torch_dtype)
+    model.to(dev)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    engine = Engine(
+        model,
+        tokenizer,
+        resolved,
+        name=name or Path(str(model_path).rstrip("/")).name or str(model_path),
+        max_input_tokens=max_input_tokens,
+        device=dev,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "model loaded: %s kind=%s params=%.1fM dtype=%s device=%s vocab=%d in %.1f s "
+        "fingerprint=%s",
+        engine.name,
+        resolved,
+        n_params / 1e6,
+        str(torch_dtype).removeprefix("torch."),
+        dev,
+        engine.vocab_size,
+        time.monotonic() - started,
+        engine.fingerprint,
+    )
+    return engine
+
+
+def finite(x: float) -> float | None:
+    """JSON has no -inf: a log-probability that underflowed becomes null."""
+    return x if math.isfinite(x) else None
