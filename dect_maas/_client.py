@@ -1,0 +1,767 @@
+"""The client: the only place in dect-maas that touches the network.
+
+One request, top to bottom (``Client._send``): the cache was looked up for every example first (hits
+are counted, never billed) -> reserve the request's worst case in the ledger (``BudgetExceeded``
+before anything leaves) -> acquire the rate limiter -> send, retrying per ``RetryPolicy`` -> parse
+-> write the cache -> settle the ledger to the actual usage (refund it if anything failed).
+
+Units. A *query* is one example's forward pass on one endpoint (the paper's unit, what providers
+bill); a *request* is one HTTP call carrying one or more queries. When scores and vectors come from
+two endpoints, an example costs two queries. A *hit* is an example answered from the cache.
+
+The core is async (``afeatures``); ``features`` is a plain synchronous call that runs it on a loop
+the client owns. Blocking cache and ledger calls run in a thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from random import Random
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from ._budget import BudgetLimits, Usage
+from ._cache import CacheConfig, ResponseCache, cache_key
+from ._config import Credentials, RateLimit, RetryPolicy
+from ._exceptions import (
+    CensoredScoreWarning,
+    ConfigError,
+    MalformedResponse,
+    MultiTokenLabelWarning,
+    warn,
+)
+from ._features import FeatureMeta, Features
+from ._ledger import Ledger, LedgerRecord
+from ._ratelimit import RateLimiter
+from ._retry import Attempts, Retrier, TruncatedResponse, error_for_status, map_httpx_error
+from ._task import Task
+from .adapters._base import Adapter, Label, Prompt, RequestSpec, Role
+
+__all__ = ["Client", "Estimate"]
+
+logger = logging.getLogger("dect_maas")
+T = TypeVar("T")
+Record = dict[str, Any]
+Progress = bool | Callable[[int, int], None]
+
+KEY_SCHEMA = "dect-maas/example/1"
+_CONTENT_FREE = -1
+_HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.CookieConflict, httpx.StreamError)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What ``features`` would send for these texts now, given what is already cached.
+
+    ``queries``/``requests`` are exact. ``input_tokens`` and ``cost_usd`` are the worst case the
+    budget would reserve (a byte count bounds the token count); the provider's own count, settled
+    after each request, is at most this. ``assumptions`` lists what could not be known without
+    sending (e.g. label token ids never resolved yet: then nothing is counted as cached for scores).
+    """
+
+    queries: int
+    requests: int
+    input_tokens: int
+    cost_usd: float
+    cached_queries: int
+    total_queries: int
+    assumptions: tuple[str, ...] = ()
+    by_role: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """One role's work: the key of every prompt, what the cache holds, what must be sent."""
+
+    role: Role
+    prompts: list[Prompt]
+    keys: list[str]
+    found: dict[str, Record]
+    misses: list[Prompt]  # one per distinct key, first occurrence
+    specs: list[RequestSpec]
+
+
+class Client:
+    """Turns a Task and texts into Features through one adapter, paying for each query once.
+
+    >>> client = Client(LocalAdapter("http://127.0.0.1:8000"), cache=CacheConfig("~/.cache/dm"))
+    >>> feats = client.features(task, ["A fine film.", "Dull."])      # doctest: +SKIP
+
+    ``ledger``: a Ledger, a folder for one, or None (a temporary ledger that enforces ``budget``
+    for this client only and is deleted on close). ``api_key_env`` names the environment variable
+    holding the key (sent as ``Authorization: Bearer``; never stored, logged or cached).
+    ``clock``, ``sleep`` and ``rng`` are for tests.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        *,
+        cache: CacheConfig | ResponseCache | None,
+        ledger: Ledger | str | Path | None = None,
+        budget: BudgetLimits = BudgetLimits(),  # noqa: B008 - frozen
+        rate_limit: RateLimit = RateLimit(),  # noqa: B008 - frozen
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen
+        max_concurrency: int = 8,
+        run_id: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        api_key_env: str | None = None,
+        timeout: httpx.Timeout | float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: Random | None = None,
+    ) -> None:
+        if not isinstance(adapter, Adapter):
+            raise ConfigError(f"adapter must be a dect-maas adapter, got {type(adapter).__name__}")
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+            raise ConfigError("max_concurrency must be an int")
+        if max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.adapter = adapter
+        self._owns_cache = isinstance(cache, CacheConfig)
+        self._cache = ResponseCache(cache) if isinstance(cache, CacheConfig) else cache
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if isinstance(ledger, Ledger):
+            if budget != BudgetLimits():
+                raise ConfigError("give the budget to the Ledger you pass, not to the Client")
+            self._ledger, self._owns_ledger = ledger, False
+        else:
+            if ledger is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="dect-maas-ledger-")
+                ledger = self._tmp.name
+            self._ledger, self._owns_ledger = Ledger(ledger, budget, run_id=run_id), True
+        self._credentials = Credentials(api_key_env) if api_key_env is not None else None
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._transport = transport
+        self._max_concurrency = max_concurrency
+        self._clock = clock
+        self._retrier = Retrier(retry, sleep=sleep, clock=clock, rng=rng)
+        self._limiter = RateLimiter(rate_limit, clock=clock, sleep=sleep)
+        self._http: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._labels: dict[str, tuple[int, ...]] = {}
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    def features(
+        self,
+        task: Task,
+        texts: Sequence[str],
+        texts_b: Sequence[str] | None = None,
+        progress: Progress = False,
+    ) -> Features:
+        """Features for ``texts`` in order, with the content-free scores for calibration."""
+        return self._run(self.afeatures(task, texts, texts_b, progress))
+
+    async def afeatures(
+        self,
+        task: Task,
+        texts: Sequence[str],
+        texts_b: Sequence[str] | None = None,
+        progress: Progress = False,
+    ) -> Features:
+        pairs = _pairs(task, texts, texts_b)
+        adapter = await self._discover()
+        roles = adapter.roles(task)  # UnsupportedCapability before any query
+        labels = await self._resolve_labels(adapter, task, roles)
+        plans = [self._plan(adapter, role, task, pairs, labels) for role in roles]
+        for plan in plans:
+            plan.found = await self._lookup(plan.keys)
+            self._split(adapter, plan, labels)
+        report = _progress(progress, sum(len(p.prompts) for p in plans))
+        report(sum(len(p.prompts) - len(p.misses) for p in plans))
+        for plan in plans:
+            await self._record_hits(adapter, plan)
+            await self._send_all(adapter, plan, report)
+        return self._assemble(adapter, task, roles, plans, labels, len(pairs))
+
+    def estimate(
+        self, task: Task, texts: Sequence[str], texts_b: Sequence[str] | None = None
+    ) -> Estimate:
+        """What ``features`` would cost now; sends nothing.
+
+        Server metadata and label token ids come from what earlier runs stored in the cache; where
+        they are unknown, the estimate says so in ``assumptions`` and counts nothing as cached
+        for that role.
+        """
+        pairs = _pairs(task, texts, texts_b)
+        adapter, assumptions = self._discovered_offline()
+        roles = adapter.roles(task)
+        labels, missing = self._labels_offline(adapter, task, roles)
+        if missing:
+            assumptions.append(
+                f"label token ids of {', '.join(repr(w) for w in missing)} not resolved yet "
+                "(first run asks the server's tokenizer): nothing counted as cached for scores"
+            )
+        out = dict(queries=0, requests=0, input_tokens=0, cached=0, total=0)
+        cost = 0.0
+        by_role: dict[str, dict[str, int]] = {}
+        unknown_server = bool(assumptions)
+        for role in roles:
+            plan = self._plan(adapter, role, task, pairs, labels)
+            known = not unknown_server and (role == "vectors" or not missing)
+            plan.found = self._cache_get_many(plan.keys) if known else {}
+            self._split(adapter, plan, labels)
+            tokens = sum(s.input_tokens for s in plan.specs)
+            row = {
+                "queries": len(plan.misses),
+                "requests": len(plan.specs),
+                "input_tokens": tokens,
+                "cached_queries": len(plan.prompts) - len(plan.misses),
+            }
+            by_role[role] = row
+            out["queries"] += row["queries"]
+            out["requests"] += row["requests"]
+            out["input_tokens"] += tokens
+            out["cached"] += row["cached_queries"]
+            out["total"] += len(plan.prompts)
+            cost += sum(
+                adapter.prices.cost(requests=1, input_tokens=s.input_tokens) for s in plan.specs
+            )
+        return Estimate(
+            queries=out["queries"],
+            requests=out["requests"],
+            input_tokens=out["input_tokens"],
+            cost_usd=cost,
+            cached_queries=out["cached"],
+            total_queries=out["total"],
+            assumptions=tuple(assumptions),
+            by_role=by_role,
+        )
+
+    # -- planning (no I/O) ------------------------------------------------------------------------
+
+    def _plan(
+        self,
+        adapter: Adapter,
+        role: Role,
+        task: Task,
+        pairs: list[tuple[str, str | None]],
+        labels: Sequence[Label],
+    ) -> _Plan:
+        prompts = [Prompt(i, adapter.prompt(role, task, a, b)) for i, (a, b) in enumerate(pairs)]
+        if role != "vectors":  # scores need the content-free prompt, once per task
+            empty_b = "" if task.is_pair else None
+            prompts.append(Prompt(_CONTENT_FREE, adapter.prompt(role, task, "", empty_b)))
+        base, path = adapter.endpoint(role)
+        fixed = {
+            "schema": KEY_SCHEMA,
+            "adapter": f"{adapter.name}/{adapter.version}",
+            "role": role,
+            "url": base.rstrip("/") + path,
+            "revision": getattr(adapter, "revision", None),
+            "label_token_ids": [list(lab.ids) for lab in labels] if role != "vectors" else [],
+        }
+        keys = [
+            cache_key({**fixed, "body": adapter.example_body(role, p.text, labels)})
+            for p in prompts
+        ]
+        return _Plan(role, prompts, keys, {}, [], [])
+
+    def _split(self, adapter: Adapter, plan: _Plan, labels: Sequence[Label]) -> None:
+        seen: set[str] = set()
+        misses = []
+        for p, k in zip(plan.prompts, plan.keys, strict=True):
+            if k not in plan.found and k not in seen:
+                seen.add(k)
+                misses.append(p)
+        plan.misses = misses
+        plan.specs = adapter.build_requests(plan.role, misses, labels) if misses else []
+
+    # -- the chain for one request ---------------------------------------------------------------
+
+    async def _send_all(self, adapter: Adapter, plan: _Plan, report: Callable[[int], None]) -> None:
+        if not plan.specs:
+            return
+        key_of = {p.index: k for p, k in zip(plan.prompts, plan.keys, strict=True)}
+        gate = asyncio.Semaphore(self._max_concurrency)
+
+        async def one(spec: RequestSpec) -> None:
+            async with gate:
+                records = await self._send(adapter, spec, [key_of[i] for i in spec.indices])
+            plan.found.update(zip((key_of[i] for i in spec.indices), records, strict=True))
+            n_dupes = sum(1 for p in plan.prompts if p.index in spec.indices) - len(spec.indices)
+            report(len(spec.indices) + n_dupes)
+
+        await _all_or_cancel([one(spec) for spec in plan.specs])
+
+    async def _send(self, adapter: Adapter, spec: RequestSpec, keys: list[str]) -> list[Record]:
+        """cache already missed -> reserve -> rate limit + send with retries -> parse -> store ->
+        settle (or refund)."""
+        model = adapter.model_for(spec.role)
+        worst = Usage(
+            queries=len(spec.indices),
+            requests=1,
+            input_tokens=spec.input_tokens,
+            cost_usd=adapter.prices.cost(requests=1, input_tokens=spec.input_tokens),
+        )
+        provider, endpoint = adapter.provider, spec.url
+        reservation = await asyncio.to_thread(
+            self._ledger.reserve, worst, provider=provider, model=model, endpoint=endpoint
+        )
+        attempts = Attempts()
+        started = self._clock()
+        try:
+            records = await self._retrier.call(lambda: self._attempt(adapter, spec), attempts)
+            if self._cache is not None:
+                await asyncio.to_thread(self._cache.set_many, dict(zip(keys, records, strict=True)))
+        except BaseException as exc:
+            status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+            failed = LedgerRecord(
+                provider=provider,
+                model=model,
+                endpoint=endpoint,
+                queries=len(spec.indices),
+                attempts=attempts.count,
+                status=status,
+                latency_s=max(0.0, self._clock() - started),
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
+            self._ledger.refund(reservation, failed)  # not in a thread: must run even if cancelled
+            logger.info(
+                "%s %s failed after %d attempt(s)",
+                adapter.provider,
+                spec.describe(),
+                attempts.count,
+            )
+            raise
+        tokens = [t for r in records if isinstance(t := r.get("t"), int)]
+        n_tokens = sum(tokens) if len(tokens) == len(records) else spec.input_tokens
+        actual = Usage(
+            queries=len(spec.indices),
+            requests=1,
+            input_tokens=n_tokens,
+            cost_usd=adapter.prices.cost(requests=1, input_tokens=n_tokens),
+        )
+        latency = max(0.0, self._clock() - started)
+        done = LedgerRecord(
+            provider=provider,
+            model=model,
+            endpoint=endpoint,
+            attempts=attempts.count,
+            status="ok",
+            latency_s=latency,
+        )
+        await asyncio.to_thread(self._ledger.settle, reservation, actual, done)
+        logger.info(
+            "%s %s: %d quer%s, %d tokens, %d attempt(s), %.3fs",
+            adapter.provider,
+            spec.describe(),
+            actual.queries,
+            "y" if actual.queries == 1 else "ies",
+            n_tokens,
+            attempts.count,
+            latency,
+        )
+        return records
+
+    async def _attempt(self, adapter: Adapter, spec: RequestSpec) -> list[Record]:
+        """One try: rate limit, HTTP, status and body checks, parse. Raises our errors only."""
+        status, headers, body = await self._http_json(adapter, spec, paced=True)
+        return adapter.parse_response(spec, status, headers, body)
+
+    async def _http_json(
+        self, adapter: Adapter, spec: RequestSpec, *, paced: bool = False
+    ) -> tuple[int, Mapping[str, str], Any]:
+        """Send ``spec``; (status, headers, JSON body). The one boundary where httpx errors are
+        mapped to ours. ``paced``: billed requests go through the rate limiter."""
+        rate_key = (adapter.provider, adapter.model_for(spec.role))
+        if paced:
+            await self._limiter.acquire(rate_key, spec.input_tokens)
+        headers = {"Content-Type": "application/json", **spec.headers}
+        if self._credentials is not None:
+            headers.update(self._credentials.headers())
+        content = None if spec.body is None else json.dumps(spec.body, separators=(",", ":"))
+        http = self._http_client()
+        try:
+            response = await http.request(spec.method, spec.url, content=content, headers=headers)
+        except _HTTPX_ERRORS as exc:
+            raise map_httpx_error(exc, spec.describe()) from exc
+        self._limiter.observe(rate_key, response.status_code, response.headers)
+        if not 200 <= response.status_code < 300:
+            scrub = self._credentials.scrub if self._credentials else (lambda s: s)
+            raise error_for_status(
+                response.status_code,
+                response.headers,
+                response.text,
+                provider=adapter.provider,
+                request=spec.describe(),
+                scrub=scrub,
+            )
+        try:
+            return response.status_code, response.headers, json.loads(response.content)
+        except ValueError:
+            raise TruncatedResponse(
+                f"{adapter.provider} answered HTTP {response.status_code} with a body that is not "
+                f"complete JSON ({len(response.content)} bytes)",
+                request=spec.describe(),
+            ) from None
+
+    # -- cache, ledger and label words ------------------------------------------------------------
+
+    def _cache_get_many(self, keys: Sequence[str]) -> dict[str, Record]:
+        return self._cache.get_many(list(dict.fromkeys(keys))) if self._cache is not None else {}
+
+    async def _lookup(self, keys: Sequence[str]) -> dict[str, Record]:
+        if self._cache is None:
+            return {}
+        return await asyncio.to_thread(self._cache_get_many, keys)
+
+    async def _record_hits(self, adapter: Adapter, plan: _Plan) -> None:
+        hits = len(plan.prompts) - len(plan.misses)
+        if hits:
+            base, path = adapter.endpoint(plan.role)
+            await asyncio.to_thread(
+                self._ledger.record_hits,
+                hits,
+                provider=adapter.provider,
+                model=adapter.model_for(plan.role),
+                endpoint=base.rstrip("/") + path,
+            )
+
+    def _meta_key(self, spec: RequestSpec) -> str:
+        return cache_key({"schema": "dect-maas/meta/1", "request": json.loads(spec.to_json())})
+
+    async def _discover(self) -> Adapter:
+        """Ask the server what it serves (free, unbilled), once per call; remember the answer."""
+        spec = self.adapter.info_request()
+        if spec is None:
+            return self.adapter
+        _, _, body = await self._retrier.call(
+            lambda: self._http_json(self.adapter, spec), Attempts()
+        )
+        adapter = self.adapter.with_info(body)
+        if self._cache is not None:
+            await asyncio.to_thread(self._cache.set, self._meta_key(spec), {"body": body})
+        return adapter
+
+    def _discovered_offline(self) -> tuple[Adapter, list[str]]:
+        spec = self.adapter.info_request()
+        if spec is None:
+            return self.adapter, []
+        stored = self._cache.get(self._meta_key(spec)) if self._cache is not None else None
+        if stored is None:
+            return self.adapter, [
+                "the server was never asked what model it serves: nothing counted as cached, "
+                "and the adapter's settings (model kind, batch size) taken as they are"
+            ]
+        return self.adapter.with_info(stored["body"]), []
+
+    def _label_key(self, spec: RequestSpec, adapter: Adapter) -> str:
+        parts = json.loads(spec.to_json())
+        return cache_key(
+            {
+                "schema": "dect-maas/tokenize/1",
+                "request": parts,
+                "revision": getattr(adapter, "revision", None),
+            }
+        )
+
+    async def _resolve_labels(
+        self, adapter: Adapter, task: Task, roles: Sequence[Role]
+    ) -> tuple[Label, ...]:
+        words = [w for ws in task.label_strings() for w in ws]
+        if not any(r != "vectors" for r in roles):
+            return ()
+        need = any(adapter.needs_label_ids(r) for r in roles if r != "vectors")
+        resolved: list[Label] = []
+        for word in words:
+            ids = adapter.known_label_ids(word)
+            spec = adapter.tokenize_request(word) if ids is None and need else None
+            if spec is not None:
+                key = self._label_key(spec, adapter)
+                stored = self._cache.get(key) if self._cache is not None else None
+                if stored is not None:
+                    ids = list(stored["ids"])
+                else:
+                    ids = await self._tokenize(adapter, spec)
+                    if self._cache is not None:
+                        await asyncio.to_thread(self._cache.set, key, {"ids": ids})
+            resolved.append(Label(word, tuple(ids or ())))
+        multi = [lab for lab in resolved if lab.multi_token]
+        if multi:
+            warn(
+                MultiTokenLabelWarning,
+                "label word(s) "
+                + ", ".join(f"{lab.text!r} ({len(lab.ids)} tokens)" for lab in multi)
+                + " span several tokens: only the first token of each is scored (DecT §2.2); "
+                "pick single-token words to avoid this",
+            )
+        return tuple(resolved)
+
+    async def _tokenize(self, adapter: Adapter, spec: RequestSpec) -> list[int]:
+        async def once() -> list[int]:
+            _, _, body = await self._http_json(adapter, spec)
+            return adapter.parse_tokenize(spec, body)
+
+        return await self._retrier.call(once, Attempts())
+
+    def _labels_offline(
+        self, adapter: Adapter, task: Task, roles: Sequence[Role]
+    ) -> tuple[tuple[Label, ...], list[str]]:
+        if not any(r != "vectors" for r in roles):
+            return (), []
+        need = any(adapter.needs_label_ids(r) for r in roles if r != "vectors")
+        out, missing = [], []
+        for word in (w for ws in task.label_strings() for w in ws):
+            ids = adapter.known_label_ids(word)
+            spec = adapter.tokenize_request(word) if ids is None and need else None
+            if spec is not None:
+                stored = (
+                    self._cache.get(self._label_key(spec, adapter))
+                    if self._cache is not None
+                    else None
+                )
+                if stored is None:
+                    missing.append(word)
+                else:
+                    ids = list(stored["ids"])
+            out.append(Label(word, tuple(ids or ())))
+        return tuple(out), missing
+
+    # -- assembling Features ----------------------------------------------------------------------
+
+    def _assemble(
+        self,
+        adapter: Adapter,
+        task: Task,
+        roles: Sequence[Role],
+        plans: Sequence[_Plan],
+        labels: Sequence[Label],
+        n: int,
+    ) -> Features:
+        scores = censored = hidden = content_free = None
+        fingerprint: str | None = None
+        score_kind = "none"
+        hidden_kind = ""
+        sizes = [len(ws) for _, ws in task.label_words]
+        for plan in plans:
+            records = [plan.found[k] for k in plan.keys]
+            if plan.role != "vectors":
+                flat = np.asarray([r["s"] for r in records], dtype=np.float64)  # (N+1, L)
+                cen = np.asarray(
+                    [r["c"] if r.get("c") is not None else [False] * len(labels) for r in records],
+                    dtype=bool,
+                )  # (N+1, L)
+                per_class, cen_class = _per_class(flat, cen, sizes)  # (N+1, C) each
+                scores, censored = per_class[:n], cen_class[:n]
+                content_free = per_class[n]
+                score_kind = adapter.capabilities(plan.role).score_kind
+                fingerprint = fingerprint or next((r["fp"] for r in records if r.get("fp")), None)
+            if plan.role != "scores":
+                vectors = [np.asarray(r["h"], dtype=np.float32) for r in records[:n]]
+                if len({v.shape for v in vectors}) > 1:
+                    raise MalformedResponse(
+                        f"{adapter.provider} returned vectors of different sizes "
+                        f"{sorted({v.shape[0] for v in vectors})}"
+                    )
+                hidden = np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)  # (N, D)
+                hidden_kind = adapter.hidden_kind(plan.role)
+        if censored is not None and censored.any():
+            share = float(censored.mean())
+            warn(
+                CensoredScoreWarning,
+                f"{share:.1%} of label-word scores fell outside the provider's top-k and are "
+                "upper bounds (marked in Features.censored); exact token logprobs avoid this",
+            )
+        extra = {
+            **adapter.extra_meta(),
+            "roles": list(roles),
+            "label_words": [lab.text for lab in labels],
+            "label_token_rule": "first",
+            "multi_token_labels": {lab.text: list(lab.ids) for lab in labels if lab.multi_token},
+        }
+        ids: list[tuple[int, ...]] = []
+        it = iter(labels)
+        for size in sizes:
+            ids.append(
+                tuple(lab.first for lab in (next(it) for _ in range(size)) if lab.first is not None)
+                if labels
+                else ()
+            )
+        meta = FeatureMeta(
+            provider=adapter.provider,
+            model=adapter.model,
+            revision=fingerprint or getattr(adapter, "revision", None),
+            template=task.template,
+            classes=task.classes,
+            label_token_ids=tuple(ids),
+            score_kind=score_kind,  # type: ignore[arg-type]
+            hidden_kind=hidden_kind,
+            extra=extra,
+        )
+        return Features(
+            scores,
+            hidden,
+            censored if censored is not None and censored.any() else None,
+            content_free,
+            meta,
+        )
+
+    # -- loops, HTTP clients, closing -------------------------------------------------------------
+
+    def _http_client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        http = self._http.get(loop)
+        if http is None:
+            limits = httpx.Limits(
+                max_connections=self._max_concurrency,
+                max_keepalive_connections=self._max_concurrency,
+            )
+            http = httpx.AsyncClient(
+                transport=self._transport, timeout=self._timeout, limits=limits
+            )
+            self._http[loop] = http
+        return http
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            coro.close()
+            raise ConfigError(
+                "Client.features was called inside a running event loop: use "
+                "`await client.afeatures(...)` there"
+            )
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coro)
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        http = self._http.pop(loop, None)
+        if http is not None:
+            await http.aclose()
+        self._close_stores()
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            http = self._http.pop(self._loop, None)
+            if http is not None:
+                self._loop.run_until_complete(http.aclose())
+            self._loop.close()
+        self._http.clear()
+        self._close_stores()
+
+    def _close_stores(self) -> None:
+        if self._owns_cache and self._cache is not None:
+            self._cache.close()
+        if self._owns_ledger:
+            self._ledger.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"Client(adapter={type(self.adapter).__name__}(model={self.adapter.model!r}), "
+            f"credentials={self._credentials!r}, ledger={str(self._ledger.directory)!r})"
+        )
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _pairs(
+    task: Task, texts: Sequence[str], texts_b: Sequence[str] | None
+) -> list[tuple[str, str | None]]:
+    if isinstance(texts, str):
+        raise ConfigError("texts must be a sequence of strings, not one string")
+    a = list(texts)
+    if texts_b is None:
+        if task.is_pair:
+            raise ConfigError("the template has a {text_b} slot: give texts_b as well")
+        b: list[str | None] = [None] * len(a)
+    else:
+        b = list(texts_b)
+        if len(b) != len(a):
+            raise ConfigError(f"texts has {len(a)} items but texts_b has {len(b)}")
+    for i, t in enumerate(a):
+        if not isinstance(t, str):
+            raise ConfigError(f"texts[{i}] is a {type(t).__name__}, not a string")
+    return list(zip(a, b, strict=True))
+
+
+def _per_class(
+    flat: np.ndarray[Any, Any], cen: np.ndarray[Any, Any], sizes: Sequence[int]
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Max over each class's label words (DecT §2.2); censored if the max is an upper bound."""
+    out_s, out_c = [], []
+    start = 0
+    for size in sizes:
+        block = flat[:, start : start + size]  # (N, W)
+        best = block.argmax(axis=1)  # (N,)
+        rows = np.arange(flat.shape[0])
+        out_s.append(block[rows, best])
+        out_c.append(cen[:, start : start + size][rows, best])
+        start += size
+    return np.stack(out_s, axis=1), np.stack(out_c, axis=1)
+
+
+def _progress(progress: Progress, total: int) -> Callable[[int], None]:
+    done = 0
+    if progress is False:
+        return lambda k: None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="ex", desc="dect-maas")
+
+        def tick(k: int) -> None:
+            bar.update(k)
+            if bar.n >= total:
+                bar.close()
+
+        return tick
+    callback = progress
+
+    def call(k: int) -> None:
+        nonlocal done
+        done += k
+        callback(done, total)
+
+    return call
+
+
+async def _all_or_cancel(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run all; on the first failure cancel the rest (their reservations are refunded)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

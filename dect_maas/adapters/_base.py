@@ -1,0 +1,300 @@
+"""What every adapter is: capabilities, prices, request specs and per-example records.
+
+An adapter does no I/O (no socket, clock or cache). It turns prompts into small frozen request
+specs and turns ``(status, headers, body)`` back into one JSON-able record per example, so that
+every adapter can be tested on recorded bodies alone. The client owns everything else.
+
+Roles. An adapter serves up to two *roles*, each one endpoint: ``"scores"`` (label-word scores at
+the scoring position), ``"vectors"`` (a representation of the input), or ``"features"`` (both from
+one forward pass, our local server). A query is one example on one role: when scores and vectors
+come from two endpoints an example costs two queries.
+
+Records (what the cache stores per example and role) are plain dicts:
+``{"s": [score per flat label id] | None, "c": [censored per flat label id] | None,
+"h": float32 array | None, "t": input tokens | None, "fp": model fingerprint | None}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from dect_maas._exceptions import MalformedResponse, UnsupportedCapability
+from dect_maas._task import Task
+
+__all__ = [
+    "Adapter",
+    "Capabilities",
+    "Label",
+    "Prices",
+    "Prompt",
+    "RequestSpec",
+    "Role",
+    "decode_vector",
+    "encode_vector",
+    "estimate_tokens",
+    "split_tokens",
+]
+
+Role = Literal["scores", "vectors", "features"]
+ScoreAccess = Literal["exact", "top-k", "none"]
+VectorAccess = Literal["mask_hidden", "last_hidden", "pooled", "none"]
+JSON = Any
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What a provider bills: USD per million input tokens and per request (both overridable)."""
+
+    per_million_input_tokens: float = 0.0
+    per_request: float = 0.0
+
+    def cost(self, *, requests: int, input_tokens: int) -> float:
+        return self.per_request * requests + self.per_million_input_tokens * input_tokens / 1e6
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the API can give; checked against the task before anything is sent."""
+
+    scores: ScoreAccess
+    vectors: VectorAccess
+    max_inputs_per_request: int
+    score_kind: Literal["logits", "logprobs", "none"]
+    top_k: int | None = None
+    masked_lm: bool | None = None  # None: unknown until the server says
+
+    def describe(self) -> str:
+        k = f" (k={self.top_k})" if self.scores == "top-k" else ""
+        return (
+            f"scores: {self.scores}{k}, vectors: {self.vectors}, "
+            f"up to {self.max_inputs_per_request} input(s) per request"
+        )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One example's input for one role: its position in the batch and the text sent."""
+
+    index: int  # -1 is the content-free prompt
+    text: str
+
+
+@dataclass(frozen=True)
+class Label:
+    """One label word as scored: its string (prefix applied), its token ids, and what is matched.
+
+    ``ids`` is empty when the provider takes label words as strings (HF fill-mask ``targets``).
+    Only the first token is scored (DecT §2.2); ``multi_token`` says the word had more.
+    """
+
+    text: str
+    ids: tuple[int, ...] = ()
+
+    @property
+    def first(self) -> int | None:
+        return self.ids[0] if self.ids else None
+
+    @property
+    def multi_token(self) -> bool:
+        return len(self.ids) > 1
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One HTTP request, as plain values: what the client sends and what the cache key covers."""
+
+    role: Role
+    method: str
+    base_url: str
+    path: str
+    body: Mapping[str, JSON] | None
+    indices: tuple[int, ...] = ()  # the examples it carries, in body order
+    input_tokens: int = 0  # worst-case estimate, for budget reservation
+    labels: tuple[Label, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + self.path
+
+    def describe(self) -> str:
+        """For logs and errors: never holds a credential (specs carry none)."""
+        if not self.indices:
+            return f"{self.method} {self.path}"
+        shown = ", ".join("content-free" if i < 0 else str(i) for i in self.indices[:8])
+        more = f" and {len(self.indices) - 8} more" if len(self.indices) > 8 else ""
+        return f"{self.method} {self.path} for example(s) {shown}{more}"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"method": self.method, "url": self.url, "body": self.body},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """The adapter protocol. Every method is pure."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def prices(self) -> Prices: ...
+
+    def capabilities(self, role: Role) -> Capabilities: ...
+
+    def roles(self, task: Task) -> tuple[Role, ...]:
+        """The roles this adapter queries for the task (raises UnsupportedCapability)."""
+        ...
+
+    def endpoint(self, role: Role) -> tuple[str, str]:
+        """(base URL, path) of a role, for cache keys and the ledger."""
+        ...
+
+    def prompt(self, role: Role, task: Task, text: str, text_b: str | None) -> str: ...
+
+    def example_body(self, role: Role, prompt: str, labels: Sequence[Label]) -> dict[str, JSON]:
+        """The full request body for this one example: everything that changes its answer."""
+        ...
+
+    def build_requests(
+        self, role: Role, prompts: Sequence[Prompt], labels: Sequence[Label]
+    ) -> list[RequestSpec]: ...
+
+    def parse_response(
+        self, spec: RequestSpec, status: int, headers: Mapping[str, str], body: JSON
+    ) -> list[dict[str, JSON]]:
+        """One record per example of ``spec``, in order; MalformedResponse on a bad body."""
+        ...
+
+    def tokenize_request(self, text: str) -> RequestSpec | None:
+        """The request that resolves a label word to token ids, or None when ids are known."""
+        ...
+
+    def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]: ...
+
+    def known_label_ids(self, word: str) -> list[int] | None:
+        """Token ids the user gave (explicitly or through a tokenizer), else None."""
+        ...
+
+    def needs_label_ids(self, role: Role) -> bool: ...
+
+    def hidden_kind(self, role: Role) -> str: ...
+
+    def model_for(self, role: Role) -> str:
+        """The model a role queries (embeddings may come from another model)."""
+        ...
+
+    def info_request(self) -> RequestSpec | None:
+        """A free metadata request (model kind, fingerprint) the client sends first, or None."""
+        ...
+
+    def with_info(self, body: JSON) -> Adapter:
+        """This adapter completed from the answer to ``info_request`` (a new value)."""
+        ...
+
+    def extra_meta(self) -> dict[str, JSON]: ...
+
+
+# -- helpers shared by the adapters -------------------------------------------------------------
+
+
+def estimate_tokens(text: str) -> int:
+    """A worst-case token count: every UTF-8 byte one token, plus a few special tokens.
+
+    Byte-level BPE never makes more tokens than bytes, so this bounds what a provider bills; it is
+    what the budget reserves before a request leaves (settled to the provider's count after).
+    """
+    return len(text.encode("utf-8")) + 4
+
+
+Vector = np.ndarray[Any, np.dtype[np.float32]]
+
+
+def encode_vector(values: Any) -> Vector:
+    """A vector as a float32 array: the cache stores it as raw bytes, read back as a slice."""
+    return np.ascontiguousarray(values, dtype="<f4")
+
+
+def decode_vector(data: str) -> Vector:
+    """Little-endian float32 base64 (OpenAI's ``encoding_format="base64"``) to an array."""
+    return np.frombuffer(base64.b64decode(data, validate=True), dtype="<f4").copy()
+
+
+def split_tokens(total: object, n: int) -> list[int | None]:
+    """A request's prompt-token count spread over its examples (the first take the remainder)."""
+    if not isinstance(total, int) or isinstance(total, bool) or n <= 0:
+        return [None] * n
+    q, r = divmod(total, n)
+    return [q + (1 if i < r else 0) for i in range(n)]
+
+
+def malformed(spec: RequestSpec, what: str) -> MalformedResponse:
+    return MalformedResponse(f"unexpected response body: {what}", request=spec.describe())
+
+
+def get(spec: RequestSpec, obj: JSON, *path: str | int) -> JSON:
+    """obj[path...] or MalformedResponse naming where the shape broke (never KeyError)."""
+    cur = obj
+    trail = "body"
+    for p in path:
+        try:
+            cur = cur[p]
+        except (KeyError, IndexError, TypeError):
+            raise malformed(spec, f"{trail} has no {p!r}") from None
+        trail += f"[{p!r}]"
+    return cur
+
+
+def number(spec: RequestSpec, value: JSON, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise malformed(spec, f"{where} is not a finite number ({type(value).__name__})")
+    return float(value)
+
+
+def numbers(spec: RequestSpec, value: JSON, where: str) -> list[float]:
+    if not isinstance(value, list):
+        raise malformed(spec, f"{where} is not a list")
+    return [number(spec, v, where) for v in value]
+
+
+def chunks(prompts: Sequence[Prompt], size: int) -> list[Sequence[Prompt]]:
+    return [prompts[i : i + size] for i in range(0, len(prompts), max(1, size))]
+
+
+def refuse(adapter: str, what: str) -> UnsupportedCapability:
+    return UnsupportedCapability(f"{adapter}: {what}. Nothing was sent.")
+
+
+def pool(spec: RequestSpec, vectors: JSON, how: str, where: str) -> list[float]:
+    """Pool per-token vectors (llama.cpp with pooling none) to one; a flat vector passes through."""
+    if not isinstance(vectors, list) or not vectors:
+        raise malformed(spec, f"{where} is not a non-empty list")
+    if not isinstance(vectors[0], list):
+        return numbers(spec, vectors, where)
+    try:
+        arr = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise malformed(spec, f"{where} is not a list of equal-length vectors") from None
+    if arr.ndim != 2 or not np.isfinite(arr).all():
+        raise malformed(spec, f"{where} is not a finite (tokens, dim) array")
+    out = arr[-1] if how == "last" else arr.mean(axis=0)
+    return [float(x) for x in out]

@@ -1,0 +1,243 @@
+"""The project's own server (``dect-maas-server``): exact label scores and the hidden state in one
+query.
+
+``POST /v1/features`` returns, per input, the raw logits and the log-softmax of the listed token ids
+and the last-layer hidden state at the scoring position. Which score we keep depends on the model:
+
+- masked LMs: the raw logits (``score_kind="logits"``), exactly the paper's setting (DecT §2.2);
+- causal LMs: the log-probabilities (``score_kind="logprobs"``), the calibrated form every causal-LM
+  API returns, so that features from this server and from an OpenAI-compatible one are comparable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from dect_maas._task import Task
+
+from ._base import (
+    JSON,
+    Capabilities,
+    Label,
+    Prices,
+    Prompt,
+    RequestSpec,
+    Role,
+    chunks,
+    decode_vector,
+    encode_vector,
+    estimate_tokens,
+    get,
+    malformed,
+    numbers,
+    refuse,
+    split_tokens,
+)
+
+__all__ = ["LocalAdapter"]
+
+
+@dataclass(frozen=True)
+class LocalAdapter:
+    """Adapter for our local server.
+
+    The client first asks the server (``GET /v1/models``, free) for the model's name, kind, mask
+    token and fingerprint; set ``kind`` and ``mask_token`` to state them up front instead. The
+    fingerprint becomes ``revision``, part of every cache key, so a changed model is never answered
+    from the cache. ``label_token_ids`` (label string -> ids) skips the tokenize call.
+    """
+
+    base_url: str = "http://127.0.0.1:8000"
+    model: str = "local"
+    kind: Literal["masked", "causal"] | None = None
+    mask_token: str | None = None
+    max_inputs_per_request: int = 64
+    encoding_format: Literal["base64", "float"] = "base64"
+    label_token_ids: Mapping[str, Sequence[int]] | None = None
+    revision: str | None = None
+    prices: Prices = field(default_factory=Prices)
+
+    name: ClassVar[str] = "local"
+    version: ClassVar[str] = "1"
+    provider: ClassVar[str] = "local"
+
+    @property
+    def effective_kind(self) -> Literal["masked", "causal"]:
+        """``kind``, or until the server said: masked when a mask token is given, else causal."""
+        if self.kind is not None:
+            return self.kind
+        return "masked" if self.mask_token is not None else "causal"
+
+    def capabilities(self, role: Role) -> Capabilities:
+        return Capabilities(
+            scores="exact",
+            vectors="mask_hidden" if self.effective_kind == "masked" else "last_hidden",
+            max_inputs_per_request=self.max_inputs_per_request,
+            score_kind="logits" if self.effective_kind == "masked" else "logprobs",
+            masked_lm=self.effective_kind == "masked",
+        )
+
+    def roles(self, task: Task) -> tuple[Role, ...]:
+        if self.effective_kind == "masked":
+            if self.mask_token is None:
+                raise refuse(self.name, "a masked LM needs mask_token (e.g. '<mask>')")
+            if not task.has_mask:
+                raise refuse(self.name, f"template {task.template!r} has no {{mask}} position")
+        else:
+            task.check_causal()
+        return ("features",)
+
+    def endpoint(self, role: Role) -> tuple[str, str]:
+        return self.base_url, "/v1/features"
+
+    def prompt(self, role: Role, task: Task, text: str, text_b: str | None) -> str:
+        return task.render(
+            text, text_b, mask_token=self.mask_token if self.effective_kind == "masked" else None
+        )
+
+    def example_body(self, role: Role, prompt: str, labels: Sequence[Label]) -> dict[str, JSON]:
+        return self._body([prompt], labels)
+
+    def _body(self, inputs: list[str], labels: Sequence[Label]) -> dict[str, JSON]:
+        return {
+            "model": self.model,
+            "inputs": inputs,
+            "label_token_ids": [lab.first for lab in labels],
+            "return_hidden": True,
+            "encoding_format": self.encoding_format,
+        }
+
+    def build_requests(
+        self, role: Role, prompts: Sequence[Prompt], labels: Sequence[Label]
+    ) -> list[RequestSpec]:
+        return [
+            RequestSpec(
+                role=role,
+                method="POST",
+                base_url=self.base_url,
+                path="/v1/features",
+                body=self._body([p.text for p in part], labels),
+                indices=tuple(p.index for p in part),
+                input_tokens=sum(estimate_tokens(p.text) for p in part),
+                labels=tuple(labels),
+            )
+            for part in chunks(prompts, self.max_inputs_per_request)
+        ]
+
+    def parse_response(
+        self, spec: RequestSpec, status: int, headers: Mapping[str, str], body: JSON
+    ) -> list[dict[str, JSON]]:
+        data = get(spec, body, "data")
+        if not isinstance(data, list) or len(data) != len(spec.indices):
+            n = len(data) if isinstance(data, list) else "no list"
+            raise malformed(spec, f"'data' has {n} item(s) for {len(spec.indices)} input(s)")
+        fingerprint = body.get("fingerprint") if isinstance(body, dict) else None
+        usage = body.get("usage")
+        shares = split_tokens(
+            usage.get("prompt_tokens") if isinstance(usage, dict) else None, len(data)
+        )
+        key = "token_logits" if self.effective_kind == "masked" else "token_logprobs"
+        out = []
+        for i, item in enumerate(data):
+            scores = numbers(spec, get(spec, item, key), f"data[{i}].{key}")
+            if len(scores) != len(spec.labels):
+                raise malformed(
+                    spec, f"data[{i}].{key} has {len(scores)} values, asked for {len(spec.labels)}"
+                )
+            raw = get(spec, item, "hidden")
+            if isinstance(raw, list):
+                hidden = encode_vector(numbers(spec, raw, f"data[{i}].hidden"))
+            elif isinstance(raw, str):
+                try:
+                    hidden = decode_vector(raw)
+                except ValueError:
+                    raise malformed(spec, f"data[{i}].hidden is not valid base64") from None
+            else:
+                raise malformed(spec, f"data[{i}].hidden is neither a list nor base64")
+            if hidden.size == 0 or not np.isfinite(hidden).all():
+                raise malformed(spec, f"data[{i}].hidden is empty or not finite")
+            n_tok = item.get("n_tokens")
+            n_tok = n_tok if isinstance(n_tok, int) and not isinstance(n_tok, bool) else shares[i]
+            out.append(
+                {
+                    "s": scores,
+                    "c": None,
+                    "h": hidden,
+                    "t": n_tok,
+                    "fp": fingerprint if isinstance(fingerprint, str) else None,
+                    "truncated": bool(item.get("truncated", False)),
+                }
+            )
+        return out
+
+    def tokenize_request(self, text: str) -> RequestSpec | None:
+        if self.known_label_ids(text) is not None:
+            return None
+        return RequestSpec(
+            role="features",
+            method="POST",
+            base_url=self.base_url,
+            path="/v1/tokenize",
+            body={"model": self.model, "text": text, "add_special_tokens": False},
+        )
+
+    def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]:
+        return parse_token_ids(spec, body)
+
+    def known_label_ids(self, word: str) -> list[int] | None:
+        if self.label_token_ids is not None and word in self.label_token_ids:
+            return [int(t) for t in self.label_token_ids[word]]
+        return None
+
+    def needs_label_ids(self, role: Role) -> bool:
+        return True
+
+    def model_for(self, role: Role) -> str:
+        return self.model
+
+    def info_request(self) -> RequestSpec | None:
+        return RequestSpec(
+            role="features", method="GET", base_url=self.base_url, path="/v1/models", body=None
+        )
+
+    def with_info(self, body: JSON) -> LocalAdapter:
+        spec = self.info_request()
+        assert spec is not None
+        info = get(spec, body, "data", 0)
+        kind = info.get("kind") if isinstance(info, dict) else None
+        if kind not in ("masked", "causal"):
+            raise malformed(spec, "data[0].kind is neither 'masked' nor 'causal'")
+        mask = info.get("mask_token")
+        limit = info.get("max_inputs_per_request")
+        fp = info.get("fingerprint")
+        name = info.get("id")
+        return replace(
+            self,
+            kind=kind,
+            model=name if isinstance(name, str) and name else self.model,
+            mask_token=self.mask_token or (mask if isinstance(mask, str) else None),
+            revision=fp if isinstance(fp, str) else self.revision,
+            max_inputs_per_request=min(self.max_inputs_per_request, limit)
+            if isinstance(limit, int) and limit > 0
+            else self.max_inputs_per_request,
+        )
+
+    def hidden_kind(self, role: Role) -> str:
+        return "mask_hidden" if self.effective_kind == "masked" else "last_hidden"
+
+    def extra_meta(self) -> dict[str, JSON]:
+        return {"kind": self.effective_kind, "encoding_format": self.encoding_format}
+
+
+def parse_token_ids(spec: RequestSpec, body: JSON) -> list[int]:
+    """Token ids from a tokenize answer: ``{"tokens"|"ids"|"token_ids"|"input_ids": [int]}``."""
+    if isinstance(body, dict):
+        for key in ("tokens", "ids", "token_ids", "input_ids"):
+            ids = body.get(key)
+            if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
+                return list(ids)
+    raise malformed(spec, "tokenize answer has no non-empty list of integer token ids")

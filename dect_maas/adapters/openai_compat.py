@@ -1,0 +1,284 @@
+"""OpenAI-compatible servers (OpenAI, vLLM, llama.cpp, Together, Ollama's compatible API).
+
+Scores come from ``/v1/completions`` with ``max_tokens: 1, temperature: 0, logprobs: k``: the top-k
+next-token log-probabilities (``score_kind="logprobs"``). A label word outside the top k is
+*censored*: its value is the smallest returned log-probability (an upper bound) and it is marked as
+such. With ``exact_token_ids=True`` the vLLM extension ``logprob_token_ids`` asks for the label ids
+themselves, with ``return_tokens_as_token_ids`` so that answers are matched by id, not by string.
+
+Vectors come from ``/v1/embeddings``, possibly at another base URL and model (a llama.cpp server
+needs a second instance started in embedding mode). llama.cpp returns per-token vectors: they are
+pooled (``pooling="mean"`` or ``"last"``) and the choice is recorded in ``FeatureMeta.extra``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from dect_maas._task import Task
+
+from ._base import (
+    JSON,
+    Capabilities,
+    Label,
+    Prices,
+    Prompt,
+    RequestSpec,
+    Role,
+    chunks,
+    encode_vector,
+    estimate_tokens,
+    get,
+    malformed,
+    number,
+    pool,
+    refuse,
+    split_tokens,
+)
+from .local import parse_token_ids
+
+__all__ = ["OpenAICompatibleAdapter"]
+
+TokenizeAPI = Literal["llama-cpp-python", "vllm", "llama.cpp", "none"]
+_TOKENIZE: dict[str, tuple[str, str]] = {
+    # api -> (path, field holding the text)
+    "llama-cpp-python": ("/extras/tokenize", "input"),
+    "vllm": ("/tokenize", "prompt"),
+    "llama.cpp": ("/tokenize", "content"),
+}
+
+
+@dataclass(frozen=True)
+class OpenAICompatibleAdapter:
+    """Adapter for ``/v1/completions`` logprobs (+ ``/v1/embeddings``).
+
+    ``max_prompts_per_request``: 1 for llama.cpp (it refuses a list of prompts with a 500); OpenAI
+    and vLLM take many. ``embeddings_model`` / ``embeddings_base_url``: set either to query
+    vectors. Label ids: ``label_token_ids`` (label string -> ids), else ``tokenizer`` (a callable,
+    e.g. tiktoken's ``encode``), else the server's tokenize endpoint (``tokenize_api``).
+    """
+
+    base_url: str
+    model: str
+    top_logprobs: int = 20
+    exact_token_ids: bool = False
+    max_prompts_per_request: int = 1
+    scores: bool = True
+    embeddings_model: str | None = None
+    embeddings_base_url: str | None = None
+    max_embedding_inputs: int = 64
+    pooling: Literal["mean", "last"] = "mean"
+    tokenize_api: TokenizeAPI = "llama-cpp-python"
+    label_token_ids: Mapping[str, Sequence[int]] | None = None
+    tokenizer: Callable[[str], Sequence[int]] | None = field(default=None, compare=False)
+    extra_body: Mapping[str, JSON] = field(default_factory=dict)
+    revision: str | None = None
+    prices: Prices = field(default_factory=Prices)
+    provider: str = "openai-compatible"
+
+    name: ClassVar[str] = "openai-compatible"
+    version: ClassVar[str] = "1"
+
+    @property
+    def vectors(self) -> bool:
+        return self.embeddings_model is not None or self.embeddings_base_url is not None
+
+    def capabilities(self, role: Role) -> Capabilities:
+        if role == "vectors":
+            return Capabilities(
+                scores="none",
+                vectors="pooled" if self.vectors else "none",
+                max_inputs_per_request=self.max_embedding_inputs,
+                score_kind="none",
+            )
+        return Capabilities(
+            scores=("exact" if self.exact_token_ids else "top-k") if self.scores else "none",
+            vectors="none",
+            max_inputs_per_request=self.max_prompts_per_request,
+            score_kind="logprobs",
+            top_k=None if self.exact_token_ids else self.top_logprobs,
+            masked_lm=False,
+        )
+
+    def roles(self, task: Task) -> tuple[Role, ...]:
+        roles: list[Role] = []
+        if self.scores:
+            task.check_causal()
+            if (
+                self.exact_token_ids
+                and self.tokenize_api == "none"
+                and self.tokenizer is None
+                and self.label_token_ids is None
+            ):
+                raise refuse(self.name, "exact_token_ids needs label token ids or a tokenizer")
+            roles.append("scores")
+        if self.vectors:
+            roles.append("vectors")
+        if not roles:
+            raise refuse(self.name, "neither scores nor vectors are enabled")
+        return tuple(roles)
+
+    def endpoint(self, role: Role) -> tuple[str, str]:
+        if role == "vectors":
+            return self.embeddings_base_url or self.base_url, "/v1/embeddings"
+        return self.base_url, "/v1/completions"
+
+    def prompt(self, role: Role, task: Task, text: str, text_b: str | None) -> str:
+        if role == "vectors":
+            return text if text_b is None else f"{text}\n{text_b}"
+        return task.render(text, text_b)
+
+    def _scores_body(self, prompt: str | list[str], labels: Sequence[Label]) -> dict[str, JSON]:
+        body: dict[str, JSON] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": self.top_logprobs,
+        }
+        if self.exact_token_ids:
+            body["logprob_token_ids"] = [lab.first for lab in labels]
+            body["return_tokens_as_token_ids"] = True
+        body.update(self.extra_body)
+        return body
+
+    def _vectors_body(self, inputs: str | list[str]) -> dict[str, JSON]:
+        return {"model": self.embeddings_model or self.model, "input": inputs}
+
+    def example_body(self, role: Role, prompt: str, labels: Sequence[Label]) -> dict[str, JSON]:
+        if role == "vectors":
+            return self._vectors_body([prompt])
+        return self._scores_body(prompt, labels)
+
+    def build_requests(
+        self, role: Role, prompts: Sequence[Prompt], labels: Sequence[Label]
+    ) -> list[RequestSpec]:
+        base, path = self.endpoint(role)
+        size = self.max_embedding_inputs if role == "vectors" else self.max_prompts_per_request
+        specs = []
+        for part in chunks(prompts, size):
+            texts = [p.text for p in part]
+            if role == "vectors":
+                body = self._vectors_body(texts)
+            else:
+                body = self._scores_body(texts[0] if len(texts) == 1 else texts, labels)
+            specs.append(
+                RequestSpec(
+                    role=role,
+                    method="POST",
+                    base_url=base,
+                    path=path,
+                    body=body,
+                    indices=tuple(p.index for p in part),
+                    input_tokens=sum(estimate_tokens(t) for t in texts),
+                    labels=tuple(labels),
+                )
+            )
+        return specs
+
+    def parse_response(
+        self, spec: RequestSpec, status: int, headers: Mapping[str, str], body: JSON
+    ) -> list[dict[str, JSON]]:
+        if spec.role == "vectors":
+            return self._parse_embeddings(spec, body)
+        choices = get(spec, body, "choices")
+        if not isinstance(choices, list) or len(choices) != len(spec.indices):
+            n = len(choices) if isinstance(choices, list) else "no list"
+            raise malformed(spec, f"'choices' has {n} item(s) for {len(spec.indices)} prompt(s)")
+        tokens = _prompt_tokens(body, len(choices))
+        by_index = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        out = []
+        for i, choice in enumerate(by_index):
+            top = get(spec, choice, "logprobs", "top_logprobs")
+            if not isinstance(top, list) or not top or not isinstance(top[0], dict) or not top[0]:
+                raise malformed(
+                    spec, f"choices[{i}].logprobs.top_logprobs[0] is not a non-empty dict"
+                )
+            table = {
+                str(k): number(spec, v, f"choices[{i}] top logprob") for k, v in top[0].items()
+            }
+            floor = min(table.values())
+            scores, censored = [], []
+            for lab in spec.labels:
+                value = self._lookup(table, lab)
+                scores.append(floor if value is None else value)
+                censored.append(value is None)
+            out.append({"s": scores, "c": censored, "h": None, "t": tokens[i], "fp": None})
+        return out
+
+    def _lookup(self, table: Mapping[str, float], label: Label) -> float | None:
+        if self.exact_token_ids:
+            return table.get(f"token_id:{label.first}")
+        if not label.multi_token:
+            return table.get(label.text)
+        # first token of a multi-token word: the longest returned piece that starts the word
+        pieces = [k for k in table if k and label.text.startswith(k)]
+        return table[max(pieces, key=len)] if pieces else None
+
+    def _parse_embeddings(self, spec: RequestSpec, body: JSON) -> list[dict[str, JSON]]:
+        data = get(spec, body, "data")
+        if not isinstance(data, list) or len(data) != len(spec.indices):
+            n = len(data) if isinstance(data, list) else "no list"
+            raise malformed(spec, f"'data' has {n} item(s) for {len(spec.indices)} input(s)")
+        tokens = _prompt_tokens(body, len(data))
+        ordered = sorted(data, key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
+        out = []
+        for i, item in enumerate(ordered):
+            vec = pool(spec, get(spec, item, "embedding"), self.pooling, f"data[{i}].embedding")
+            out.append({"s": None, "c": None, "h": encode_vector(vec), "t": tokens[i], "fp": None})
+        return out
+
+    def tokenize_request(self, text: str) -> RequestSpec | None:
+        if self.known_label_ids(text) is not None or self.tokenize_api == "none":
+            return None
+        path, key = _TOKENIZE[self.tokenize_api]
+        body: dict[str, JSON] = {key: text}
+        if self.tokenize_api == "vllm":
+            body.update(model=self.model, add_special_tokens=False)
+        return RequestSpec(
+            role="scores", method="POST", base_url=self.base_url, path=path, body=body
+        )
+
+    def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]:
+        return parse_token_ids(spec, body)
+
+    def known_label_ids(self, word: str) -> list[int] | None:
+        if self.label_token_ids is not None and word in self.label_token_ids:
+            return [int(t) for t in self.label_token_ids[word]]
+        if self.tokenizer is not None:
+            return [int(t) for t in self.tokenizer(word)]
+        return None
+
+    def needs_label_ids(self, role: Role) -> bool:
+        # top-k answers are matched by string; ids are still resolved (to detect multi-token words)
+        # when the server can tokenize, and required for exact scores.
+        return role == "scores" and (self.exact_token_ids or self.tokenize_api != "none")
+
+    def model_for(self, role: Role) -> str:
+        return (self.embeddings_model or self.model) if role == "vectors" else self.model
+
+    def info_request(self) -> RequestSpec | None:
+        return None
+
+    def with_info(self, body: JSON) -> OpenAICompatibleAdapter:
+        return self
+
+    def hidden_kind(self, role: Role) -> str:
+        return f"pooled_{self.pooling}" if self.vectors else ""
+
+    def extra_meta(self) -> dict[str, JSON]:
+        extra: dict[str, JSON] = {
+            "scores": "exact" if self.exact_token_ids else f"top-{self.top_logprobs}",
+            "pooling": self.pooling if self.vectors else None,
+        }
+        if self.vectors:
+            extra["embeddings_model"] = self.embeddings_model or self.model
+            extra["embeddings_base_url"] = self.embeddings_base_url or self.base_url
+        return extra
+
+
+def _prompt_tokens(body: JSON, n: int) -> list[int | None]:
+    usage = body.get("usage") if isinstance(body, dict) else None
+    return split_tokens(usage.get("prompt_tokens") if isinstance(usage, dict) else None, n)
