@@ -75,7 +75,8 @@ def _tokenizer_json(kind: Literal["masked", "causal"]) -> str:
         # As in RoBERTa: "was <mask>" is [" was", "<mask>"], so " great" fills the mask.
         tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
         sep, cls = tok.token_to_id("</s>"), tok.token_to_id("<s>")
-        assert sep is not None and cls is not None
+        assert sep is not None
+        assert cls is not None
         tok.post_processor = processors.RobertaProcessing(("</s>", sep), ("<s>", cls))
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
