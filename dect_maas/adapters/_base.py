@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from dect_maas._exceptions import MalformedResponse, UnsupportedCapability
+from dect_maas._exceptions import MalformedResponse, TaskError, UnsupportedCapability
 from dect_maas._task import Task
 
 __all__ = [
@@ -276,12 +276,32 @@ def numbers(spec: RequestSpec, value: JSON, where: str) -> list[float]:
     return [number(spec, v, where) for v in value]
 
 
+def in_order(spec: RequestSpec, items: list[JSON], where: str) -> list[JSON]:
+    """Items sorted by their ``index`` field, which must number them 0..n-1 (or be absent)."""
+    if not all(isinstance(it, dict) for it in items):
+        raise malformed(spec, f"{where} holds a non-object item")
+    if all("index" not in it for it in items):
+        return items
+    idx = [it.get("index") for it in items]
+    if sorted(i for i in idx if type(i) is int) != list(range(len(items))):
+        raise malformed(spec, f"{where}[*].index does not number the items 0..{len(items) - 1}")
+    return sorted(items, key=lambda it: int(it["index"]))
+
+
 def chunks(prompts: Sequence[Prompt], size: int) -> list[Sequence[Prompt]]:
     return [prompts[i : i + size] for i in range(0, len(prompts), max(1, size))]
 
 
 def refuse(adapter: str, what: str) -> UnsupportedCapability:
     return UnsupportedCapability(f"{adapter}: {what}. Nothing was sent.")
+
+
+def check_causal(adapter: str, task: Task) -> None:
+    """Refuse (before any I/O) a template a causal LM cannot score: text after ``{mask}``."""
+    try:
+        task.check_causal()
+    except TaskError as exc:
+        raise refuse(adapter, f"this API scores a causal LM and {exc}") from exc
 
 
 def pool(spec: RequestSpec, vectors: JSON, how: str, where: str) -> list[float]:

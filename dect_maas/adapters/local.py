@@ -27,6 +27,7 @@ from ._base import (
     Prompt,
     RequestSpec,
     Role,
+    check_causal,
     chunks,
     decode_vector,
     encode_vector,
@@ -88,7 +89,7 @@ class LocalAdapter:
             if not task.has_mask:
                 raise refuse(self.name, f"template {task.template!r} has no {{mask}} position")
         else:
-            task.check_causal()
+            check_causal(self.name, task)
         return ("features",)
 
     def endpoint(self, role: Role) -> tuple[str, str]:
@@ -200,13 +201,18 @@ class LocalAdapter:
         return self.model
 
     def info_request(self) -> RequestSpec | None:
+        """None when the user stated kind, mask token (masked) and revision: nothing to ask."""
+        stated = self.kind is not None and self.revision is not None
+        if stated and (self.kind == "causal" or self.mask_token is not None):
+            return None
         return RequestSpec(
             role="features", method="GET", base_url=self.base_url, path="/v1/models", body=None
         )
 
     def with_info(self, body: JSON) -> LocalAdapter:
-        spec = self.info_request()
-        assert spec is not None
+        spec = RequestSpec(
+            role="features", method="GET", base_url=self.base_url, path="/v1/models", body=None
+        )
         info = get(spec, body, "data", 0)
         kind = info.get("kind") if isinstance(info, dict) else None
         if kind not in ("masked", "causal"):

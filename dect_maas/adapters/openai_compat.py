@@ -27,10 +27,12 @@ from ._base import (
     Prompt,
     RequestSpec,
     Role,
+    check_causal,
     chunks,
     encode_vector,
     estimate_tokens,
     get,
+    in_order,
     malformed,
     number,
     pool,
@@ -105,7 +107,7 @@ class OpenAICompatibleAdapter:
     def roles(self, task: Task) -> tuple[Role, ...]:
         roles: list[Role] = []
         if self.scores:
-            task.check_causal()
+            check_causal(self.name, task)
             if (
                 self.exact_token_ids
                 and self.tokenize_api == "none"
@@ -188,7 +190,7 @@ class OpenAICompatibleAdapter:
             n = len(choices) if isinstance(choices, list) else "no list"
             raise malformed(spec, f"'choices' has {n} item(s) for {len(spec.indices)} prompt(s)")
         tokens = _prompt_tokens(body, len(choices))
-        by_index = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        by_index = in_order(spec, choices, "choices")
         out = []
         for i, choice in enumerate(by_index):
             top = get(spec, choice, "logprobs", "top_logprobs")
@@ -223,7 +225,7 @@ class OpenAICompatibleAdapter:
             n = len(data) if isinstance(data, list) else "no list"
             raise malformed(spec, f"'data' has {n} item(s) for {len(spec.indices)} input(s)")
         tokens = _prompt_tokens(body, len(data))
-        ordered = sorted(data, key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
+        ordered = in_order(spec, data, "data")
         out = []
         for i, item in enumerate(ordered):
             vec = pool(spec, get(spec, item, "embedding"), self.pooling, f"data[{i}].embedding")
