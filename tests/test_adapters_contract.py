@@ -218,11 +218,14 @@ def test_is_an_adapter_and_declares_capabilities(case: Case) -> None:
         assert caps.max_inputs_per_request >= 1
         assert caps.scores in ("exact", "top-k", "none")
         if role == "vectors":
-            assert caps.vectors != "none" and caps.scores == "none"
+            assert caps.vectors != "none"
+            assert caps.scores == "none"
         else:
-            assert caps.scores != "none" and caps.score_kind in ("logits", "logprobs")
+            assert caps.scores != "none"
+            assert caps.score_kind in ("logits", "logprobs")
         if caps.scores == "top-k":
-            assert caps.top_k and caps.top_k > 0
+            assert caps.top_k
+            assert caps.top_k > 0
         assert case.adapter.prices.cost(requests=2, input_tokens=10**6) >= 0
 
 
@@ -236,7 +239,8 @@ def test_requests_are_deterministic_serialisable_and_batched(case: Case) -> None
         assert [i for s in first for i in s.indices] == list(range(len(TEXTS)))
         for s in first:
             json.loads(s.to_json())
-            assert s.method in ("GET", "POST") and s.url.startswith("http")
+            assert s.method in ("GET", "POST")
+            assert s.url.startswith("http")
             assert s.input_tokens >= sum(len(TEXTS[i]) for i in s.indices)
             assert "authorization" not in json.dumps(s.body).lower()
 
@@ -286,7 +290,8 @@ def test_fixtures_parse(case: Case) -> None:
                 if role != "vectors":
                     assert len(r["s"]) == len(LABELS)
                 if role != "scores":
-                    assert np.asarray(r["h"]).ndim == 1 and np.asarray(r["h"]).size > 0
+                    assert np.asarray(r["h"]).ndim == 1
+                    assert np.asarray(r["h"]).size > 0
         if role != "vectors" and case.expect_scores is not None:
             first = case.adapter.parse_response(
                 specs(case, role)[0], 200, {}, case.bodies[role](specs(case, role)[0])
@@ -352,10 +357,13 @@ def test_unsupported_task_is_refused_before_any_request(case: Case) -> None:
 
     with pytest.raises(UnsupportedCapability) as info:
         case.adapter.roles(case.bad_task)
-    assert case.adapter.name in str(info.value) and "Nothing was sent" in str(info.value)
-    with Client(case.adapter, cache=None, transport=httpx.MockTransport(record)) as client:
-        with pytest.raises(UnsupportedCapability):
-            client.features(case.bad_task, TEXTS)
+    assert case.adapter.name in str(info.value)
+    assert "Nothing was sent" in str(info.value)
+    with (
+        Client(case.adapter, cache=None, transport=httpx.MockTransport(record)) as client,
+        pytest.raises(UnsupportedCapability),
+    ):
+        client.features(case.bad_task, TEXTS)
     assert sent == []
 
 
@@ -370,6 +378,7 @@ def test_exact_scores_need_token_ids_before_anything_is_sent() -> None:
 def test_a_spec_never_describes_more_than_it_carries() -> None:
     spec = specs(CASES[0], "features")[0]
     text = spec.describe()
-    assert text.startswith("POST /v1/features") and "content-free" not in text
+    assert text.startswith("POST /v1/features")
+    assert "content-free" not in text
     many = replace(spec, indices=(*range(20), -1))
     assert "and 13 more" in many.describe()

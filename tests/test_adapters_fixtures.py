@@ -78,17 +78,21 @@ def test_top20_logprobs_with_a_censored_label(tmp_path: Path) -> None:
     top = load("completions_logprobs20")["response"]["json"]["choices"][0]["logprobs"]
     top20 = top["top_logprobs"][0]
     # " great" is in the top 20: exact. " terrible" is not: the 20th value, as an upper bound.
-    assert feats.scores is not None and feats.censored is not None
+    assert feats.scores is not None
+    assert feats.censored is not None
     np.testing.assert_allclose(feats.scores[0], [min(top20.values()), top20[" great"]], rtol=1e-6)
     assert feats.censored[0].tolist() == [True, False]
     assert feats.meta.label_token_ids == ((13321,), (1109,))
     assert feats.meta.score_kind == "logprobs"
     # Label ids came from the llama-cpp-python tokenize endpoint; prompts went one per request.
     paths = [p for _, p, _ in replay.seen]
-    assert paths.count("/extras/tokenize") == 2 and paths.count("/v1/completions") == 2
+    assert paths.count("/extras/tokenize") == 2
+    assert paths.count("/v1/completions") == 2
     assert all(isinstance(b["prompt"], str) for _, p, b in replay.seen if p == "/v1/completions")
     sent = next(b for _, p, b in replay.seen if b and b.get("prompt") == f"{text} Overall, it was")
-    assert sent["max_tokens"] == 1 and sent["temperature"] == 0 and sent["logprobs"] == 20
+    assert sent["max_tokens"] == 1
+    assert sent["temperature"] == 0
+    assert sent["logprobs"] == 20
 
 
 def test_a_list_of_prompts_is_refused_and_the_retries_are_bounded(tmp_path: Path) -> None:
@@ -104,7 +108,9 @@ def test_a_list_of_prompts_is_refused_and_the_retries_are_bounded(tmp_path: Path
     assert "the provider said: 'internal_server_error'" in str(info.value)
     completions = [b for _, p, b in replay.seen if p == "/v1/completions"]
     assert len(completions) == 3  # max_attempts, then the error; never retried forever
-    assert summary.queries_paid == 0 and summary.errors == 1 and summary.attempts == 3
+    assert summary.queries_paid == 0
+    assert summary.errors == 1
+    assert summary.attempts == 3
 
 
 def test_a_malformed_body_500_is_quoted_as_the_providers_and_truncated() -> None:
@@ -122,7 +128,8 @@ def test_a_malformed_body_500_is_quoted_as_the_providers_and_truncated() -> None
     assert text.startswith("llama.cpp answered HTTP 500; the provider said: ")
     assert "3 validation errors:" in text
     assert "llama_cpp/server/app.py" not in text  # the traceback tail is cut
-    assert len(text) < len(raw) and "…" in text
+    assert len(text) < len(raw)
+    assert "…" in text
     assert text.endswith("[POST /v1/completions for example(s) 0]")
 
 
@@ -140,9 +147,11 @@ def test_per_token_embeddings_are_pooled_and_the_choice_recorded(
     per_token = [np.asarray(d["embedding"]) for d in rec["response"]["json"]["data"]]
     assert [v.shape for v in per_token] == [(7, 576), (5, 576)]
     want = np.stack([v.mean(axis=0) if pooling == "mean" else v[-1] for v in per_token])
-    assert feats.hidden is not None and feats.scores is None
+    assert feats.hidden is not None
+    assert feats.scores is None
     np.testing.assert_allclose(feats.hidden, want, rtol=1e-6, atol=1e-6)
-    assert feats.meta.hidden_kind == f"pooled_{pooling}" and feats.meta.extra["pooling"] == pooling
+    assert feats.meta.hidden_kind == f"pooled_{pooling}"
+    assert feats.meta.extra["pooling"] == pooling
     assert [h for h, _, _ in replay.seen] == ["llama-embed.test"]  # one request, both texts
 
 
@@ -151,9 +160,11 @@ def test_embeddings_asked_of_the_scoring_instance_fail_with_the_providers_messag
 ) -> None:
     # Recorded with one string as input; the scoring instance refuses any embeddings call alike.
     replay = Replay(fallback="embeddings_on_scoring_server")
-    with client(replay, tmp_path, scores=False, embeddings_base_url=SCORING) as c:
-        with pytest.raises(ServerError, match="must be created with embedding=True"):
-            c.features(TASK, ["hello"])
+    with (
+        client(replay, tmp_path, scores=False, embeddings_base_url=SCORING) as c,
+        pytest.raises(ServerError, match="must be created with embedding=True"),
+    ):
+        c.features(TASK, ["hello"])
 
 
 def test_the_logit_bias_recording_parses_with_the_forced_token_unbiased() -> None:
