@@ -1,0 +1,211 @@
+"""A deterministic stand-in for our local server, and a loopback HTTP server that injects faults.
+
+``FakeModel`` answers ``/v1/models``, ``/v1/tokenize`` and ``/v1/features`` in the real server's
+shapes with values that depend only on the input text, so a run's results are known exactly.
+``FaultServer`` serves it from a real ``ThreadingHTTPServer`` (real sockets, real httpx) and, at a
+configurable rate, answers instead with a fault: 429 with Retry-After, 500, 503, a reply slower
+than the client's timeout, a dropped connection, or truncated JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import numpy as np
+
+FAULTS = ("429", "500", "503", "slow", "drop", "truncate")
+DIM = 8
+
+
+def _unit(*parts: object) -> float:
+    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+class FakeModel:
+    """A causal 'model' whose every number is a hash of its input."""
+
+    fingerprint = "sha256:fake-1"
+
+    def token_ids(self, text: str) -> list[int]:
+        # one token per '-'-separated piece, so "very-good" is a two-token word
+        return [int(_unit("tok", piece) * 50000) + 10 for piece in text.split("-")]
+
+    def logit(self, text: str, token: int) -> float:
+        return round(8.0 * _unit("logit", text, token) - 4.0, 4)
+
+    def hidden(self, text: str) -> list[float]:
+        return [round(2.0 * _unit("h", text, i) - 1.0, 4) for i in range(DIM)]
+
+    def answer(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if method == "GET" and path == "/v1/models":
+            return 200, {
+                "object": "list",
+                "data": [
+                    {
+                        "id": "fake",
+                        "kind": "causal",
+                        "fingerprint": self.fingerprint,
+                        "mask_token": None,
+                        "max_inputs_per_request": 64,
+                    }
+                ],
+            }
+        if method == "POST" and path == "/v1/tokenize":
+            return 200, {"ids": self.token_ids(body["text"]), "fingerprint": self.fingerprint}
+        if method == "POST" and path == "/v1/features":
+            ids = body["label_token_ids"]
+            data = []
+            for text in body["inputs"]:
+                logits = [self.logit(text, t) for t in ids]
+                hidden = np.asarray(self.hidden(text), dtype="<f4")
+                data.append(
+                    {
+                        "token_logits": logits,
+                        "token_logprobs": [v - 10.0 for v in logits],
+                        "hidden": base64.b64encode(hidden.tobytes()).decode()
+                        if body.get("encoding_format") == "base64"
+                        else hidden.tolist(),
+                        "n_tokens": len(text.split()) + 1,
+                        "truncated": False,
+                    }
+                )
+            usage = sum(d["n_tokens"] for d in data)
+            return 200, {
+                "model": "fake",
+                "fingerprint": self.fingerprint,
+                "data": data,
+                "usage": {"prompt_tokens": usage},
+            }
+        return 404, {"error": {"type": "not_found", "message": f"no route {method} {path}"}}
+
+
+class MockProvider:
+    """FakeModel behind httpx.MockTransport, recording every request it sees."""
+
+    def __init__(self, model: FakeModel | None = None) -> None:
+        self.model = model or FakeModel()
+        self.requests: list[tuple[str, str, Any, httpx.Headers]] = []
+        self.override: Any = None  # callable(request) -> Response | None
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        self.requests.append((request.method, request.url.path, body, request.headers))
+        if self.override is not None:
+            answer = self.override(request)
+            if answer is not None:
+                return answer  # type: ignore[no-any-return]
+        status, payload = self.model.answer(request.method, request.url.path, body)
+        return httpx.Response(status, json=payload)
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self)
+
+    def sent(self, path: str = "/v1/features") -> list[Any]:
+        return [b for m, p, b, _ in self.requests if p == path]
+
+
+class FaultServer:
+    """FakeModel on a real loopback socket; ``rate`` of the requests get one of ``faults``."""
+
+    def __init__(
+        self,
+        rate: float = 0.3,
+        faults: tuple[str, ...] = FAULTS,
+        seed: int = 0,
+        slow_s: float = 1.0,
+        paths: tuple[str, ...] = ("/v1/features", "/v1/tokenize", "/v1/models"),
+    ) -> None:
+        self.model = FakeModel()
+        self.rate, self.faults, self.slow_s, self.paths = rate, faults, slow_s, paths
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self.injected: Counter[str] = Counter()
+        self.served: Counter[str] = Counter()
+        self.computed_inputs: Counter[str] = Counter()
+
+    def _pick(self, path: str) -> str | None:
+        with self._lock:
+            if path in self.paths and self._rng.random() < self.rate:
+                fault = self._rng.choice(self.faults)
+                self.injected[fault] += 1
+                return fault
+            self.served[path] += 1
+            return None
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                pass
+
+            def _send(self, status: int, payload: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _handle(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                fault = server._pick(self.path)
+                if fault == "429":
+                    err = {"error": {"type": "rate_limit", "message": "slow down"}}
+                    self._send(429, json.dumps(err).encode(), {"retry-after-ms": "20"})
+                    return
+                if fault in ("500", "503"):
+                    err = {"error": {"type": "server_error", "message": "try later"}}
+                    self._send(int(fault), json.dumps(err).encode(), {})
+                    return
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                status, answer = server.model.answer(method, self.path, body)
+                if status == 200 and self.path == "/v1/features":
+                    with server._lock:
+                        server.computed_inputs.update(body["inputs"])
+                payload = json.dumps(answer).encode()
+                if fault == "slow":
+                    time.sleep(server.slow_s)
+                if fault == "truncate":
+                    payload = payload[: len(payload) // 2]
+                self._send(status, payload, {})
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def do_POST(self) -> None:
+                self._handle("POST")
+
+        return Handler
+
+    @contextmanager
+    def run(self) -> Iterator[str]:
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        httpd.daemon_threads = True
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)

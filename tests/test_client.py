@@ -1,0 +1,261 @@
+"""The client chain against a deterministic provider behind httpx.MockTransport.
+
+Real cache and ledger folders; only the network is replaced. Values are known exactly (the fake
+model hashes its inputs), so every number below is checked against what the provider computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from faultserver import FakeModel, MockProvider
+
+from dect_maas import (
+    BudgetExceeded,
+    ConfigError,
+    MultiTokenLabelWarning,
+    QuotaExhausted,
+    Task,
+)
+from dect_maas._budget import BudgetLimits
+from dect_maas._cache import CacheConfig
+from dect_maas._client import Client
+from dect_maas._config import RateLimit, RetryPolicy
+from dect_maas.adapters import LocalAdapter
+
+TASK = Task("{text} Overall, it was {mask}", {"neg": ["bad", "awful"], "pos": "great"})
+TEXTS = [f"review number {i}" for i in range(10)]
+MODEL = FakeModel()
+
+
+def expected(texts: list[str], words: tuple[str, ...] = (" bad", " awful", " great")) -> np.ndarray:
+    ids = [MODEL.token_ids(w)[0] for w in words]
+    flat = np.array([[MODEL.logit(f"{t} Overall, it was", i) - 10.0 for i in ids] for t in texts])
+    return np.stack([flat[:, :2].max(axis=1), flat[:, 2]], axis=1)  # max over a class's words
+
+
+def make(provider: MockProvider, tmp_path: Path, *, batch: int = 3, **kwargs: Any) -> Client:
+    kwargs.setdefault("ledger", tmp_path / "ledger")
+    return Client(
+        LocalAdapter("http://fake", max_inputs_per_request=batch),
+        cache=CacheConfig(tmp_path / "cache"),
+        transport=provider.transport(),
+        **kwargs,
+    )
+
+
+def test_features_are_the_providers_in_order_with_content_free(tmp_path: Path) -> None:
+    provider = MockProvider()
+    with make(provider, tmp_path) as client:
+        feats = client.features(TASK, TEXTS)
+        summary = client.ledger.summary()
+    assert feats.scores is not None
+    assert feats.hidden is not None
+    np.testing.assert_allclose(feats.scores, expected(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(
+        feats.hidden, [MODEL.hidden(f"{t} Overall, it was") for t in TEXTS], atol=1e-6
+    )
+    assert feats.content_free is not None
+    np.testing.assert_allclose(feats.content_free, expected([""])[0], atol=1e-5)
+    assert feats.meta.revision == FakeModel.fingerprint
+    assert feats.meta.score_kind == "logprobs"  # causal model: log-probabilities
+    assert feats.meta.hidden_kind == "last_hidden"
+    ids = [MODEL.token_ids(w)[0] for w in (" bad", " awful", " great")]
+    assert feats.meta.label_token_ids == ((ids[0], ids[1]), (ids[2],))
+    # 11 queries (10 + content-free) in batches of 3 -> 4 requests, base64 vectors asked for
+    batches = provider.sent()
+    assert sorted(len(b["inputs"]) for b in batches) == [2, 3, 3, 3]
+    assert all(b["encoding_format"] == "base64" for b in batches)
+    assert summary.queries_paid == 11
+    assert summary.requests == 4
+    assert summary.cache_hits == 0
+
+
+def test_a_second_run_pays_nothing_and_a_new_text_pays_once(tmp_path: Path) -> None:
+    provider = MockProvider()
+    with make(provider, tmp_path) as client:
+        first = client.features(TASK, TEXTS)
+        again = client.features(TASK, TEXTS)
+        assert len(provider.sent()) == 4
+        assert again == first
+        more = client.features(TASK, [*TEXTS, "a new one"])
+        summary = client.ledger.summary()
+    assert provider.sent()[-1]["inputs"] == ["a new one Overall, it was"]
+    assert len(provider.sent()) == 5
+    assert summary.queries_paid == 12
+    assert summary.cache_hits == 11 + 11
+    np.testing.assert_allclose(more.scores, expected([*TEXTS, "a new one"]), atol=1e-5)
+
+
+def test_duplicates_are_queried_once(tmp_path: Path) -> None:
+    provider = MockProvider()
+    with make(provider, tmp_path, batch=8) as client:
+        feats = client.features(TASK, ["same", "same", "other", "same"])
+    inputs = [i for b in provider.sent() for i in b["inputs"]]
+    assert sorted(inputs) == sorted(
+        ["same Overall, it was", "other Overall, it was", " Overall, it was"]
+    )
+    np.testing.assert_allclose(feats.scores, expected(["same", "same", "other", "same"]), atol=1e-5)
+
+
+def test_multi_token_label_words_use_the_first_token_with_a_warning(tmp_path: Path) -> None:
+    task = Task("{text} Overall, it was {mask}", {"neg": "bad", "pos": "very-good"})
+    provider = MockProvider()
+    with (
+        make(provider, tmp_path) as client,
+        pytest.warns(MultiTokenLabelWarning, match="very-good"),
+    ):
+        feats = client.features(task, ["x"])
+    first = MODEL.token_ids(" very-good")[0]
+    assert feats.meta.label_token_ids[1] == (first,)
+    assert feats.meta.extra["multi_token_labels"] == {" very-good": MODEL.token_ids(" very-good")}
+    assert provider.sent()[0]["label_token_ids"][1] == first
+
+
+def test_budget_refuses_before_sending(tmp_path: Path) -> None:
+    provider = MockProvider()
+    limits = BudgetLimits(max_queries=2)
+    with make(provider, tmp_path, budget=limits, max_concurrency=1) as client:
+        with pytest.raises(BudgetExceeded) as info:
+            client.features(TASK, TEXTS)
+        assert client.ledger.reserved().queries == 0
+    assert info.value.limit == "queries"
+    assert provider.sent() == []  # even the first batch (3 queries) would break the limit
+
+    provider = MockProvider()
+    with make(
+        provider, tmp_path / "b", budget=BudgetLimits(max_queries=7), max_concurrency=1
+    ) as client:
+        with pytest.raises(BudgetExceeded):
+            client.features(TASK, TEXTS)
+        spent = client.ledger.spent()
+    assert len(provider.sent()) == 2  # 3 + 3 sent; the third batch of 3 would make 9 > 7
+    assert spent.queries == 6
+
+
+def test_estimate_matches_what_the_run_then_spends(tmp_path: Path) -> None:
+    provider = MockProvider()
+    with make(provider, tmp_path) as client:
+        cold = client.estimate(TASK, TEXTS)
+        assert provider.requests == []  # an estimate sends nothing
+        assert cold.assumptions  # the server was never asked: said so
+        client.features(TASK, TEXTS[:4])
+        est = client.estimate(TASK, TEXTS)
+        assert est.assumptions == ()
+        before = client.ledger.spent()
+        client.features(TASK, TEXTS)
+        spent = client.ledger.spent() - before
+        after = client.estimate(TASK, TEXTS)
+    assert (est.queries, est.requests, est.cached_queries) == (6, 2, 5)
+    assert (spent.queries, spent.requests) == (est.queries, est.requests)
+    assert 0 < spent.input_tokens <= est.input_tokens  # the estimate is the worst case
+    assert (after.queries, after.requests, after.cached_queries) == (0, 0, 11)
+
+
+def test_progress_reports_every_example(tmp_path: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    with make(MockProvider(), tmp_path) as client:
+        client.features(TASK, TEXTS[:5], progress=lambda d, t: seen.append((d, t)))
+        client.features(TASK, TEXTS, progress=lambda d, t: seen.append((d, t)))
+    first, second = seen[: seen.index((6, 6)) + 1], seen[seen.index((6, 6)) + 1 :]
+    assert [d for d, _ in first] == sorted(d for d, _ in first)
+    assert first[-1] == (6, 6)
+    assert second[0] == (6, 11)  # the cached ones at once
+    assert second[-1] == (11, 11)
+
+
+def test_quota_exhausted_is_not_retried_and_the_reservation_is_refunded(tmp_path: Path) -> None:
+    provider = MockProvider()
+
+    def quota(request: httpx.Request) -> httpx.Response | None:
+        if request.url.path == "/v1/features":
+            return httpx.Response(429, json={"error": {"code": "insufficient_quota"}})
+        return None
+
+    provider.override = quota
+    with make(provider, tmp_path, batch=64) as client:
+        with pytest.raises(QuotaExhausted, match="not retried"):
+            client.features(TASK, TEXTS)
+        summary = client.ledger.summary()
+        reserved = client.ledger.reserved()
+    assert len(provider.sent()) == 1
+    assert summary.errors == 1
+    assert summary.attempts == 1
+    assert summary.queries_paid == 0
+    assert reserved.queries == 0
+
+
+def test_rate_limit_paces_requests_through_the_injected_sleep(tmp_path: Path) -> None:
+    now = [0.0]
+    sleeps: list[float] = []
+
+    async def sleep(s: float) -> None:
+        sleeps.append(s)
+        now[0] += s
+
+    provider = MockProvider()
+    with make(
+        provider,
+        tmp_path,
+        rate_limit=RateLimit(requests_per_minute=60),
+        clock=lambda: now[0],
+        sleep=sleep,
+        max_concurrency=1,
+    ) as client:
+        client.features(TASK, TEXTS)
+    assert len(provider.sent()) == 4
+    assert sleeps == pytest.approx([1.0, 1.0, 1.0])  # 1 request/s after the first
+
+
+def test_sync_call_inside_a_running_loop_points_to_afeatures(tmp_path: Path) -> None:
+    provider = MockProvider()
+
+    async def main() -> None:
+        async with make(provider, tmp_path) as client:
+            with pytest.raises(ConfigError, match="afeatures"):
+                client.features(TASK, TEXTS)
+            feats = await client.afeatures(TASK, TEXTS)
+            np.testing.assert_allclose(feats.scores, expected(TEXTS), atol=1e-5)
+
+    asyncio.run(main())
+
+
+def test_bad_inputs_are_refused_before_any_request(tmp_path: Path) -> None:
+    provider = MockProvider()
+    with make(provider, tmp_path) as client:
+        with pytest.raises(ConfigError, match="not one string"):
+            client.features(TASK, "just one string")  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="texts_b"):
+            client.features(TASK, ["a"], texts_b=["b", "c"])
+        with pytest.raises(ConfigError, match=r"texts\[1\]"):
+            client.features(TASK, ["a", 3])  # type: ignore[list-item]
+    assert provider.requests == []
+    with pytest.raises(ConfigError, match="max_concurrency"):
+        Client(LocalAdapter(), cache=None, max_concurrency=0)
+
+
+def test_a_truncated_body_is_retried_once_and_paid_once(tmp_path: Path) -> None:
+    provider = MockProvider()
+    calls = {"n": 0}
+
+    def cut_first(request: httpx.Request) -> httpx.Response | None:
+        if request.url.path == "/v1/features" and calls["n"] == 0:
+            calls["n"] += 1
+            return httpx.Response(200, content=b'{"model": "fake", "data": [{"tok')
+        return None
+
+    provider.override = cut_first
+    policy = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.001)
+    with make(provider, tmp_path, batch=64, retry=policy) as client:
+        feats = client.features(TASK, TEXTS)
+        summary = client.ledger.summary()
+    np.testing.assert_allclose(feats.scores, expected(TEXTS), atol=1e-5)
+    assert len(provider.sent()) == 2
+    assert summary.queries_paid == 11
+    assert summary.requests == 1
+    assert summary.attempts == 2
