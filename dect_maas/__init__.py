@@ -4,6 +4,7 @@ Query the model once per example, keep its label-word scores and a vector for th
 train a small decoder locally (Cui et al., "Decoder Tuning", ACL 2023).
 """
 
+from ._cache import CacheConfig, ResponseCache, cache_key
 from ._exceptions import (
     AuthenticationError,
     BudgetExceeded,
@@ -26,6 +27,7 @@ from ._exceptions import (
     UnsupportedCapability,
 )
 from ._features import FeatureMeta, Features
+from ._ledger import BudgetLimits, Ledger, LedgerRecord, LedgerSummary, Usage
 from ._task import Task
 
 __version__ = "0.1.0"
@@ -33,6 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "BudgetExceeded",
+    "BudgetLimits",
+    "CacheConfig",
     "CacheError",
     "CensoredScoreWarning",
     "ConfigError",
@@ -41,6 +45,9 @@ __all__ = [
     "FeatureMeta",
     "Features",
     "FeaturesError",
+    "Ledger",
+    "LedgerRecord",
+    "LedgerSummary",
     "MalformedResponse",
     "MultiTokenLabelWarning",
     "NotFittedError",
@@ -48,10 +55,13 @@ __all__ = [
     "ProviderStatusError",
     "QuotaExhausted",
     "RateLimited",
+    "ResponseCache",
     "ServerError",
     "Task",
     "TaskError",
     "TransportError",
     "UnsupportedCapability",
+    "Usage",
     "__version__",
+    "cache_key",
 ]

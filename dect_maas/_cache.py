@@ -1,0 +1,418 @@
+"""The response cache: one entry per example, so a paid query is never paid again.
+
+Keys are sha256 hex digests of canonical JSON (``cache_key``) built by the client from everything
+that changes an answer, never from a credential. Values are stored as bytes that hold JSON plus
+raw little-endian array buffers (no pickle anywhere: a cache folder shared with others cannot run
+code when read). The store is diskcache (SQLite underneath), opened with eviction off, because every
+entry was paid for; it is safe for several threads and processes at once.
+
+Value format (``_encode_value``/``_decode_value``)::
+
+    b"DMC1" | uint32 little-endian header length | header JSON (UTF-8) | array buffers
+
+The header is ``{"d": document, "a": [[path, dtype, shape, offset, nbytes, kind], ...]}``: each
+array (a numpy array, or a long list of floats) is replaced by ``null`` in the document and its
+bytes are appended after the header. Decoding a 576-float vector is then a slice, not a JSON
+float parse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import diskcache
+import numpy as np
+
+from ._exceptions import CacheError, ConfigError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CacheConfig",
+    "ResponseCache",
+    "cache_key",
+]
+
+SCHEMA_VERSION = 1
+"""Version of the value format and key recipe; a cache written with another one is refused."""
+
+_SCHEMA_KEY = "__dect_maas_cache_schema__"
+_MAGIC = b"DMC1"
+_HEADER_LEN = 4  # bytes of the uint32 header length that follows the magic
+_KEY_CHARS = frozenset("0123456789abcdef")
+# Lists of floats at least this long are stored as float64 buffers (exact) instead of JSON text.
+_FLOAT_LIST_MIN = 16
+_DTYPES = frozenset(
+    ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
+)
+# Values up to this size live inside SQLite rather than in one file each: faster bulk reads.
+_MIN_FILE_SIZE = 2**20
+_SQL_CHUNK = 500  # keys per SELECT ... IN (...), below SQLite's host-parameter limit
+
+# Names (compared lower-case, "-" read as "_") that may hold a credential. A key-part mapping that
+# uses one is refused, so a secret can never be hashed into (or leak through) a cache key. In
+# values, the bare word "token" is allowed: token-level logprob records use it for label words.
+_CREDENTIAL_NAMES = frozenset(
+    [
+        "authorization",
+        "proxy_authorization",
+        "api_key",
+        "apikey",
+        "x_api_key",
+        "api_token",
+        "access_token",
+        "auth_token",
+        "bearer",
+        "token",
+        "hf_token",
+        "secret",
+        "client_secret",
+        "password",
+        "cookie",
+        "x_goog_api_key",
+    ]
+)
+_VALUE_CREDENTIAL_NAMES = _CREDENTIAL_NAMES - {"token"}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where the response cache lives.
+
+    ``size_limit_bytes`` is only diskcache's bookkeeping ceiling: eviction is always off, since
+    every entry was paid for. Put ``directory`` on a local disk (SQLite over NFS is not safe).
+    """
+
+    directory: Path | str
+    size_limit_bytes: int = 2**40
+
+    def __post_init__(self) -> None:
+        if not str(self.directory):
+            raise ConfigError("CacheConfig.directory must name a folder")
+        if isinstance(self.size_limit_bytes, bool) or not isinstance(self.size_limit_bytes, int):
+            raise ConfigError("CacheConfig.size_limit_bytes must be an int")
+        if self.size_limit_bytes <= 0:
+            raise ConfigError(
+                f"CacheConfig.size_limit_bytes must be positive, got {self.size_limit_bytes}"
+            )
+
+    @property
+    def path(self) -> Path:
+        return Path(os.path.expanduser(self.directory))
+
+
+def cache_key(parts: Mapping[str, Any]) -> str:
+    """The sha256 hex digest of ``parts`` as canonical JSON.
+
+    Canonical: sorted keys, no spaces, ASCII only, tuples as lists. Only JSON types are accepted
+    (str keys, str/int/float/bool/None, lists, tuples, mappings); NaN and infinities are refused, as
+    is any mapping key named like a credential (``authorization``, ``api_key``, ``token``, ...).
+    """
+    if not isinstance(parts, Mapping):
+        raise TypeError(f"cache_key expects a mapping, got {type(parts).__name__}")
+    plain = _plain_key_part(parts, "parts")
+    text = json.dumps(
+        plain, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+    return sha256(text.encode("ascii")).hexdigest()
+
+
+def _plain_key_part(obj: Any, where: str) -> Any:
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"cache key part {where} is {obj!r}; only finite numbers are allowed")
+        return obj
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"cache key part {where} has a non-str key {k!r}")
+            if _is_credential_name(k, _CREDENTIAL_NAMES):
+                raise ValueError(
+                    f"cache key part {where} has a field named {k!r}, which may hold a credential; "
+                    "credentials must never be part of a cache key"
+                )
+            out[k] = _plain_key_part(v, f"{where}.{k}")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_plain_key_part(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(
+        f"cache key part {where} has type {type(obj).__name__}; use JSON types "
+        "(str, int, float, bool, None, list, tuple, mapping)"
+    )
+
+
+def _is_credential_name(name: str, names: frozenset[str]) -> bool:
+    return name.lower().replace("-", "_") in names
+
+
+class _BytesOnlyDisk(diskcache.Disk):  # type: ignore[misc]
+    """A diskcache Disk that stores str keys and bytes values only, and never unpickles."""
+
+    def put(self, key: Any) -> Any:
+        if type(key) is not str:
+            raise TypeError(f"response cache keys are str, got {type(key).__name__}")
+        return super().put(key)
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise CacheError("the response cache holds a pickled key; refusing to unpickle it")
+        return super().get(key, raw)
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if type(value) is not bytes or read:
+            raise TypeError(f"response cache values are bytes, got {type(value).__name__}")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY) or read:
+            raise CacheError(
+                f"the response cache holds an entry of diskcache mode {mode} (not raw bytes); "
+                "refusing to read it (it could be a pickle)"
+            )
+        return super().fetch(mode, filename, value, read)
+
+
+class ResponseCache:
+    """Per-example provider responses on disk, keyed by ``cache_key`` digests.
+
+    Values are JSON-like mappings; numpy arrays inside them come back as read-only numpy arrays
+    of the same dtype and shape, long float lists come back as exact float lists. Safe to share
+    between threads and processes.
+    """
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        directory = config.path
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._cache = diskcache.Cache(
+                str(directory),
+                disk=_BytesOnlyDisk,
+                eviction_policy="none",
+                size_limit=config.size_limit_bytes,
+                disk_min_file_size=_MIN_FILE_SIZE,
+                statistics=0,
+                tag_index=0,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise CacheError(f"cannot open the response cache at {directory}: {exc}") from exc
+        try:
+            self._check_schema()
+        except BaseException:
+            self._cache.close()
+            raise
+
+    def _check_schema(self) -> None:
+        stamp = json.dumps({"schema": SCHEMA_VERSION, "library": "dect-maas"}).encode()
+        with self._cache.transact():
+            # Stamp a new folder atomically: processes opening it together all see one stamp.
+            if _SCHEMA_KEY not in self._cache and len(self._cache) == 0:
+                self._cache.set(_SCHEMA_KEY, stamp)
+        try:
+            raw = self._cache.get(_SCHEMA_KEY)
+            found = json.loads(raw)["schema"]
+        except (TypeError, ValueError, KeyError, CacheError) as exc:
+            raise CacheError(
+                f"{self.config.path} holds a cache that dect-maas did not write; "
+                "point CacheConfig.directory at an empty or dect-maas folder"
+            ) from exc
+        if found != SCHEMA_VERSION:
+            raise CacheError(
+                f"the response cache at {self.config.path} has schema version {found}, this "
+                f"dect-maas reads version {SCHEMA_VERSION}. Point CacheConfig.directory at a new "
+                "folder (the old responses stay where they are; a matching dect-maas can read "
+                "them), or delete that folder to start afresh."
+            )
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored value for ``key``, or None when absent."""
+        _check_key(key)
+        raw = self._cache.get(key)
+        if raw is None:
+            return None
+        return _decode_value(raw, key)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored values for those of ``keys`` that are present (absent keys are left out).
+
+        Reads in chunks of several hundred keys per SQL statement; this is the path for
+        cache hits in bulk.
+        """
+        for key in keys:
+            _check_key(key)
+        raws = self._fetch_raw_many(list(dict.fromkeys(keys)))
+        return {key: _decode_value(raw, key) for key, raw in raws.items()}
+
+    def _fetch_raw_many(self, keys: list[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        # One SELECT per chunk on diskcache's own connection (columns of its documented schema);
+        # values kept in files (mode binary, value NULL) are read through diskcache itself.
+        sql = self._cache._sql
+        for start in range(0, len(keys), _SQL_CHUNK):
+            chunk = keys[start : start + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = sql(
+                f"SELECT key, mode, value FROM Cache WHERE raw = 1 AND key IN ({marks})",
+                chunk,
+            ).fetchall()
+            for key, mode, value in rows:
+                if mode == diskcache.core.MODE_RAW and value is not None:
+                    out[key] = bytes(value)
+                else:
+                    raw = self._cache.get(key)
+                    if raw is not None:
+                        out[key] = raw
+        return out
+
+    def set(self, key: str, value: Mapping[str, Any]) -> None:
+        """Store ``value`` under ``key`` (replacing any previous value)."""
+        _check_key(key)
+        data = _encode_value(value)
+        self._cache.set(key, data)
+
+    def set_many(self, items: Mapping[str, Mapping[str, Any]]) -> None:
+        """Store several values in one transaction: all of them are written, or none."""
+        encoded = []
+        for key, value in items.items():
+            _check_key(key)
+            encoded.append((key, _encode_value(value)))
+        with self._cache.transact():
+            for key, data in encoded:
+                self._cache.set(key, data)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str) or not _is_key(key):
+            return False
+        return key in self._cache
+
+    def __len__(self) -> int:
+        return max(0, len(self._cache) - 1)  # minus the schema stamp
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __enter__(self) -> ResponseCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ResponseCache(directory={str(self.config.path)!r})"
+
+
+def _is_key(key: str) -> bool:
+    return len(key) == 64 and _KEY_CHARS.issuperset(key)
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not _is_key(key):
+        raise ValueError(
+            "response cache keys are 64 lower-case hex characters (from cache_key()), got "
+            f"{type(key).__name__} of length {len(key) if isinstance(key, str) else '?'}"
+        )
+
+
+def _encode_value(value: Mapping[str, Any]) -> bytes:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"cache values are mappings, got {type(value).__name__}")
+    arrays: list[list[Any]] = []
+    buffers: list[bytes] = []
+    offset = 0
+
+    def walk(obj: Any, path: list[str | int]) -> Any:
+        nonlocal offset
+        if obj is None or isinstance(obj, (str, bool, int, float)):
+            return obj
+        if isinstance(obj, np.ndarray) or (
+            type(obj) is list and len(obj) >= _FLOAT_LIST_MIN and all(type(x) is float for x in obj)
+        ):
+            kind = "list" if isinstance(obj, list) else "ndarray"
+            arr: np.ndarray[Any, Any] = np.asarray(
+                obj, dtype=np.float64 if kind == "list" else None
+            )
+            dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+            if dtype.str not in _DTYPES:
+                raise TypeError(
+                    f"cache value at {_path_str(path)} is an array of dtype {arr.dtype}; "
+                    "bool, integer and float arrays are supported"
+                )
+            data = np.ascontiguousarray(arr, dtype=dtype).tobytes()
+            arrays.append([list(path), dtype.str, list(arr.shape), offset, len(data), kind])
+            buffers.append(data)
+            offset += len(data)
+            return None
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, Mapping):
+            out: dict[str, Any] = {}
+            for k, v in obj.items():
+                if not isinstance(k, str):
+                    raise TypeError(f"cache value at {_path_str(path)} has a non-str key {k!r}")
+                if _is_credential_name(k, _VALUE_CREDENTIAL_NAMES):
+                    raise ValueError(
+                        f"cache value at {_path_str(path)} has a field named {k!r}, which may "
+                        "hold a credential; credentials are never cached"
+                    )
+                out[k] = walk(v, [*path, k])
+            return out
+        if isinstance(obj, (list, tuple)):
+            return [walk(v, [*path, i]) for i, v in enumerate(obj)]
+        raise TypeError(
+            f"cache value at {_path_str(path)} has type {type(obj).__name__}; use JSON types "
+            "or numpy arrays"
+        )
+
+    document = walk(value, [])
+    header = json.dumps({"d": document, "a": arrays}, separators=(",", ":")).encode()
+    return b"".join([_MAGIC, len(header).to_bytes(_HEADER_LEN, "little"), header, *buffers])
+
+
+def _decode_value(raw: bytes, key: str) -> dict[str, Any]:
+    try:
+        if raw[:4] != _MAGIC:
+            raise ValueError("bad magic")
+        end = 8 + int.from_bytes(raw[4:8], "little")
+        header = json.loads(raw[8:end])
+        document: dict[str, Any] = header["d"]
+        if header["a"]:
+            view = memoryview(raw)
+            for path, dtype, shape, offset, nbytes, kind in header["a"]:
+                if dtype not in _DTYPES:
+                    raise ValueError(f"dtype {dtype!r}")
+                start = end + offset
+                if start + nbytes > len(raw):
+                    raise ValueError("truncated array data")
+                arr = np.frombuffer(view[start : start + nbytes], dtype=dtype).reshape(shape)
+                parent: Any = document
+                for step in path[:-1]:
+                    parent = parent[step]
+                parent[path[-1]] = arr.tolist() if kind == "list" else arr
+        if not isinstance(document, dict):
+            raise ValueError("not a mapping")
+        return document
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise CacheError(
+            f"response cache entry {key[:12]}... is corrupt ({exc}); delete that entry "
+            "or the cache folder to query it again"
+        ) from exc
+
+
+def _path_str(path: Sequence[str | int]) -> str:
+    return "value" + "".join(f"[{p!r}]" for p in path)

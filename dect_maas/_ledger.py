@@ -1,0 +1,729 @@
+"""The ledger: every request on record, and the budget enforced before a request leaves.
+
+One SQLite file (``ledger.sqlite3``) per ledger folder, in WAL mode. Each operation is one short
+``BEGIN IMMEDIATE`` transaction, so reserving is atomic across threads, asyncio tasks (through
+threads) and processes that share the folder:
+
+- ``reserve`` checks ``spent + reserved + asked`` against every limit and inserts a reservation,
+  or raises ``BudgetExceeded`` and changes nothing;
+- ``settle`` deletes the reservation, adds the actual usage to the spent totals, appends a record;
+- ``refund`` deletes the reservation and appends a record of the failed request; only what the
+  provider billed for it (the record's tokens and cost, normally zero) counts as spent.
+
+Budgets are per folder (all runs, all processes); totals are also kept per run. Money is summed in
+integer pico-dollars, so totals are exact. The SQLite engine is used directly rather than through
+diskcache (which is also SQLite with ``BEGIN IMMEDIATE`` inside ``transact``): a ledger is rows to
+append, sum and export, which a key-value store makes awkward.
+
+A reservation whose process died is *stale*. Reservations carry the host name, the pid and the
+pid's start time; opening a ledger (and ``release_stale()``) releases those of dead processes on
+this host and records them as ``abandoned`` (cost unknown, counted as zero). Reservations of other
+hosts are released only with ``release_stale(older_than_s=...)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from ._budget import BudgetLimits, Usage, check_limits
+from ._exceptions import ConfigError
+
+__all__ = [
+    "LEDGER_FILENAME",
+    "STATUSES",
+    "Balance",
+    "BudgetLimits",
+    "Ledger",
+    "LedgerRecord",
+    "LedgerSummary",
+    "Reservation",
+    "Usage",
+]
+
+logger = logging.getLogger("dect_maas")
+
+LEDGER_FILENAME = "ledger.sqlite3"
+LEDGER_SCHEMA_VERSION = 1
+STATUSES = ("ok", "error", "refunded", "cancelled", "abandoned")
+"""Record outcomes: ``ok`` (settled), ``error`` (failed after its attempts), ``refunded``
+(released without an answer), ``cancelled`` (the caller gave up), ``abandoned`` (its process
+died)."""
+
+CacheState = Literal["hit", "miss"]
+_MAX_ERROR_CHARS = 300
+_URL_QUERY = re.compile(r"(?P<url>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]+)\?[^\s#]*")
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@]+@")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    reservation_id TEXT,
+    time TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    cache TEXT NOT NULL,
+    status TEXT NOT NULL,
+    queries INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    latency_s REAL NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS records_run ON records (run_id);
+CREATE INDEX IF NOT EXISTS records_reservation ON records (reservation_id);
+CREATE TABLE IF NOT EXISTS spent (
+    run_id TEXT PRIMARY KEY,
+    queries INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cost_pico INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    queries INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cost_pico INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start TEXT NOT NULL,
+    created REAL NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL
+);
+"""
+_RECORD_COLUMNS = (
+    "time",
+    "run_id",
+    "request_id",
+    "provider",
+    "model",
+    "endpoint",
+    "cache",
+    "status",
+    "queries",
+    "input_tokens",
+    "cost_usd",
+    "attempts",
+    "latency_s",
+    "error",
+)
+_SUMS = "COALESCE(SUM(queries), 0), COALESCE(SUM(requests), 0), "
+_SUMS += "COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cost_pico), 0)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerRecord:
+    """One request (or one batch of cache hits) as the ledger keeps it.
+
+    ``time`` is ISO 8601 in UTC and ``run_id`` the ledger's run when left empty. On ``settle`` the
+    usage fields are taken from the actual usage; on ``refund`` ``input_tokens`` and ``cost_usd``
+    mean what the provider billed for the failed request (normally 0). Query strings and user
+    info are stripped from URLs in ``endpoint`` and ``error``, so a key passed in a URL is never
+    kept.
+    """
+
+    provider: str
+    model: str
+    endpoint: str
+    queries: int = 0
+    input_tokens: int = 0
+    cost_usd: float = 0.0
+    cache: CacheState = "miss"
+    attempts: int = 1
+    status: str = "ok"
+    latency_s: float = 0.0
+    error: str | None = None
+    time: str = ""
+    run_id: str = ""
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        for name in ("provider", "model", "endpoint", "time", "run_id", "request_id"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"LedgerRecord.{name} must be a str")
+        if self.cache not in ("hit", "miss"):
+            raise ConfigError(f"LedgerRecord.cache must be 'hit' or 'miss', got {self.cache!r}")
+        if self.status not in STATUSES:
+            raise ConfigError(f"LedgerRecord.status must be one of {STATUSES}, got {self.status!r}")
+        for name in ("queries", "input_tokens", "attempts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"LedgerRecord.{name} must be a non-negative int, got {value!r}")
+        for name in ("cost_usd", "latency_s"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigError(f"LedgerRecord.{name} must be a non-negative number")
+            object.__setattr__(self, name, float(value))
+        if self.time:
+            object.__setattr__(self, "time", _normalise_time(self.time))
+        object.__setattr__(self, "endpoint", _redact(self.endpoint))
+        if self.error is not None:
+            text = _redact(str(self.error))
+            if len(text) > _MAX_ERROR_CHARS:
+                text = text[: _MAX_ERROR_CHARS - 3] + "..."
+            object.__setattr__(self, "error", text)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON types, in export column order."""
+        data = asdict(self)
+        return {name: data[name] for name in _RECORD_COLUMNS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LedgerRecord:
+        """Build a record from ``to_dict`` output or from a CSV row (all strings)."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name in ("queries", "input_tokens", "attempts"):
+                value = int(value)
+            elif f.name in ("cost_usd", "latency_s"):
+                value = float(value)
+            elif f.name == "error":
+                value = None if value in (None, "") else str(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Usage reserved by ``Ledger.reserve``; hand it back to ``settle`` or ``refund``."""
+
+    id: str
+    usage: Usage
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Balance:
+    """Spent and reserved totals read in one snapshot."""
+
+    spent: Usage
+    reserved: Usage
+
+    @property
+    def committed(self) -> Usage:
+        return self.spent + self.reserved
+
+
+@dataclass(frozen=True)
+class LedgerSummary:
+    """What one run (or, with ``run_id`` None, the whole folder) asked of its providers.
+
+    ``requests`` counts requests sent (cache misses, whatever their outcome), ``queries_paid``
+    the examples answered by settled requests, ``cache_hits`` the examples answered from the
+    cache. Latency percentiles are over requests sent; ``wall_s`` spans first to last record.
+    """
+
+    run_id: str | None
+    requests: int
+    queries_paid: int
+    cache_hits: int
+    input_tokens: int
+    cost_usd: float
+    attempts: int
+    errors: int
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    first_time: str | None
+    last_time: str | None
+    wall_s: float
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.queries_paid + self.cache_hits
+        return self.cache_hits / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hit_rate"] = self.hit_rate
+        return data
+
+
+class Ledger:
+    """The persistent record of requests and the budget they are reserved against.
+
+    Open one ``Ledger`` per process (it reconnects by itself after a fork); any number of
+    processes may share the folder. Threads may share one instance.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        limits: BudgetLimits = BudgetLimits(),  # noqa: B008 - frozen, so sharing is safe
+        *,
+        run_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(limits, BudgetLimits):
+            raise ConfigError(f"limits must be a BudgetLimits, got {type(limits).__name__}")
+        self.directory = Path(os.path.expanduser(directory))
+        self.limits = limits
+        self._clock = clock
+        self.run_id = _check_run_id(run_id) if run_id is not None else self._new_run_id()
+        self._host = socket.gethostname()
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._transaction() as conn:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?)",
+                    (str(LEDGER_SCHEMA_VERSION),),
+                )
+            elif row[0] != str(LEDGER_SCHEMA_VERSION):
+                raise ConfigError(
+                    f"the ledger at {self.directory} has schema version {row[0]}, this dect-maas "
+                    f"uses {LEDGER_SCHEMA_VERSION}; use a new ledger folder (keep the old one: "
+                    "it is the record of what was paid)"
+                )
+        self.release_stale()
+
+    # -- connection and transactions -------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            # A connection must not cross a fork: the child opens its own.
+            conn = sqlite3.connect(
+                str(self.directory / LEDGER_FILENAME),
+                timeout=60.0,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    @contextmanager
+    def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger(directory={str(self.directory)!r}, run_id={self.run_id!r}, {self.limits!r})"
+
+    # -- budget ----------------------------------------------------------------------------
+
+    def reserve(
+        self, usage: Usage, *, provider: str = "", model: str = "", endpoint: str = ""
+    ) -> Reservation:
+        """Reserve ``usage`` (a request's worst case) before sending, or raise BudgetExceeded.
+
+        Atomic across threads and processes sharing the folder: either the reservation fits
+        every limit together with everything spent and reserved, or nothing is reserved.
+        ``provider``/``model``/``endpoint`` are kept only to describe the request if its
+        process dies before settling.
+        """
+        usage.validate("reserved usage")
+        asked = usage.as_ints()
+        reservation = Reservation(id=uuid.uuid4().hex, usage=usage, run_id=self.run_id)
+        with self._transaction() as conn:
+            spent = _ints(conn.execute(f"SELECT {_SUMS} FROM spent").fetchone())
+            reserved = _ints(conn.execute(f"SELECT {_SUMS} FROM reservations").fetchone())
+            check_limits(self.limits, spent, reserved, asked)
+            conn.execute(
+                "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    reservation.id,
+                    self.run_id,
+                    *asked,
+                    self._host,
+                    os.getpid(),
+                    _pid_start(os.getpid()),
+                    self._clock(),
+                    provider,
+                    model,
+                    _redact(endpoint),
+                ),
+            )
+        return reservation
+
+    def settle(self, reservation: Reservation, actual: Usage, record: LedgerRecord) -> None:
+        """Replace the reservation by the actual usage and append ``record`` (a cache miss).
+
+        The record's queries, input tokens and cost are taken from ``actual``. Actual usage
+        above the reservation is recorded as it is (it was spent) and logged as a warning.
+        """
+        actual.validate("actual usage")
+        if record.cache != "miss":
+            raise ConfigError("settle records a request sent to the provider: cache must be 'miss'")
+        record = replace(
+            record,
+            queries=actual.queries,
+            input_tokens=actual.input_tokens,
+            cost_usd=actual.cost_usd,
+        )
+        self._close_reservation(reservation, actual, record)
+        over = [
+            name
+            for name, a, r in zip(
+                ("queries", "requests", "input_tokens", "cost_usd"),
+                actual.as_ints(),
+                reservation.usage.as_ints(),
+                strict=True,
+            )
+            if a > r
+        ]
+        if over:
+            logger.warning(
+                "request %s used more than it reserved (%s); recorded as spent",
+                record.request_id,
+                ", ".join(over),
+            )
+
+    def refund(self, reservation: Reservation, record: LedgerRecord) -> None:
+        """Release the reservation of a request that did not succeed, and record it.
+
+        Only the record's ``input_tokens`` and ``cost_usd`` (what the provider billed for the
+        failed request, normally 0) count as spent; its queries and the request do not.
+        """
+        if record.status == "ok":
+            raise ConfigError("a refunded request's record needs a status other than 'ok'")
+        if record.cache != "miss":
+            raise ConfigError("refund records a request sent to the provider: cache must be 'miss'")
+        billed = Usage(input_tokens=record.input_tokens, cost_usd=record.cost_usd)
+        self._close_reservation(reservation, billed, record)
+
+    def _close_reservation(
+        self, reservation: Reservation, spent: Usage, record: LedgerRecord
+    ) -> None:
+        record = self._complete(record, reservation.run_id)
+        with self._transaction() as conn:
+            done = conn.execute(
+                "SELECT 1 FROM records WHERE reservation_id = ? AND status != 'abandoned'",
+                (reservation.id,),
+            ).fetchone()
+            if done is not None:
+                raise ConfigError(f"reservation {reservation.id} was already settled or refunded")
+            conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+            _add_spent(conn, reservation.run_id, spent)
+            _insert_record(conn, record, reservation.id)
+
+    def record_hits(self, n: int, *, provider: str, model: str, endpoint: str) -> None:
+        """Count ``n`` examples answered from the cache: one record, zero cost, no budget use."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"record_hits needs a non-negative int, got {n!r}")
+        if n == 0:
+            return
+        record = LedgerRecord(
+            provider=provider,
+            model=model,
+            endpoint=endpoint,
+            queries=n,
+            cache="hit",
+            attempts=0,
+        )
+        record = self._complete(record, self.run_id)
+        with self._transaction() as conn:
+            _insert_record(conn, record, None)
+
+    def release_stale(self, *, older_than_s: float | None = None) -> int:
+        """Release reservations whose process is gone; return how many were released.
+
+        Without arguments: reservations made on this host by a process that no longer runs (its
+        pid is gone, or now belongs to a process started later). With ``older_than_s``: also
+        every reservation older than that, from any host, live or not - use it only when you
+        know those processes have stopped. Each release is recorded with status ``abandoned``;
+        what the provider billed for such a request is unknown and counted as zero.
+        """
+        now = self._clock()
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, run_id, host, pid, pid_start, created, provider, model, endpoint, "
+                "queries FROM reservations"
+            ).fetchall()
+            released = 0
+            for rid, run_id, host, pid, pid_start, created, provider, model, endpoint, q in rows:
+                dead_here = host == self._host and not _same_process_alive(pid, pid_start)
+                too_old = older_than_s is not None and now - created > older_than_s
+                if not (dead_here or too_old):
+                    continue
+                why = f"process {pid} on {host} " + (
+                    "ended" if dead_here else f"held it for {now - created:.0f} s"
+                )
+                record = LedgerRecord(
+                    provider=provider,
+                    model=model,
+                    endpoint=endpoint,
+                    queries=q,
+                    attempts=0,
+                    status="abandoned",
+                    error=f"reservation released as stale: {why}; provider billing unknown",
+                    time=_iso(now),
+                    run_id=run_id,
+                )
+                conn.execute("DELETE FROM reservations WHERE id = ?", (rid,))
+                _insert_record(conn, record, rid)
+                released += 1
+        if released:
+            logger.warning(
+                "released %d stale budget reservation(s) in %s", released, self.directory
+            )
+        return released
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def balance(self, run_id: str | None = None) -> Balance:
+        """Spent and reserved totals in one consistent snapshot (``run_id`` None: all runs)."""
+        where, args = ("", ()) if run_id is None else (" WHERE run_id = ?", (run_id,))
+        with self._transaction(write=False) as conn:
+            spent = _ints(conn.execute(f"SELECT {_SUMS} FROM spent{where}", args).fetchone())
+            reserved = _ints(
+                conn.execute(f"SELECT {_SUMS} FROM reservations{where}", args).fetchone()
+            )
+        return Balance(Usage.from_ints(spent), Usage.from_ints(reserved))
+
+    def spent(self, run_id: str | None = None) -> Usage:
+        """Usage spent by the whole folder (the budget's scope), or by one run."""
+        return self.balance(run_id).spent
+
+    def reserved(self, run_id: str | None = None) -> Usage:
+        """Usage reserved by requests in flight in the whole folder, or in one run."""
+        return self.balance(run_id).reserved
+
+    def runs(self) -> list[str]:
+        """Run ids with records in this folder, oldest first."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT run_id FROM records GROUP BY run_id ORDER BY MIN(seq)"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def records(self, run_id: str | None = None) -> list[LedgerRecord]:
+        """Records in the order they were written (``run_id`` None: all runs)."""
+        where, args = ("", ()) if run_id is None else (" WHERE run_id = ?", (run_id,))
+        columns = ", ".join(_RECORD_COLUMNS)
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {columns} FROM records{where} ORDER BY seq", args
+            ).fetchall()
+        return [LedgerRecord(**dict(zip(_RECORD_COLUMNS, row, strict=True))) for row in rows]
+
+    def summary(self, run_id: str | None = None) -> LedgerSummary:
+        """Totals for one run (``run_id`` None: the whole folder)."""
+        return _summarise(run_id, self.records(run_id))
+
+    def export_jsonl(self, path: Path | str, run_id: str | None = None) -> Path:
+        """Write the records as JSON lines (one object per record) and return the path."""
+        lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in self.records(run_id)]
+        return _write_atomic(Path(path), "".join(line + "\n" for line in lines))
+
+    def export_csv(self, path: Path | str, run_id: str | None = None) -> Path:
+        """Write the records as CSV with a header row and return the path."""
+        records = self.records(run_id)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=_RECORD_COLUMNS)
+            writer.writeheader()
+            for record in records:
+                row = record.to_dict()
+                row["error"] = row["error"] or ""
+                writer.writerow(row)
+        os.replace(tmp, target)
+        return target
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _complete(self, record: LedgerRecord, run_id: str) -> LedgerRecord:
+        changes: dict[str, Any] = {}
+        if not record.time:
+            changes["time"] = _iso(self._clock())
+        if not record.run_id:
+            changes["run_id"] = run_id
+        return replace(record, **changes) if changes else record
+
+    def _new_run_id(self) -> str:
+        stamp = datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def _ints(row: tuple[Any, ...]) -> tuple[int, int, int, int]:
+    return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def _add_spent(conn: sqlite3.Connection, run_id: str, usage: Usage) -> None:
+    conn.execute(
+        "INSERT INTO spent VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+        "queries = queries + excluded.queries, requests = requests + excluded.requests, "
+        "input_tokens = input_tokens + excluded.input_tokens, "
+        "cost_pico = cost_pico + excluded.cost_pico",
+        (run_id, *usage.as_ints()),
+    )
+
+
+def _insert_record(
+    conn: sqlite3.Connection, record: LedgerRecord, reservation_id: str | None
+) -> None:
+    data = record.to_dict()
+    columns = ", ".join(_RECORD_COLUMNS)
+    marks = ", ".join("?" * len(_RECORD_COLUMNS))
+    conn.execute(
+        f"INSERT INTO records (reservation_id, {columns}) VALUES (?, {marks})",
+        (reservation_id, *(data[c] for c in _RECORD_COLUMNS)),
+    )
+
+
+def _summarise(run_id: str | None, records: list[LedgerRecord]) -> LedgerSummary:
+    sent = [r for r in records if r.cache == "miss" and r.status != "abandoned"]
+    latencies = sorted(r.latency_s for r in sent)
+    times = sorted(r.time for r in records)
+    wall = 0.0
+    if times:
+        wall = (
+            datetime.fromisoformat(times[-1]) - datetime.fromisoformat(times[0])
+        ).total_seconds()
+    return LedgerSummary(
+        run_id=run_id,
+        requests=len(sent),
+        queries_paid=sum(r.queries for r in sent if r.status == "ok"),
+        cache_hits=sum(r.queries for r in records if r.cache == "hit"),
+        input_tokens=sum(r.input_tokens for r in records),
+        cost_usd=sum(r.cost_usd for r in records),
+        attempts=sum(r.attempts for r in sent),
+        errors=sum(1 for r in records if r.status != "ok"),
+        latency_p50_s=_percentile(latencies, 0.50),
+        latency_p95_s=_percentile(latencies, 0.95),
+        first_time=times[0] if times else None,
+        last_time=times[-1] if times else None,
+        wall_s=wall,
+    )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default method)."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _write_atomic(target: Path, text: str) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="microseconds")
+
+
+def _normalise_time(text: str) -> str:
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError as exc:
+        raise ConfigError(f"LedgerRecord.time must be ISO 8601, got {text!r}") from exc
+    if moment.tzinfo is None:
+        raise ConfigError(f"LedgerRecord.time must carry a time zone, got {text!r}")
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _redact(text: str) -> str:
+    """Drop query strings and user info from URLs: keys sometimes travel in them."""
+    text = _URL_USERINFO.sub(r"\g<scheme>", text)
+    text = _URL_QUERY.sub(r"\g<url>", text)
+    if "?" in text and "://" not in text and " " not in text:
+        text = text.split("?", 1)[0]  # a bare path such as "/v1/models/x:predict?key=..."
+    return text
+
+
+def _check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not re.fullmatch(r"[A-Za-z0-9._:+-]{1,100}", run_id):
+        raise ConfigError(
+            f"run_id must be 1-100 characters from letters, digits and . _ : + -, got {run_id!r}"
+        )
+    return run_id
+
+
+def _pid_start(pid: int) -> str:
+    """When ``pid`` started (clock ticks since boot, from /proc), or "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            stat = handle.read()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    rest = stat[stat.rfind(")") + 2 :].split()
+    return rest[19] if len(rest) > 19 else ""
+
+
+def _same_process_alive(pid: int, pid_start: str) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    if pid_start:
+        now_start = _pid_start(pid)
+        if now_start and now_start != pid_start:
+            return False  # the pid was reused by a later process
+    return True
