@@ -4,7 +4,10 @@ Query the model once per example, keep its label-word scores and a vector for th
 train a small decoder locally (Cui et al., "Decoder Tuning", ACL 2023).
 """
 
+from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
 from ._cache import CacheConfig, ResponseCache, cache_key
+from ._data import Examples, load_examples, sample_k_shot
+from ._estimator import DecTClassifier
 from ._exceptions import (
     AuthenticationError,
     BudgetExceeded,
@@ -28,6 +31,7 @@ from ._exceptions import (
 )
 from ._features import FeatureMeta, Features
 from ._ledger import BudgetLimits, Ledger, LedgerRecord, LedgerSummary, Usage
+from ._metrics import accuracy, confusion_matrix, macro_f1, mean_std
 from ._task import Task
 
 __version__ = "0.1.0"
@@ -40,17 +44,21 @@ __all__ = [
     "CacheError",
     "CensoredScoreWarning",
     "ConfigError",
+    "DecTClassifier",
     "DectError",
     "DectWarning",
+    "Examples",
     "FeatureMeta",
     "Features",
     "FeaturesError",
     "Ledger",
     "LedgerRecord",
     "LedgerSummary",
+    "LinearProbeClassifier",
     "MalformedResponse",
     "MultiTokenLabelWarning",
     "NotFittedError",
+    "PrototypeClassifier",
     "ProviderError",
     "ProviderStatusError",
     "QuotaExhausted",
@@ -62,6 +70,13 @@ __all__ = [
     "TransportError",
     "UnsupportedCapability",
     "Usage",
+    "ZeroShotClassifier",
     "__version__",
+    "accuracy",
     "cache_key",
+    "confusion_matrix",
+    "load_examples",
+    "macro_f1",
+    "mean_std",
+    "sample_k_shot",
 ]
