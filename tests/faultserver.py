@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import random
 import threading
@@ -116,6 +117,12 @@ class MockProvider:
         return [b for m, p, b, _ in self.requests if p == path]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that timed out or gave up closes its socket mid-reply: expected here
+        pass
+
+
 class FaultServer:
     """FakeModel on a real loopback socket; ``rate`` of the requests get one of ``faults``."""
 
@@ -130,6 +137,7 @@ class FaultServer:
         self.model = FakeModel()
         self.rate, self.faults, self.slow_s, self.paths = rate, faults, slow_s, paths
         self._rng = random.Random(seed)
+        self._next_fault = itertools.cycle(faults)  # round robin: every kind occurs
         self._lock = threading.Lock()
         self.injected: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
@@ -138,7 +146,7 @@ class FaultServer:
     def _pick(self, path: str) -> str | None:
         with self._lock:
             if path in self.paths and self._rng.random() < self.rate:
-                fault = self._rng.choice(self.faults)
+                fault = next(self._next_fault)
                 self.injected[fault] += 1
                 return fault
             self.served[path] += 1
@@ -199,7 +207,7 @@ class FaultServer:
 
     @contextmanager
     def run(self) -> Iterator[str]:
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        httpd = _QuietServer(("127.0.0.1", 0), self.handler())
         httpd.daemon_threads = True
         thread = threading.Thread(target=httpd.serve_forever, daemon=True)
         thread.start()

@@ -1,0 +1,92 @@
+"""Faults on a real loopback server: 429 + Retry-After, 500/503, slow replies past the timeout,
+dropped connections and truncated JSON. The results must equal a clean run's, every example must
+be paid once, and the ledger must hold the attempts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from faultserver import FAULTS, FaultServer
+
+from dect_maas import Task, TransportError
+from dect_maas._cache import CacheConfig
+from dect_maas._client import Client
+from dect_maas._config import RetryPolicy
+from dect_maas._features import Features
+from dect_maas.adapters import LocalAdapter
+
+TASK = Task("{text} Overall, it was {mask}", {"neg": "bad", "pos": "great"})
+TEXTS = [f"text number {i} of the fault run" for i in range(40)]
+POLICY = RetryPolicy(
+    max_attempts=15, initial_backoff_s=0.005, max_backoff_s=0.05, max_retry_after_s=0.05
+)
+
+
+def run(server: FaultServer, tmp_path: Path, name: str) -> tuple[Features, Client]:
+    with server.run() as url:
+        client = Client(
+            LocalAdapter(url, max_inputs_per_request=4),
+            cache=CacheConfig(tmp_path / f"{name}-cache"),
+            ledger=tmp_path / f"{name}-ledger",
+            retry=POLICY,
+            timeout=httpx.Timeout(0.5),
+            max_concurrency=4,
+        )
+        try:
+            return client.features(TASK, TEXTS), client
+        finally:
+            client.close()
+
+
+def test_faults_on_every_endpoint_give_the_clean_result(tmp_path: Path) -> None:
+    clean, _ = run(FaultServer(rate=0.0), tmp_path, "clean")
+    faulty_server = FaultServer(rate=0.35, seed=1, slow_s=1.0)
+    faulty, _client = run(faulty_server, tmp_path, "faulty")
+    assert faulty == clean
+    assert sum(faulty_server.injected.values()) >= 5
+    from dect_maas._ledger import Ledger
+
+    summary = Ledger(tmp_path / "faulty-ledger").summary()
+    assert summary.queries_paid == len(TEXTS) + 1  # each example (and the content-free) once
+    assert summary.requests == 11  # ceil(41 / 4), none failed for good
+    assert summary.errors == 0
+
+
+def test_every_fault_kind_is_survived_and_each_attempt_is_on_record(tmp_path: Path) -> None:
+    server = FaultServer(rate=0.5, seed=7, slow_s=1.0, paths=("/v1/features",))
+    feats, _ = run(server, tmp_path, "kinds")
+    clean, _ = run(FaultServer(rate=0.0), tmp_path, "clean")
+    assert feats == clean
+    assert set(server.injected) == set(FAULTS)  # each kind happened at least once
+    from dect_maas._ledger import Ledger
+
+    ledger = Ledger(tmp_path / "kinds-ledger")
+    records = [r for r in ledger.records() if r.cache == "miss"]
+    assert sum(r.queries for r in records) == len(TEXTS) + 1
+    # every HTTP attempt the server saw on /v1/features is one attempt in the ledger
+    seen = server.served["/v1/features"] + sum(server.injected.values())
+    assert sum(r.attempts for r in records) == seen
+    assert max(r.attempts for r in records) >= 2
+    assert np.isfinite(feats.scores).all()  # type: ignore[arg-type]
+
+
+def test_a_server_that_never_answers_fails_with_bounded_attempts(tmp_path: Path) -> None:
+    server = FaultServer(rate=1.0, faults=("drop",), paths=("/v1/features",))
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.002)
+    with server.run() as url:
+        client = Client(
+            LocalAdapter(url, max_inputs_per_request=64),
+            cache=CacheConfig(tmp_path / "c"),
+            ledger=tmp_path / "l",
+            retry=policy,
+        )
+        with client, pytest.raises(TransportError, match="example"):
+            client.features(TASK, TEXTS[:3])
+        summary = client.ledger.summary()
+    assert server.injected["drop"] == 3
+    assert summary.errors == 1
+    assert summary.attempts == 3
+    assert summary.queries_paid == 0
