@@ -6,6 +6,8 @@ train a small decoder locally (Cui et al., "Decoder Tuning", ACL 2023).
 
 from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
 from ._cache import CacheConfig, ResponseCache, cache_key
+from ._client import Client, Estimate
+from ._config import RateLimit, RetryPolicy
 from ._data import Examples, load_examples, sample_k_shot
 from ._estimator import DecTClassifier
 from ._exceptions import (
@@ -33,6 +35,13 @@ from ._features import FeatureMeta, Features
 from ._ledger import BudgetLimits, Ledger, LedgerRecord, LedgerSummary, Usage
 from ._metrics import accuracy, confusion_matrix, macro_f1, mean_std
 from ._task import Task
+from .adapters import (
+    HFInferenceAdapter,
+    LocalAdapter,
+    OpenAICompatibleAdapter,
+    Prices,
+    TEIAdapter,
+)
 
 __version__ = "0.1.0"
 
@@ -43,28 +52,37 @@ __all__ = [
     "CacheConfig",
     "CacheError",
     "CensoredScoreWarning",
+    "Client",
     "ConfigError",
     "DecTClassifier",
     "DectError",
     "DectWarning",
+    "Estimate",
     "Examples",
     "FeatureMeta",
     "Features",
     "FeaturesError",
+    "HFInferenceAdapter",
     "Ledger",
     "LedgerRecord",
     "LedgerSummary",
     "LinearProbeClassifier",
+    "LocalAdapter",
     "MalformedResponse",
     "MultiTokenLabelWarning",
     "NotFittedError",
+    "OpenAICompatibleAdapter",
+    "Prices",
     "PrototypeClassifier",
     "ProviderError",
     "ProviderStatusError",
     "QuotaExhausted",
+    "RateLimit",
     "RateLimited",
     "ResponseCache",
+    "RetryPolicy",
     "ServerError",
+    "TEIAdapter",
     "Task",
     "TaskError",
     "TransportError",
