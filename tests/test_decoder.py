@@ -22,7 +22,7 @@ from dect_maas._decoder import (
     train_decoder,
 )
 
-# -- a tiny fixed problem: N=6 examples, D=5, d=3, C=3 -----------------------------------------------
+# -- a tiny fixed problem: N=6 examples, D=5, d=3, C=3 --------------------------------------------
 
 _rs = np.random.RandomState(20230709)
 H = _rs.normal(size=(6, 5))  # (N, D)
@@ -100,7 +100,7 @@ def t32(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
-# -- parity ----------------------------------------------------------------------------------------
+# -- parity ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -152,14 +152,16 @@ def test_analytic_and_autograd_engines_agree_after_thirty_steps_in_every_variant
             a = DecTDecoder(16, 4, 8, generator=torch.Generator().manual_seed(0), **kw)
             b = copy.deepcopy(a)
             la = train_decoder(a, h, y, s, prompt_weight=0.3, prototype_init=init)
-            lb = train_decoder(b, h, y, s, prompt_weight=0.3, prototype_init=init, engine="autograd")
+            lb = train_decoder(
+                b, h, y, s, prompt_weight=0.3, prototype_init=init, engine="autograd"
+            )
             np.testing.assert_allclose(la.numpy(), lb.numpy(), atol=1e-5)
             for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
                 np.testing.assert_allclose(pa.detach().numpy(), pb.detach().numpy(), atol=1e-5)
             assert la[-1] < la[0]
 
 
-# -- initialisation ----------------------------------------------------------------------------------
+# -- initialisation -------------------------------------------------------------------------------
 
 
 def test_radius_init_is_mean_distance_to_projected_class_mean():
@@ -197,7 +199,11 @@ def test_default_init_matches_pytorch_linear_and_xavier_bounds():
 
 def test_prototypes_do_not_move_during_training():
     g = torch.Generator().manual_seed(2)
-    h, s, y = torch.randn(32, 20, generator=g), torch.randn(32, 2, generator=g), torch.arange(32) % 2
+    h, s, y = (
+        torch.randn(32, 20, generator=g),
+        torch.randn(32, 2, generator=g),
+        torch.arange(32) % 2,
+    )
     for engine in ("analytic", "autograd"):
         dec = DecTDecoder(20, 2, 8, generator=torch.Generator().manual_seed(0))
         before = dec.prototypes.detach().clone()
@@ -216,7 +222,7 @@ def test_class_means_prototype_init_puts_prototypes_at_class_centres():
     assert dec.prototypes.tolist() == [[2.0, 0.0], [0.0, 3.0]]
 
 
-# -- calibration ---------------------------------------------------------------------------------------
+# -- calibration ----------------------------------------------------------------------------------
 
 
 def test_ratio_calibration_for_raw_logits():

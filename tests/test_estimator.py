@@ -149,7 +149,7 @@ def test_save_load_round_trips_predictions_exactly(tmp_path):
 def test_load_refuses_other_files(tmp_path):
     from dect_maas import ZeroShotClassifier
 
-    h, s, y = blobs()
+    h, s, _ = blobs()
     zs = ZeroShotClassifier().fit(feats(h, s))
     path = zs.save(tmp_path / "zs.npz")
     with pytest.raises(ConfigError, match="holds a ZeroShotClassifier"):
@@ -219,7 +219,7 @@ def test_logit_features_get_the_paper_ratio_calibration():
     np.testing.assert_allclose(diff, want, atol=1e-5)
 
 
-# -- bad inputs, each with its clear error --------------------------------------------------------------
+# -- bad inputs, each with its clear error --------------------------------------------------------
 
 
 def test_predict_before_fit_raises_not_fitted():
