@@ -133,8 +133,12 @@ class FaultServer:
         seed: int = 0,
         slow_s: float = 1.0,
         paths: tuple[str, ...] = ("/v1/features", "/v1/tokenize", "/v1/models"),
+        api_key: str | None = None,
+        echo_credentials: bool = False,
     ) -> None:
         self.model = FakeModel()
+        self.api_key = api_key  # when set, anything but "Bearer <api_key>" gets 401
+        self.echo_credentials = echo_credentials  # a careless provider quoting the header back
         self.rate, self.faults, self.slow_s, self.paths = rate, faults, slow_s, paths
         self._rng = random.Random(seed)
         self._next_fault = itertools.cycle(faults)  # round robin: every kind occurs
@@ -173,13 +177,19 @@ class FaultServer:
             def _handle(self, method: str) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
+                auth = self.headers.get("Authorization", "")
+                if server.api_key is not None and auth != f"Bearer {server.api_key}":
+                    err = {"error": {"type": "auth", "message": f"invalid key in {auth!r}"}}
+                    self._send(401, json.dumps(err).encode(), {})
+                    return
                 fault = server._pick(self.path)
                 if fault == "429":
                     err = {"error": {"type": "rate_limit", "message": "slow down"}}
                     self._send(429, json.dumps(err).encode(), {"retry-after-ms": "20"})
                     return
                 if fault in ("500", "503"):
-                    err = {"error": {"type": "server_error", "message": "try later"}}
+                    said = f"try later ({auth})" if server.echo_credentials else "try later"
+                    err = {"error": {"type": "server_error", "message": said}}
                     self._send(int(fault), json.dumps(err).encode(), {})
                     return
                 if fault == "drop":

@@ -1,0 +1,90 @@
+"""A known API key must never reach the cache, the ledger, its exports, logs, errors or reprs.
+
+The provider is a real loopback server that checks ``Authorization: Bearer <key>`` (401 otherwise)
+and, like a careless provider, quotes the header back in its error messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from faultserver import FaultServer
+
+from dect_maas import (
+    AuthenticationError,
+    CacheConfig,
+    Client,
+    ConfigError,
+    LocalAdapter,
+    RetryPolicy,
+    ServerError,
+    Task,
+)
+from dect_maas._config import Credentials
+
+KEY = "sk-test-Zq81x0PLAINTEXT-SECRET-9931"
+ENV = "DECT_MAAS_TEST_KEY"
+TASK = Task("{text} Overall, it was {mask}", {"neg": "bad", "pos": "great"})
+FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.002)
+
+
+def files_text(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_key_never_leaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, httpx and httpcore included
+    monkeypatch.setenv(ENV, KEY)
+    errors: list[str] = []
+    server = FaultServer(rate=0.5, faults=("500",), api_key=KEY, echo_credentials=True)
+    with server.run() as url:
+        client = Client(
+            LocalAdapter(url, max_inputs_per_request=2),
+            cache=CacheConfig(tmp_path / "cache"),
+            ledger=tmp_path / "ledger",
+            api_key_env=ENV,
+            retry=FAST,
+        )
+        with client:
+            feats = client.features(TASK, [f"text {i}" for i in range(9)])  # retried 500s
+            assert feats.scores is not None
+            server.rate = 1.0  # now every request fails, quoting the header back
+            with pytest.raises(ServerError) as failed:
+                client.features(TASK, ["one more"])
+            errors += [str(failed.value), repr(failed.value)]
+            assert "***" in str(failed.value)  # the quoted header was masked
+            monkeypatch.setenv(ENV, "sk-wrong-key-0000")
+            with pytest.raises(AuthenticationError) as denied:
+                client.features(TASK, ["and another"])
+            errors += [str(denied.value), repr(denied.value)]
+            monkeypatch.setenv(ENV, KEY)
+            reprs = [repr(client), str(client), repr(client.adapter), repr(client.ledger)]
+            client.ledger.export_csv(tmp_path / "export" / "ledger.csv")
+            client.ledger.export_jsonl(tmp_path / "export" / "ledger.jsonl")
+    assert server.injected["500"] > 0
+    reprs += [repr(Credentials(ENV)), str(Credentials(ENV))]
+    assert "***" in reprs[-1]
+    secret = KEY.encode()
+    assert secret not in files_text(tmp_path / "cache")
+    assert secret not in files_text(tmp_path / "ledger")
+    assert secret not in files_text(tmp_path / "export")
+    assert b"sk-wrong-key" not in files_text(tmp_path / "ledger")
+    assert KEY not in caplog.text
+    assert "Authorization" not in caplog.text
+    assert caplog.text.count("dect_maas") > 0  # the client did log its requests
+    for text in errors + reprs:
+        assert KEY not in text
+        assert "sk-wrong-key" not in text
+
+
+def test_the_key_is_named_never_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="name an environment variable"):
+        Credentials(f"Bearer={KEY}")
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(ConfigError, match=ENV) as info:
+        Credentials(ENV).secret()
+    assert KEY not in str(info.value)
