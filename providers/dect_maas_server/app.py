@@ -87,8 +87,11 @@ class Guard:
     endless body costs at most ``max_body_bytes`` of memory.
     """
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: Metrics
+    ) -> None:
         self.app = app
+        self.metrics = metrics
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
 
@@ -166,7 +169,8 @@ def create_app(
     max_queue: int = 1024,
     max_batch_tokens: int = 16384,
     limits: Limits | None = None,
-) -> Any:
+    on_startup: Callable[[], None] | None = None,
+) -> Guard:
     """Build the ASGI app (FastAPI wrapped in ``Guard``); the batcher lives with the app."""
     limits = limits or Limits()
     metrics = Metrics()
@@ -182,6 +186,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
         batcher.start()
+        if on_startup is not None:
+            on_startup()
         try:
             yield
         finally:
@@ -564,4 +570,4 @@ def create_app(
     for path in ("/fill-mask", "/pipeline/fill-mask", "/models/{model_id:path}"):
         app.add_api_route(path, fill_mask, methods=["POST"])
 
-    return Guard(app, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    return Guard(app, api_key=api_key, max_body_bytes=limits.max_body_bytes, metrics=metrics)

@@ -10,10 +10,12 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 logger = logging.getLogger("dect_maas_server")
 
@@ -120,6 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace, api_key: str | None) -> int:
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        """Stops gracefully on SIGTERM/SIGINT and returns, so that shutdown is logged and the
+        exit code is 0 (uvicorn would re-raise the signal after its own shutdown)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
     from .app import Limits, create_app
     from .engine import load_engine
 
@@ -144,6 +156,8 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
             logger.error("%s", exc)
             return 1
         name = name or DEFAULT_MODEL_NAME
+    # Until uvicorn takes over the signals, SIGTERM during a slow model load exits quietly.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     started = time.monotonic()
     try:
         engine = load_engine(
@@ -157,6 +171,21 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
     except (OSError, ValueError) as exc:
         logger.error("cannot load model %s: %s", model_path, exc)
         return 1
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+
+    def announce() -> None:
+        logger.info(
+            "listening on http://%s:%d model=%s kind=%s auth=%s max_batch_size=%d max_wait_ms=%g",
+            shown,
+            port,
+            engine.name,
+            engine.kind,
+            "bearer" if api_key else "none",
+            args.max_batch_size,
+            args.max_wait_ms,
+        )
+
     app = create_app(
         engine,
         api_key=api_key,
@@ -169,9 +198,8 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
             max_inputs_per_request=args.max_inputs_per_request,
             max_logprobs=args.max_logprobs,
         ),
+        on_startup=announce,
     )
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -179,25 +207,15 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
-    logger.info(
-        "listening on http://%s:%d model=%s kind=%s auth=%s max_batch_size=%d max_wait_ms=%g",
-        shown,
-        port,
-        engine.name,
-        engine.kind,
-        "bearer" if api_key else "none",
-        args.max_batch_size,
-        args.max_wait_ms,
-    )
+    server = _Server(config)
     try:
         server.run(sockets=[sock])
     finally:
         logger.info(
             "shutdown after %.1f s: %d requests, %d queries",
             time.monotonic() - started,
-            app.app.state.metrics.requests if hasattr(app, "app") else 0,
-            app.app.state.metrics.queries if hasattr(app, "app") else 0,
+            app.metrics.requests,
+            app.metrics.queries,
         )
     return 0
 

@@ -328,10 +328,9 @@ def load_engine(
         AutoModelForMaskedLM,
         AutoTokenizer,
     )
-
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one log line per load, not a progress bar
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # one log line per load, not a progress bar
     started = time.monotonic()
     config = AutoConfig.from_pretrained(model_path)
     resolved: ModelKind = detect_kind(config) if kind == "auto" else kind  # type: ignore[assignment]

@@ -274,3 +274,5 @@ def run_server(
                 proc.kill()
                 proc.wait(timeout=5)
         reader.join(timeout=2)
+        if proc.stderr is not None:
+            proc.stderr.close()
