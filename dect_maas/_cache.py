@@ -53,6 +53,7 @@ _FLOAT_LIST_MIN = 16
 _DTYPES = frozenset(
     ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
 )
+_DTYPE_OBJECTS = {name: np.dtype(name) for name in _DTYPES}
 # Values up to this size live inside SQLite rather than in one file each: faster bulk reads.
 _MIN_FILE_SIZE = 2**20
 _SQL_CHUNK = 500  # keys per SELECT ... IN (...), below SQLite's host-parameter limit
@@ -251,8 +252,7 @@ class ResponseCache:
         """
         for key in keys:
             _check_key(key)
-        raws = self._fetch_raw_many(list(dict.fromkeys(keys)))
-        return {key: _decode_value(raw, key) for key, raw in raws.items()}
+        return _decode_many(self._fetch_raw_many(list(dict.fromkeys(keys))))
 
     def _fetch_raw_many(self, keys: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -386,32 +386,66 @@ def _encode_value(value: Mapping[str, Any]) -> bytes:
 
 def _decode_value(raw: bytes, key: str) -> dict[str, Any]:
     try:
-        if raw[:4] != _MAGIC:
-            raise ValueError("bad magic")
-        end = 8 + int.from_bytes(raw[4:8], "little")
-        header = json.loads(raw[8:end])
-        document: dict[str, Any] = header["d"]
-        if header["a"]:
-            view = memoryview(raw)
-            for path, dtype, shape, offset, nbytes, kind in header["a"]:
-                if dtype not in _DTYPES:
-                    raise ValueError(f"dtype {dtype!r}")
-                start = end + offset
-                if start + nbytes > len(raw):
-                    raise ValueError("truncated array data")
-                arr = np.frombuffer(view[start : start + nbytes], dtype=dtype).reshape(shape)
-                parent: Any = document
-                for step in path[:-1]:
-                    parent = parent[step]
-                parent[path[-1]] = arr.tolist() if kind == "list" else arr
-        if not isinstance(document, dict):
-            raise ValueError("not a mapping")
-        return document
+        end = _header_end(raw)
+        return _restore(raw, end, json.loads(raw[8:end]))
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise CacheError(
-            f"response cache entry {key[:12]}... is corrupt ({exc}); delete that entry "
-            "or the cache folder to query it again"
-        ) from exc
+        raise _corrupt(key, exc) from exc
+
+
+def _decode_many(raws: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """Decode many values with one JSON parse of all their headers (the per-call cost dominates)."""
+    try:
+        ends = [_header_end(raw) for raw in raws.values()]
+        heads = [raw[8:end] for raw, end in zip(raws.values(), ends, strict=True)]
+        headers = json.loads(b"[" + b",".join(heads) + b"]")
+        if len(headers) != len(raws):
+            raise ValueError("header count")
+        return {
+            key: _restore(raw, end, header)
+            for (key, raw), end, header in zip(raws.items(), ends, headers, strict=True)
+        }
+    except (ValueError, KeyError, IndexError, TypeError):
+        # Find the corrupt entry and name it.
+        return {key: _decode_value(raw, key) for key, raw in raws.items()}
+
+
+def _header_end(raw: bytes) -> int:
+    if raw[:4] != _MAGIC:
+        raise ValueError("not a dect-maas value")
+    end = 8 + int.from_bytes(raw[4:8], "little")
+    if end > len(raw):
+        raise ValueError("truncated header")
+    return end
+
+
+def _restore(raw: bytes, end: int, header: Any) -> dict[str, Any]:
+    document = header["d"]
+    if not isinstance(document, dict):
+        raise ValueError("not a mapping")
+    for path, dtype_str, shape, offset, nbytes, kind in header["a"]:
+        dtype = _DTYPE_OBJECTS[dtype_str]
+        start = end + offset
+        if offset < 0 or nbytes < 0 or start + nbytes > len(raw) or nbytes % dtype.itemsize:
+            raise ValueError("bad array bounds")
+        if nbytes:
+            arr = np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=start)
+        else:
+            arr = np.empty(0, dtype=dtype)
+            arr.flags.writeable = False
+        if len(shape) != 1:
+            arr = arr.reshape(shape)
+        parent: Any = document
+        for step in path[:-1]:
+            parent = parent[step]
+        parent[path[-1]] = arr.tolist() if kind == "list" else arr
+    return document
+
+
+def _corrupt(key: str, exc: BaseException) -> CacheError:
+    return CacheError(
+        f"response cache entry {key[:12]}... is corrupt ({type(exc).__name__}: {exc}); "
+        "delete that entry or the cache folder to query it again"
+    )
 
 
 def _path_str(path: Sequence[str | int]) -> str:

@@ -74,7 +74,7 @@ _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@]+@")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
     reservation_id TEXT,
     time TEXT NOT NULL,
@@ -91,15 +91,13 @@ CREATE TABLE IF NOT EXISTS records (
     latency_s REAL NOT NULL,
     error TEXT
 );
-CREATE INDEX IF NOT EXISTS records_run ON records (run_id);
-CREATE INDEX IF NOT EXISTS records_reservation ON records (reservation_id);
 CREATE TABLE IF NOT EXISTS spent (
     run_id TEXT PRIMARY KEY,
     queries INTEGER NOT NULL,
     requests INTEGER NOT NULL,
     input_tokens INTEGER NOT NULL,
     cost_pico INTEGER NOT NULL
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (
     id TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -114,7 +112,7 @@ CREATE TABLE IF NOT EXISTS reservations (
     provider TEXT NOT NULL,
     model TEXT NOT NULL,
     endpoint TEXT NOT NULL
-);
+) WITHOUT ROWID;
 """
 _RECORD_COLUMNS = (
     "time",
@@ -296,6 +294,7 @@ class Ledger:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._pid_start = ""
         self.directory.mkdir(parents=True, exist_ok=True)
         with self._transaction() as conn:
             for statement in _SCHEMA.split(";"):
@@ -329,6 +328,7 @@ class Ledger:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._conn, self._pid = conn, os.getpid()
+            self._pid_start = _pid_start(self._pid)
         return self._conn
 
     @contextmanager
@@ -390,7 +390,7 @@ class Ledger:
                     *asked,
                     self._host,
                     os.getpid(),
-                    _pid_start(os.getpid()),
+                    self._pid_start,
                     self._clock(),
                     provider,
                     model,
@@ -450,13 +450,27 @@ class Ledger:
     ) -> None:
         record = self._complete(record, reservation.run_id)
         with self._transaction() as conn:
-            done = conn.execute(
-                "SELECT 1 FROM records WHERE reservation_id = ? AND status != 'abandoned'",
-                (reservation.id,),
-            ).fetchone()
-            if done is not None:
-                raise ConfigError(f"reservation {reservation.id} was already settled or refunded")
-            conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+            deleted = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+            if deleted.rowcount != 1:
+                # Rare path (a scan): closed before, released as stale, or from another folder.
+                statuses = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT status FROM records WHERE reservation_id = ?", (reservation.id,)
+                    )
+                }
+                if not statuses:
+                    raise ConfigError(
+                        f"reservation {reservation.id} is not in the ledger at {self.directory}"
+                    )
+                if statuses != {"abandoned"}:
+                    raise ConfigError(
+                        f"reservation {reservation.id} was already settled or refunded"
+                    )
+                logger.warning(
+                    "reservation %s was released as stale before it closed; recording it now",
+                    reservation.id,
+                )
             _add_spent(conn, reservation.run_id, spent)
             _insert_record(conn, record, reservation.id)
 

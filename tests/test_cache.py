@@ -320,3 +320,10 @@ def test_two_processes_share_one_cache(tmp_path: Path) -> None:
         assert all(got[k]["v"][0] == i for i, k in enumerate(keys))
         assert len(cache) == 600 + 2  # plus the two shared keys both processes wrote
         assert cache.get(cache_key({"shared": 0}))["by"] in (0, 300)  # type: ignore[index]
+
+
+def test_a_file_where_the_folder_should_be_is_a_cache_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CacheError, match="cannot open"):
+        ResponseCache(CacheConfig(blocker))

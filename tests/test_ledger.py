@@ -329,3 +329,25 @@ def test_a_forked_child_uses_its_own_connection(tmp_path: Path) -> None:
     ledger.record_hits(1, provider="p", model="m", endpoint="e")
     assert ledger.spent() == Usage(1, 1)
     assert [r.cache for r in ledger.records()] == ["hit", "miss", "hit"]
+
+
+def test_settling_after_a_stale_release_still_records_the_spend(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ledger = Ledger(tmp_path, clock=clock)
+    res = ledger.reserve(Usage(2, 1, 0, 0.5))
+    clock.now += 3600
+    assert ledger.release_stale(older_than_s=60) == 1
+    ledger.settle(res, Usage(2, 1, 0, 0.5), _record())  # it was paid, so it counts
+    assert ledger.spent() == Usage(2, 1, 0, 0.5)
+    assert [r.status for r in ledger.records()] == ["abandoned", "ok"]
+    with pytest.raises(ConfigError, match="already settled"):
+        ledger.refund(res, _record(status="error"))
+
+
+def test_a_reservation_from_another_folder_is_refused(tmp_path: Path) -> None:
+    other = Ledger(tmp_path / "other").reserve(Usage(1))
+    ledger = Ledger(tmp_path / "mine")
+    with pytest.raises(ConfigError, match="not in the ledger"):
+        ledger.settle(other, Usage(1), _record())
+    assert ledger.spent() == Usage()
+    assert ledger.records() == []
