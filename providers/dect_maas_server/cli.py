@@ -142,6 +142,7 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
         sock.bind((args.host, args.port))
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        sock.close()
         return 1
     sock.listen(2048)
     sock.setblocking(False)
@@ -154,6 +155,7 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
             model_path = str(ensure_default_model(args.cache_dir))
         except DefaultModelError as exc:
             logger.error("%s", exc)
+            sock.close()
             return 1
         name = name or DEFAULT_MODEL_NAME
     # Until uvicorn takes over the signals, SIGTERM during a slow model load exits quietly.
@@ -168,8 +170,9 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
             max_input_tokens=args.max_input_tokens,
             name=name,
         )
-    except (OSError, ValueError) as exc:
-        logger.error("cannot load model %s: %s", model_path, exc)
+    except Exception as exc:  # any loader failure ends the start with one clear line
+        logger.error("cannot load model %s: %s: %s", model_path, type(exc).__name__, exc)
+        sock.close()
         return 1
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
