@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ _SCHEMA_KEY = "__dect_maas_cache_schema__"
 _MAGIC = b"DMC1"
 _HEADER_LEN = 4  # bytes of the uint32 header length that follows the magic
 _KEY_CHARS = frozenset("0123456789abcdef")
+_HEX_RUN = re.compile("[0-9a-f]*")
 # Lists of floats at least this long are stored as float64 buffers (exact) instead of JSON text.
 _FLOAT_LIST_MIN = 16
 _DTYPES = frozenset(
@@ -250,8 +252,7 @@ class ResponseCache:
         Reads in chunks of several hundred keys per SQL statement; this is the path for
         cache hits in bulk.
         """
-        for key in keys:
-            _check_key(key)
+        _check_keys(keys)
         return _decode_many(self._fetch_raw_many(list(dict.fromkeys(keys))))
 
     def _fetch_raw_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -319,6 +320,19 @@ class ResponseCache:
 
 def _is_key(key: str) -> bool:
     return len(key) == 64 and _KEY_CHARS.issuperset(key)
+
+
+def _check_keys(keys: Sequence[str]) -> None:
+    """``_check_key`` for many keys at C speed (one length set, one regex over the joined keys)."""
+    if not isinstance(keys, Sequence) or isinstance(keys, str):
+        raise TypeError("keys must be a sequence of str")
+    try:
+        ok = not set(map(len, keys)) - {64} and _HEX_RUN.fullmatch("".join(keys)) is not None
+    except TypeError:
+        ok = False
+    if not ok:
+        for key in keys:
+            _check_key(key)
 
 
 def _check_key(key: object) -> None:

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +328,28 @@ def test_a_file_where_the_folder_should_be_is_a_cache_error(tmp_path: Path) -> N
     blocker.write_text("x")
     with pytest.raises(CacheError, match="cannot open"):
         ResponseCache(CacheConfig(blocker))
+
+
+def test_get_many_checks_every_key(tmp_path: Path) -> None:
+    keys = [cache_key({"i": i}) for i in range(10)]
+    with ResponseCache(CacheConfig(tmp_path)) as cache:
+        for bad in ["x" * 64, keys[0][:-1], keys[0] + "0", b"0" * 64, 7]:
+            with pytest.raises(ValueError, match="64 lower-case hex"):
+                cache.get_many([*keys[:5], bad, *keys[5:]])  # type: ignore[list-item]
+        with pytest.raises(TypeError):
+            cache.get_many(keys[0])
+        assert cache.get_many([]) == {}
+
+
+def test_threads_share_one_cache(tmp_path: Path) -> None:
+    def work(t: int) -> int:
+        mine = {cache_key({"t": t, "i": i}): {"t": t, "v": np.full(8, i)} for i in range(100)}
+        for lo in range(0, 100, 10):
+            cache.set_many(dict(list(mine.items())[lo : lo + 10]))
+        got = cache.get_many(list(mine))
+        return sum(int(v["v"][0]) for v in got.values() if v["t"] == t)
+
+    with ResponseCache(CacheConfig(tmp_path)) as cache, ThreadPoolExecutor(8) as pool:
+        sums = list(pool.map(work, range(8)))
+        assert len(cache) == 800
+    assert sums == [sum(range(100))] * 8
