@@ -193,8 +193,7 @@ class LedgerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The record as plain JSON types, in export column order."""
-        data = asdict(self)
-        return {name: data[name] for name in _RECORD_COLUMNS}
+        return {name: getattr(self, name) for name in _RECORD_COLUMNS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LedgerRecord:
@@ -408,8 +407,9 @@ class Ledger:
         actual.validate("actual usage")
         if record.cache != "miss":
             raise ConfigError("settle records a request sent to the provider: cache must be 'miss'")
-        record = replace(
+        record = self._complete(
             record,
+            reservation.run_id,
             queries=actual.queries,
             input_tokens=actual.input_tokens,
             cost_usd=actual.cost_usd,
@@ -448,7 +448,8 @@ class Ledger:
     def _close_reservation(
         self, reservation: Reservation, spent: Usage, record: LedgerRecord
     ) -> None:
-        record = self._complete(record, reservation.run_id)
+        if not record.time or not record.run_id:
+            record = self._complete(record, reservation.run_id)
         with self._transaction() as conn:
             deleted = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
             if deleted.rowcount != 1:
@@ -601,8 +602,8 @@ class Ledger:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _complete(self, record: LedgerRecord, run_id: str) -> LedgerRecord:
-        changes: dict[str, Any] = {}
+    def _complete(self, record: LedgerRecord, run_id: str, **changes: Any) -> LedgerRecord:
+        """Fill in the time and run id when left empty (one ``replace``: it re-validates)."""
         if not record.time:
             changes["time"] = _iso(self._clock())
         if not record.run_id:

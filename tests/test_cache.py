@@ -353,3 +353,15 @@ def test_threads_share_one_cache(tmp_path: Path) -> None:
         sums = list(pool.map(work, range(8)))
         assert len(cache) == 800
     assert sums == [sum(range(100))] * 8
+
+
+def test_values_over_a_mebibyte_live_in_files_and_still_read_back(tmp_path: Path) -> None:
+    big = np.arange(300_000, dtype=np.float32)  # 1.2 MB: diskcache keeps it in its own file
+    key, small = cache_key({"i": "big"}), cache_key({"i": "small"})
+    with ResponseCache(CacheConfig(tmp_path)) as cache:
+        cache.set_many({key: {"h": big}, small: {"h": big[:3]}})
+        got = cache.get_many([key, small])
+        assert cache.get(key) is not None
+    assert [p.suffix for p in tmp_path.rglob("*.val")] == [".val"]
+    np.testing.assert_array_equal(got[key]["h"], big)
+    np.testing.assert_array_equal(got[small]["h"], [0.0, 1.0, 2.0])
