@@ -39,6 +39,9 @@ class FakeModel:
 
     fingerprint = "sha256:fake-1"
 
+    def __init__(self, dim: int = DIM) -> None:
+        self.dim = dim
+
     def token_ids(self, text: str) -> list[int]:
         # one token per '-'-separated piece, so "very-good" is a two-token word
         return [int(_unit("tok", piece) * 50000) + 10 for piece in text.split("-")]
@@ -47,6 +50,9 @@ class FakeModel:
         return round(8.0 * _unit("logit", text, token) - 4.0, 4)
 
     def hidden(self, text: str) -> list[float]:
+        if self.dim != DIM:  # big vectors (benchmarks): cheap, still a function of the text
+            rng = np.random.default_rng(int(_unit("h", text) * 2**32))
+            return [float(x) for x in rng.standard_normal(self.dim).astype(np.float32)]
         return [round(2.0 * _unit("h", text, i) - 1.0, 4) for i in range(DIM)]
 
     def answer(self, method: str, path: str, body: Any) -> tuple[int, Any]:
@@ -161,6 +167,7 @@ class FaultServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms stalls)
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 pass

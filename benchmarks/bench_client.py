@@ -1,0 +1,202 @@
+"""Client benchmarks (prints JSON).
+
+1. cache hits: ``client.features`` on N examples that are all cached (576-float vectors, like
+   SmolLM2-135M), end to end through the client. Target >= 20,000 examples/s.
+2. overhead per request: one example per request, sequential, against a trivial loopback
+   server (http.server answering /v1/features from a hash "model"), through the client (cache
+   look-up, budget reservation, rate limiter, retries, parse, cache write, ledger settle) vs
+   bare httpx posting the same bodies. Target <= 1.2x bare httpx's time.
+3. end to end: ``features()`` on a cold cache against the real local server (a tiny random causal
+   model, stated in the output) as a share of that server's own throughput, measured in the same
+   run with bare httpx sending the same batches at the same concurrency. Target >= 90%.
+
+Usage: python benchmarks/bench_client.py [--hits 10000] [--requests 300] [--e2e 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from faultserver import FakeModel, FaultServer, MockProvider  # noqa: E402
+
+from dect_maas import CacheConfig, Client, LocalAdapter, Task  # noqa: E402
+
+TASK = Task("{text} Overall, it was {mask}", {"negative": "bad", "positive": "great"})
+
+
+def bench_hits(n: int, tmp: Path) -> dict[str, Any]:
+    texts = [f"cached example number {i}, a sentence of a few words" for i in range(n)]
+    provider = MockProvider(FakeModel(dim=576))
+    adapter = LocalAdapter("http://fake", max_inputs_per_request=256)
+    cache = CacheConfig(tmp / "hits-cache")
+    with Client(
+        adapter, cache=cache, ledger=tmp / "hits-ledger", transport=provider.transport()
+    ) as c:
+        c.features(TASK, texts)  # fill
+        paid = len(provider.sent())
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            feats = c.features(TASK, texts)
+            times.append(time.perf_counter() - t0)
+        assert len(provider.sent()) == paid, "a cached run sent a query"
+    best = min(times)
+    return {
+        "examples": n,
+        "hidden_dim": int(feats.hidden.shape[1]) if feats.hidden is not None else None,
+        "seconds_best_of_3": round(best, 4),
+        "examples_per_s": round(n / best),
+        "target_examples_per_s": 20000,
+        "meets_target": n / best >= 20000,
+    }
+
+
+async def _bare(url: str, bodies: list[dict[str, Any]]) -> float:
+    async with httpx.AsyncClient(timeout=30) as http:
+        t0 = time.perf_counter()
+        for body in bodies:
+            r = await http.post(f"{url}/v1/features", content=json.dumps(body))
+            r.raise_for_status()
+            json.loads(r.content)
+        return time.perf_counter() - t0
+
+
+def bench_overhead(n: int, tmp: Path) -> dict[str, Any]:
+    texts = [f"overhead text {i}" for i in range(n)]
+    server = FaultServer(rate=0.0)
+    with server.run() as url:
+        adapter = LocalAdapter(url, max_inputs_per_request=1)
+        with Client(adapter, cache=CacheConfig(tmp / "oh-cache"), ledger=tmp / "oh-ledger") as c:
+            c.features(TASK, ["warm-up"])
+            labels = [list(ids) for ids in c.features(TASK, ["warm-up"]).meta.label_token_ids]
+            ids = [i for group in labels for i in group]
+            bodies = [
+                {
+                    "model": "fake",
+                    "inputs": [TASK.render(t)],
+                    "label_token_ids": ids,
+                    "return_hidden": True,
+                    "encoding_format": "base64",
+                }
+                for t in texts
+            ]
+            bare = [asyncio.run(_bare(url, bodies)) for _ in range(2)]
+            # one example per request, one request at a time: a fair match for sequential httpx
+            client_times = []
+            for rep in range(2):
+                with Client(
+                    adapter,
+                    cache=CacheConfig(tmp / f"oh-cache-{rep}"),
+                    ledger=tmp / f"oh-ledger-{rep}",
+                    max_concurrency=1,
+                ) as fresh:
+                    fresh.features(TASK, ["warm-up"])
+                    t0 = time.perf_counter()
+                    fresh.features(TASK, texts)
+                    client_times.append(time.perf_counter() - t0)
+    bare_s, client_s = min(bare), min(client_times)
+    # the client run also sends the content-free query: n + 1 requests against n
+    per_client = client_s / (n + 1)
+    per_bare = bare_s / n
+    return {
+        "requests": n,
+        "bare_httpx_ms_per_request": round(per_bare * 1000, 3),
+        "client_ms_per_request": round(per_client * 1000, 3),
+        "ratio": round(per_client / per_bare, 3),
+        "target_ratio_at_most": 1.2,
+        "meets_target": per_client / per_bare <= 1.2,
+        "server": "http.server ThreadingHTTPServer on loopback, hash model (tests/faultserver.py)",
+    }
+
+
+async def _server_direct(url: str, batches: list[list[str]], ids: list[int], conc: int) -> float:
+    gate = asyncio.Semaphore(conc)
+    async with httpx.AsyncClient(timeout=120) as http:
+
+        async def one(batch: list[str]) -> None:
+            body = {"inputs": batch, "label_token_ids": ids, "encoding_format": "base64"}
+            async with gate:
+                r = await http.post(f"{url}/v1/features", json=body)
+                r.raise_for_status()
+                r.json()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in batches))
+        return time.perf_counter() - t0
+
+
+def bench_e2e(n: int, tmp: Path, batch: int, conc: int) -> dict[str, Any]:
+    from dect_maas_server.testing import make_tiny_model, run_server
+
+    model = make_tiny_model("causal", tmp / "tiny-causal")
+    texts = [f"the movie number {i} was great fun and i loved the acting" for i in range(n)]
+    with run_server(model) as url:
+        adapter = LocalAdapter(url, max_inputs_per_request=batch)
+        with Client(adapter, cache=CacheConfig(tmp / "e2e-warm"), ledger=tmp / "e2e-l0") as c:
+            meta = c.features(TASK, ["warm up the server"]).meta
+        ids = [i for group in meta.label_token_ids for i in group]
+        prompts = [TASK.render(t) for t in texts]
+        batches = [prompts[i : i + batch] for i in range(0, n, batch)]
+        direct, through = [], []
+        for rep in range(2):
+            direct.append(asyncio.run(_server_direct(url, batches, ids, conc)))
+            with Client(
+                adapter,
+                cache=CacheConfig(tmp / f"e2e-cache-{rep}"),
+                ledger=tmp / f"e2e-ledger-{rep}",
+                max_concurrency=conc,
+            ) as c:
+                t0 = time.perf_counter()
+                c.features(TASK, texts)
+                through.append(time.perf_counter() - t0)
+    server_qps = n / min(direct)
+    client_qps = (n + 1) / min(through)  # + the content-free query
+    return {
+        "model": "tiny random causal Llama (dect_maas_server.testing.make_tiny_model), CPU",
+        "examples": n,
+        "batch": batch,
+        "concurrency": conc,
+        "server_direct_queries_per_s": round(server_qps, 1),
+        "client_features_queries_per_s": round(client_qps, 1),
+        "share": round(client_qps / server_qps, 3),
+        "target_share_at_least": 0.9,
+        "meets_target": client_qps / server_qps >= 0.9,
+        "note": "client run includes server discovery, label tokenization (cached) and the "
+        "content-free query; both sides measured in this run",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hits", type=int, default=10000)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--e2e", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--skip-e2e", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        out: dict[str, Any] = {
+            "cache_hits": bench_hits(args.hits, tmp),
+            "overhead_per_request": bench_overhead(args.requests, tmp),
+        }
+        if not args.skip_e2e:
+            out["end_to_end_local_server"] = bench_e2e(args.e2e, tmp, args.batch, args.concurrency)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
