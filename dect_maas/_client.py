@@ -21,6 +21,7 @@ import json
 import logging
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,7 @@ class Client:
             plan.found = await self._lookup(plan.keys)
             self._split(adapter, plan, labels)
         report = _progress(progress, sum(len(p.prompts) for p in plans))
-        report(sum(len(p.prompts) - len(p.misses) for p in plans))
+        report(sum(sum(1 for k in p.keys if k in p.found) for p in plans))  # true hits
         for plan in plans:
             await self._record_hits(adapter, plan)
             await self._send_all(adapter, plan, report)
@@ -286,14 +287,15 @@ class Client:
         if not plan.specs:
             return
         key_of = {p.index: k for p, k in zip(plan.prompts, plan.keys, strict=True)}
+        uses = Counter(plan.keys)
         gate = asyncio.Semaphore(self._max_concurrency)
 
         async def one(spec: RequestSpec) -> None:
             async with gate:
                 records = await self._send(adapter, spec, [key_of[i] for i in spec.indices])
-            plan.found.update(zip((key_of[i] for i in spec.indices), records, strict=True))
-            n_dupes = sum(1 for p in plan.prompts if p.index in spec.indices) - len(spec.indices)
-            report(len(spec.indices) + n_dupes)
+            keys = [key_of[i] for i in spec.indices]
+            plan.found.update(zip(keys, records, strict=True))
+            report(sum(uses[k] for k in keys))  # a text given twice is answered twice
 
         await _all_or_cancel([one(spec) for spec in plan.specs])
 

@@ -138,6 +138,28 @@ def test_budget_refuses_before_sending(tmp_path: Path) -> None:
     assert spent.queries == 6
 
 
+def test_duplicates_count_in_progress(tmp_path: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    with make(MockProvider(), tmp_path) as client:
+        client.features(TASK, ["a", "a", "b"], progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (0, 4)
+    assert seen[-1] == (4, 4)
+
+
+def test_64_concurrent_requests_never_exceed_the_budget(tmp_path: Path) -> None:
+    provider = MockProvider()
+    texts = [f"t{i}" for i in range(300)]
+    limits = BudgetLimits(max_queries=50)
+    with make(provider, tmp_path, batch=1, budget=limits, max_concurrency=64) as client:
+        with pytest.raises(BudgetExceeded):
+            client.features(TASK, texts)
+        spent, reserved = client.ledger.spent(), client.ledger.reserved()
+    assert spent.queries <= 50
+    assert reserved.queries == 0  # cancelled requests were refunded
+    # nothing left without a reservation: every request answered was settled (or refunded)
+    assert len(provider.sent()) >= spent.queries
+
+
 def test_estimate_matches_what_the_run_then_spends(tmp_path: Path) -> None:
     provider = MockProvider()
     with make(provider, tmp_path) as client:
