@@ -103,18 +103,22 @@ class DecTDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.normalize = normalize
-        # W: nn.Linear(D, d, bias=False) with PyTorch's default init (kaiming-uniform, a=√5), drawn
-        # from the local generator instead of the global one.
+        # Drawn on the CPU from the local generator (not the global one), then moved: the same
+        # random_state gives the same initial decoder on every device.
+        init = "meta" if str(device) == "meta" else "cpu"
+        # W: nn.Linear(D, d, bias=False) with PyTorch's default init (kaiming-uniform, a=√5)
         self.proj: nn.Linear = nn.utils.skip_init(  # type: ignore[no-untyped-call]
-            nn.Linear, hidden_dim, projection_dim, bias=False, device=device
+            nn.Linear, hidden_dim, projection_dim, bias=False, device=init
         )
         nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5), generator=generator)  # (d, D)
-        protos = torch.empty(n_classes, projection_dim, device=device)  # (C, d)
+        protos = torch.empty(n_classes, projection_dim, device=init)  # (C, d)
         nn.init.xavier_uniform_(protos, generator=generator)
         self.prototypes = nn.Parameter(protos, requires_grad=learn_prototypes)  # (C, d)
-        self.radii = nn.Parameter(torch.ones(n_classes, device=device))  # (C,)
+        self.radii = nn.Parameter(torch.ones(n_classes, device=init))  # (C,)
         # log of the distance scale; fixed at 0 (scale 1) unless distance_scale is on
-        self.log_scale = nn.Parameter(torch.zeros((), device=device), requires_grad=distance_scale)
+        self.log_scale = nn.Parameter(torch.zeros((), device=init), requires_grad=distance_scale)
+        if init != str(device):
+            self.to(device)
 
     def project(self, hidden: Tensor) -> Tensor:
         u = hidden @ self.proj.weight.T  # (N, d)
@@ -209,7 +213,7 @@ def _train_autograd(
     lr: float,
 ) -> Tensor:
     opt = torch.optim.Adam(_trainable(decoder), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    losses = torch.empty(n_steps)  # (n_steps,)
+    losses = hidden.new_empty(n_steps)  # (n_steps,)
     for step in range(n_steps):
         logits = decoder(hidden, prompt, 1.0)  # (N, C); prompt already carries λ
         loss = F.cross_entropy(logits, labels)  # ()
@@ -234,7 +238,7 @@ def _train_analytic(
     base = prompt if prompt is not None else hidden.new_zeros(n, n_classes)  # (N, C)
     params = _trainable(decoder)
     adam = _Adam(params, lr)
-    losses = torch.empty(n_steps)  # (n_steps,)
+    losses = hidden.new_empty(n_steps)  # (n_steps,)
     for step in range(n_steps):
         losses[step], grads = loss_and_grads(decoder, hidden, target, base)
         adam.step(params, grads)

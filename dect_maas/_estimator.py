@@ -9,10 +9,9 @@ model never runs code.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -31,10 +30,6 @@ FORMAT_VERSION = 1
 CalibrationArg = Literal["auto", "none", "logits", "logprobs"]
 Labels = Sequence[Any] | npt.NDArray[Any]
 _CHUNK = 32768  # rows per block at predict time: bounds memory, keeps matmuls large
-# Fits whose N·D·d is below this run on one torch thread: at few shots each step is a handful of
-# small kernels, where waking a second thread costs more than it saves, and on a busy machine a
-# descheduled worker thread stalls every step (measured: 10x slower fits under load).
-SINGLE_THREAD_BELOW = 1 << 26
 
 _E = TypeVar("_E", bound="FeatureClassifier")
 
@@ -281,20 +276,6 @@ def resolve_calibration(
     return kind, vector
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block on ``n`` intra-op threads (None: leave torch's setting), then restore."""
-    before = torch.get_num_threads()
-    if n is None or n >= before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _seeded_generator(random_state: int | None) -> torch.Generator:
     gen = torch.Generator()
     if random_state is None:
@@ -442,18 +423,16 @@ class DecTClassifier(FeatureClassifier):
             generator=_seeded_generator(self.random_state),
             device=dev,
         )
-        small = hidden.shape[0] * hidden.shape[1] * int(self.projection_dim) < SINGLE_THREAD_BELOW
-        with _torch_threads(1 if small and dev.type == "cpu" else None):
-            losses = train_decoder(
-                decoder,
-                hidden,
-                y_t,
-                prompt,
-                prompt_weight=lam,
-                n_steps=int(self.n_steps),
-                lr=float(self.lr),
-                prototype_init=self.prototype_init,
-            )
+        losses = train_decoder(
+            decoder,
+            hidden,
+            y_t,
+            prompt,
+            prompt_weight=lam,
+            n_steps=int(self.n_steps),
+            lr=float(self.lr),
+            prototype_init=self.prototype_init,
+        )
         self.classes_ = classes
         self.n_features_in_ = int(hidden.shape[1])
         self.projection_ = decoder.proj.weight.detach().cpu().numpy().copy()
@@ -464,7 +443,7 @@ class DecTClassifier(FeatureClassifier):
         self.prompt_weight_ = lam
         self.calibration_kind_ = kind
         self.calibration_ = None if vector is None else vector.cpu().numpy().copy()
-        self.loss_curve_ = losses.numpy()
+        self.loss_curve_ = losses.cpu().numpy()
         return self
 
     # -- inference --------------------------------------------------------------------------------
