@@ -7,6 +7,7 @@ import json
 import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Any
 import diskcache
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from dect_maas import CacheConfig, CacheError, ConfigError, ResponseCache, cache_key
 from dect_maas._cache import SCHEMA_VERSION
@@ -365,3 +369,74 @@ def test_values_over_a_mebibyte_live_in_files_and_still_read_back(tmp_path: Path
     assert [p.suffix for p in tmp_path.rglob("*.val")] == [".val"]
     np.testing.assert_array_equal(got[key]["h"], big)
     np.testing.assert_array_equal(got[small]["h"], [0.0, 1.0, 2.0])
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return (
+            isinstance(b, np.ndarray)
+            and a.dtype.newbyteorder("=") == b.dtype.newbyteorder("=")
+            and a.shape == b.shape
+            and np.array_equal(a, b)
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return (
+            isinstance(b, list)
+            and len(a) == len(b)
+            and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return type(a) is type(b) and a == b
+
+
+_names = st.text(min_size=1, max_size=6).filter(lambda k: k.lower() not in {"token", "api_key"})
+_arrays = hnp.arrays(
+    dtype=st.sampled_from([np.float32, np.float64, np.int64, np.int8, np.bool_, np.float16]),
+    shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=5),
+    elements={"allow_nan": False},
+)
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=10)
+    | _arrays
+    | st.lists(st.floats(allow_nan=False), min_size=16, max_size=40)
+)
+_documents = st.dictionaries(
+    _names,
+    st.recursive(
+        _leaves,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_names, inner, max_size=4),
+        max_leaves=12,
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents=st.lists(_documents, min_size=1, max_size=4))
+def test_any_json_and_array_document_round_trips(documents: list[dict[str, Any]]) -> None:
+    keys = [cache_key({"i": i}) for i in range(len(documents))]
+    with tempfile.TemporaryDirectory() as folder, ResponseCache(CacheConfig(folder)) as cache:
+        cache.set_many(dict(zip(keys, documents, strict=True)))
+        many = cache.get_many(keys)
+        one = [cache.get(k) for k in keys]
+    for doc, key, single in zip(documents, keys, one, strict=True):
+        assert _same(doc, many[key])
+        assert _same(doc, single)
+
+
+def test_one_corrupt_entry_among_many_is_named(tmp_path: Path) -> None:
+    keys = [cache_key({"i": i}) for i in range(5)]
+    with ResponseCache(CacheConfig(tmp_path)) as cache:
+        cache.set_many({k: {"i": i} for i, k in enumerate(keys)})
+    raw = diskcache.Cache(str(tmp_path))
+    raw.set(keys[3], b'DMC1\x05\x00\x00\x00{"d":')
+    raw.close()
+    with ResponseCache(CacheConfig(tmp_path)) as cache:
+        with pytest.raises(CacheError, match=f"entry {keys[3][:12]}"):
+            cache.get_many(keys)
+        assert cache.get_many(keys[:3])[keys[2]] == {"i": 2}
