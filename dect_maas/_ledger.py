@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from ._budget import BudgetLimits, Usage, check_limits
-from ._exceptions import ConfigError
+from ._exceptions import BudgetExceeded, ConfigError
 
 __all__ = [
     "LEDGER_FILENAME",
@@ -377,25 +377,37 @@ class Ledger:
         usage.validate("reserved usage")
         asked = usage.as_ints()
         reservation = Reservation(id=uuid.uuid4().hex, usage=usage, run_id=self.run_id)
+        refused: BudgetExceeded | None = None
         with self._transaction() as conn:
-            spent = _ints(conn.execute(f"SELECT {_SUMS} FROM spent").fetchone())
-            reserved = _ints(conn.execute(f"SELECT {_SUMS} FROM reservations").fetchone())
-            check_limits(self.limits, spent, reserved, asked)
-            conn.execute(
-                "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    reservation.id,
-                    self.run_id,
-                    *asked,
-                    self._host,
-                    os.getpid(),
-                    self._pid_start,
-                    self._clock(),
-                    provider,
-                    model,
-                    _redact(endpoint),
-                ),
-            )
+            try:
+                check_limits(self.limits, *_totals(conn), asked)
+            except BudgetExceeded as exc:
+                refused = exc
+                # Before refusing, free what dead processes on this host still hold.
+                if exc.reserved and self._release_stale_in(conn, None):
+                    try:
+                        check_limits(self.limits, *_totals(conn), asked)
+                        refused = None
+                    except BudgetExceeded as again:
+                        refused = again
+            if refused is None:
+                conn.execute(
+                    "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        reservation.id,
+                        self.run_id,
+                        *asked,
+                        self._host,
+                        os.getpid(),
+                        self._pid_start,
+                        self._clock(),
+                        provider,
+                        model,
+                        _redact(endpoint),
+                    ),
+                )
+        if refused is not None:
+            raise refused
         return reservation
 
     def settle(self, reservation: Reservation, actual: Usage, record: LedgerRecord) -> None:
@@ -502,35 +514,39 @@ class Ledger:
         know those processes have stopped. Each release is recorded with status ``abandoned``;
         what the provider billed for such a request is unknown and counted as zero.
         """
-        now = self._clock()
         with self._transaction() as conn:
-            rows = conn.execute(
-                "SELECT id, run_id, host, pid, pid_start, created, provider, model, endpoint, "
-                "queries FROM reservations"
-            ).fetchall()
-            released = 0
-            for rid, run_id, host, pid, pid_start, created, provider, model, endpoint, q in rows:
-                dead_here = host == self._host and not _same_process_alive(pid, pid_start)
-                too_old = older_than_s is not None and now - created > older_than_s
-                if not (dead_here or too_old):
-                    continue
-                why = f"process {pid} on {host} " + (
-                    "ended" if dead_here else f"held it for {now - created:.0f} s"
-                )
-                record = LedgerRecord(
-                    provider=provider,
-                    model=model,
-                    endpoint=endpoint,
-                    queries=q,
-                    attempts=0,
-                    status="abandoned",
-                    error=f"reservation released as stale: {why}; provider billing unknown",
-                    time=_iso(now),
-                    run_id=run_id,
-                )
-                conn.execute("DELETE FROM reservations WHERE id = ?", (rid,))
-                _insert_record(conn, record, rid)
-                released += 1
+            released = self._release_stale_in(conn, older_than_s)
+        return released
+
+    def _release_stale_in(self, conn: sqlite3.Connection, older_than_s: float | None) -> int:
+        now = self._clock()
+        rows = conn.execute(
+            "SELECT id, run_id, host, pid, pid_start, created, provider, model, endpoint, "
+            "queries FROM reservations"
+        ).fetchall()
+        released = 0
+        for rid, run_id, host, pid, pid_start, created, provider, model, endpoint, q in rows:
+            dead_here = host == self._host and not _same_process_alive(pid, pid_start)
+            too_old = older_than_s is not None and now - created > older_than_s
+            if not (dead_here or too_old):
+                continue
+            why = f"process {pid} on {host} " + (
+                "ended" if dead_here else f"held it for {now - created:.0f} s"
+            )
+            record = LedgerRecord(
+                provider=provider,
+                model=model,
+                endpoint=endpoint,
+                queries=q,
+                attempts=0,
+                status="abandoned",
+                error=f"reservation released as stale: {why}; provider billing unknown",
+                time=_iso(now),
+                run_id=run_id,
+            )
+            conn.execute("DELETE FROM reservations WHERE id = ?", (rid,))
+            _insert_record(conn, record, rid)
+            released += 1
         if released:
             logger.warning(
                 "released %d stale budget reservation(s) in %s", released, self.directory
@@ -613,6 +629,15 @@ class Ledger:
     def _new_run_id(self) -> str:
         stamp = datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def _totals(
+    conn: sqlite3.Connection,
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """Spent and reserved over the whole folder, as exact integer vectors."""
+    spent = _ints(conn.execute(f"SELECT {_SUMS} FROM spent").fetchone())
+    reserved = _ints(conn.execute(f"SELECT {_SUMS} FROM reservations").fetchone())
+    return spent, reserved
 
 
 def _ints(row: tuple[Any, ...]) -> tuple[int, int, int, int]:
@@ -729,14 +754,13 @@ def _pid_start(pid: int) -> str:
 
 
 def _same_process_alive(pid: int, pid_start: str) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
+    if pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # exists, owned by someone else
     if pid_start:
         now_start = _pid_start(pid)
         if now_start and now_start != pid_start:

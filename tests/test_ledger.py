@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from dect_maas import BudgetLimits, ConfigError, Ledger, LedgerRecord, LedgerSummary, Usage
+from dect_maas import (
+    BudgetExceeded,
+    BudgetLimits,
+    ConfigError,
+    Ledger,
+    LedgerRecord,
+    LedgerSummary,
+    Usage,
+)
 from dect_maas._ledger import LEDGER_FILENAME, _pid_start
 
 
@@ -351,3 +359,25 @@ def test_a_reservation_from_another_folder_is_refused(tmp_path: Path) -> None:
         ledger.settle(other, Usage(1), _record())
     assert ledger.spent() == Usage()
     assert ledger.records() == []
+
+
+def test_a_refused_reservation_first_frees_what_dead_processes_hold(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, BudgetLimits(max_queries=10))  # open before the crash
+    subprocess.run(
+        [sys.executable, "-c", _CRASHER, str(tmp_path)], check=True, capture_output=True, timeout=60
+    )
+    assert ledger.reserved() == Usage(queries=7, requests=1)
+    ledger.reserve(Usage(queries=10))  # fits once the dead process's 7 are released
+    assert [r.status for r in ledger.records()] == ["abandoned"]
+    with pytest.raises(BudgetExceeded, match="reserved by requests in flight 10"):
+        ledger.reserve(Usage(queries=1))  # a live reservation is never taken away
+
+
+def test_our_own_pid_with_another_start_time_is_a_dead_process(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    conn = sqlite3.connect(tmp_path / LEDGER_FILENAME)
+    row = ("r", "run", 5, 1, 0, 0, socket.gethostname(), os.getpid(), "1", 0.0, "p", "m", "e")
+    conn.execute("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+    conn.commit()
+    conn.close()
+    assert ledger.release_stale() == 1
