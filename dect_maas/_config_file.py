@@ -10,6 +10,7 @@ config file, so a config works from whatever directory it is run in.
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from collections.abc import Mapping
@@ -42,8 +43,14 @@ __all__ = [
     "load_config",
 ]
 
-METHOD_NAMES = ("dect", "zero_shot", "calibrated_zero_shot", "prototype", "linear_probe")
 MethodName = Literal["dect", "zero_shot", "calibrated_zero_shot", "prototype", "linear_probe"]
+METHOD_NAMES: tuple[MethodName, ...] = (
+    "dect",
+    "zero_shot",
+    "calibrated_zero_shot",
+    "prototype",
+    "linear_probe",
+)
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keys that would hold a credential inline; refused with a pointer to api_key_env.
@@ -56,15 +63,26 @@ class _Section(BaseModel):
 
 
 class ProviderSection(_Section):
-    """Where the model is and how to reach it. Credentials only by environment-variable name."""
+    """Where the model is and how to reach it. Credentials only by environment-variable name.
+
+    ``kind``: ``local`` (this project's server), ``openai`` (OpenAI-compatible completions with
+    logprobs: OpenAI, vLLM, llama.cpp, ...; vectors from ``embeddings_base_url``/``_model``),
+    ``hf_inference`` (fill-mask + feature-extraction) or ``tei`` (text-embeddings-inference:
+    vectors only, so only the prototype decoder and the linear probe apply).
+    """
 
     kind: Literal["local", "openai", "hf_inference", "tei"] = "local"
-    base_url: str = "http://127.0.0.1:8000"
+    base_url: str | None = None
     model: str | None = None
     embeddings_base_url: str | None = None
     embeddings_model: str | None = None
     api_key_env: str | None = None
     top_k: int | None = Field(default=None, ge=1)
+    exact_token_ids: bool = False
+    tokenize_api: Literal["llama-cpp-python", "vllm", "llama.cpp", "none"] | None = None
+    label_token_ids: dict[str, list[int]] | None = None
+    mask_token: str | None = None
+    pooling: Literal["mean", "last"] | None = None
     max_prompts_per_request: int | None = Field(default=None, ge=1)
     price_per_million_input_tokens: float | None = Field(default=None, ge=0)
     price_per_request: float | None = Field(default=None, ge=0)
@@ -84,6 +102,14 @@ class ProviderSection(_Section):
                 "not the key itself"
             )
         return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> ProviderSection:
+        if self.kind in ("local", "openai", "tei") and self.base_url is None:
+            raise ValueError(f"kind {self.kind!r} needs base_url")
+        if self.kind in ("openai", "hf_inference") and not self.model:
+            raise ValueError(f"kind {self.kind!r} needs model (the name the endpoint serves)")
+        return self
 
     @field_validator("base_url", "embeddings_base_url")
     @classmethod
@@ -175,7 +201,7 @@ class ExperimentConfig(_Section):
     """A whole experiment: provider, task, data, shots x seeds x methods, limits and folders."""
 
     name: str = "experiment"
-    provider: ProviderSection = ProviderSection()
+    provider: ProviderSection
     task: TaskSection
     data: DataSection
     shots: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
@@ -272,7 +298,7 @@ def load_config(path: str | PathLike[str]) -> ExperimentConfig:
             raise ConfigError(f"{p}: not valid TOML ({exc})") from None
     elif suffix in (".yaml", ".yml"):
         try:
-            import yaml
+            yaml: Any = importlib.import_module("yaml")  # optional: PyYAML
         except ImportError:
             raise ConfigError(
                 f"{p}: YAML configs need PyYAML (pip install pyyaml), or write the config as TOML"

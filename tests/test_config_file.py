@@ -127,13 +127,13 @@ def test_inline_api_key_is_refused_without_echoing_it(tmp_path: Path) -> None:
 def test_a_key_pasted_into_api_key_env_is_refused_without_echoing_it(tmp_path: Path) -> None:
     secret = "sk-live-abc/def+123"
     path = write(
-        tmp_path, BASE.replace('kind = "local"', f'kind = "openai"\napi_key_env = "{secret}"')
+        tmp_path, BASE.replace('kind = "local"', f'kind = "openai"\nmodel = "m"\napi_key_env = "{secret}"')
     )
     with pytest.raises(ConfigError, match=r"provider\.api_key_env: must be the NAME") as info:
         load_config(path)
     assert secret not in str(info.value)
     ok = load_config(
-        write(tmp_path, BASE.replace('kind = "local"', 'kind = "openai"\napi_key_env = "MY_KEY"'))
+        write(tmp_path, BASE.replace('kind = "local"', 'kind = "openai"\nmodel = "m"\napi_key_env = "MY_KEY"'))
     )
     assert ok.provider.api_key_env == "MY_KEY"
     assert "MY_KEY" in str(ok.to_public_dict())
@@ -163,9 +163,19 @@ def test_hf_dataset_source_needs_a_split(tmp_path: Path) -> None:
     assert cfg.data.train.describe() == "hf:sst2[train]"
 
 
+def test_provider_kinds_say_what_they_need(tmp_path: Path) -> None:
+    no_model = BASE.replace('kind = "local"', 'kind = "openai"')
+    with pytest.raises(ConfigError, match=r"provider: kind 'openai' needs model"):
+        load_config(write(tmp_path, no_model))
+    no_url = BASE.replace('base_url = "http://127.0.0.1:8000/"', "")
+    with pytest.raises(ConfigError, match=r"provider: kind 'local' needs base_url"):
+        load_config(write(tmp_path, no_url))
+
+
 def test_from_dict_defaults() -> None:
     cfg = ExperimentConfig.from_dict(
         {
+            "provider": {"base_url": "http://127.0.0.1:1"},
             "task": {"template": "{text} It was {mask}", "label_words": {"a": "x", "b": "y"}},
             "data": {"train": {"path": "t.jsonl"}, "test": {"path": "u.jsonl"}},
         }

@@ -1,0 +1,372 @@
+"""The ``dect-maas`` command.
+
+Exit codes (stable; scripts may rely on them):
+
+    0  success
+    1  any other error
+    2  usage or configuration error (bad flags, config file, data file, task, unsupported request)
+    3  a budget limit would be exceeded (nothing over the limit was sent)
+    4  the provider failed (network, HTTP status, malformed answer) after retries
+    130 interrupted (Ctrl-C)
+
+Errors are printed as one line on stderr; ``--verbose`` adds the traceback and debug logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._exceptions import (
+    BudgetExceeded,
+    ConfigError,
+    DectError,
+    ProviderError,
+    UnsupportedCapability,
+)
+
+__all__ = ["EXIT_BUDGET", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_OK", "EXIT_PROVIDER", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_BUDGET = 3
+EXIT_PROVIDER = 4
+EXIT_INTERRUPTED = 130
+
+SERVER_INSTALL_HINT = (
+    "the local server package is not installed: run `pip install -e ./providers` in a dect-maas "
+    "checkout (or `make setup`)"
+)
+
+
+class UsageError(ConfigError):
+    """A command-line problem found after argparse (a missing file, conflicting flags)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dect-maas",
+        description="Decoder Tuning for models behind an API: query once per example, train a "
+        "small decoder locally, account for every query.",
+        epilog="Exit codes: 0 ok, 1 other error, 2 usage/config error, 3 budget exceeded, "
+        "4 provider error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"dect-maas {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging and full tracebacks"
+    )
+    bars = common.add_mutually_exclusive_group()
+    bars.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show progress bars (default: only when stderr is a terminal)",
+    )
+    bars.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show progress bars"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run DecT and the baselines on the bundled movie-review sample with the local server",
+        description="Obtain the default model if missing, start the local server on a loopback "
+        "port, run DecT and the baselines on the bundled movie-sentiment sample, print the table, "
+        "write the report and stop the server. A second run is answered from the cache.",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="folder for the demo's cache, ledger and reports "
+        "(default: $DECT_MAAS_DEMO_DIR or ~/.cache/dect-maas/demo)",
+    )
+    p.add_argument("--shots", type=int, nargs="+", default=None, help="default: 1 4 16")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
+    p.add_argument(
+        "--model", default=None, help="a model folder for the server (default: its embedded model)"
+    )
+    p.add_argument(
+        "--test-limit", type=int, default=None, help="use only the first N test examples"
+    )
+
+    p = sub.add_parser("run", parents=[common], help="run an experiment config")
+    p.add_argument("config", type=Path, help="experiment config (.toml, .yaml)")
+    p.add_argument("--run-id", default=None, help="name of this run (default: name-timestamp)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+    p = sub.add_parser(
+        "estimate", parents=[common], help="dry run: what a config would send and cost"
+    )
+    p.add_argument("config", type=Path)
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+    p = sub.add_parser("ledger", parents=[common], help="read the query ledger")
+    p.add_argument("action", choices=["summary", "export", "runs"])
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--ledger-dir", type=Path, default=None, help="the ledger folder")
+    where.add_argument("--config", type=Path, default=None, help="take the ledger folder from it")
+    p.add_argument("--run", default=None, help="only this run id")
+    p.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="export format")
+    p.add_argument(
+        "--output", type=Path, default=None, help="export file (default: stdout for jsonl/csv)"
+    )
+    p.add_argument("--json", action="store_true", help="summary as JSON")
+
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="start the local HuggingFace server (needs the dect-maas-server package)",
+        description="Runs `python -m dect_maas_server` with the remaining arguments.",
+    )
+    p.add_argument("server_args", nargs=argparse.REMAINDER, help="passed to dect-maas-server")
+
+    p = sub.add_parser("predict", parents=[common], help="classify new texts with a saved model")
+    p.add_argument("model", type=Path, help="a saved model (e.g. RUN/models/dect-16shot-seed0.npz)")
+    p.add_argument("--input", type=Path, required=True, help="JSONL or CSV with a text field")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="provider config (default: the report.json of the run the model comes from)",
+    )
+    p.add_argument("--text-field", default=None, help="default: the config's data.text_field")
+    p.add_argument("--output", type=Path, default=None, help="JSONL file (default: stdout)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":  # everything it does not know goes to the server
+        args.server_args = [*rest, *args.server_args]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    verbose = bool(getattr(args, "verbose", False))
+    _setup_logging(verbose)
+    if getattr(args, "progress", None) is None:
+        args.progress = sys.stderr.isatty()
+    try:
+        return int(_COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        _error("interrupted; cached answers are kept, re-run to resume", verbose)
+        return EXIT_INTERRUPTED
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        code = exit_code_for(exc)
+        _error(_one_line(exc), verbose)
+        return code
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, BudgetExceeded):
+        return EXIT_BUDGET
+    if isinstance(exc, (ConfigError, UnsupportedCapability)):
+        return EXIT_CONFIG
+    if isinstance(exc, ProviderError):
+        return EXIT_PROVIDER
+    return EXIT_ERROR
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ._experiment import Experiment
+    from ._report import format_table, usage_lines
+
+    exp = Experiment.from_config(args.config, run_id=args.run_id)
+    result = exp.run(progress=args.progress, on_event=_info)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return EXIT_OK
+    print(format_table(result, markdown=False))
+    print()
+    for line in usage_lines(result):
+        print(line)
+    if result.output_dir is not None:
+        print(f"report: {result.output_dir / 'report.md'}")
+    return EXIT_OK
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from ._experiment import Experiment
+
+    est = Experiment.from_config(args.config).estimate()
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+        return EXIT_OK
+    p = est.plan
+    print(f"examples: {p.n_test} test + {p.n_train_union} training (union of all k-shot sets)")
+    print(
+        f"queries:  {est.queries} ({est.cached_queries} already cached, "
+        f"{est.queries_to_pay} to pay)"
+    )
+    print(f"requests: {est.requests}")
+    print(f"input tokens (estimate): {est.input_tokens}")
+    print(f"cost (upper estimate): ${est.cost_usd:.6f}")
+    print("nothing was sent")
+    return EXIT_OK
+
+
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    from . import Ledger
+
+    directory = args.ledger_dir
+    if directory is None and args.config is not None:
+        from ._config_file import load_config
+
+        directory = load_config(args.config).ledger_dir
+    if directory is None:
+        raise UsageError("ledger: give --ledger-dir DIR or --config CONFIG")
+    if not Path(directory).exists():
+        raise UsageError(f"ledger folder {directory} does not exist")
+    ledger = Ledger(directory)
+    try:
+        if args.action == "runs":
+            for run in ledger.runs():
+                print(run)
+            return EXIT_OK
+        if args.action == "summary":
+            from ._experiment import _usage_dict
+
+            summary = _usage_dict(ledger.summary(args.run))
+            if args.json:
+                print(json.dumps(summary, indent=2, default=str))
+            else:
+                label = args.run or "all runs"
+                print(f"ledger {directory} ({label}):")
+                for key, value in summary.items():
+                    print(f"  {key}: {value}")
+            return EXIT_OK
+        out = args.output
+        if out is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"ledger.{args.format}"
+                _export(ledger, path, args.format, args.run)
+                sys.stdout.write(path.read_text(encoding="utf-8"))
+        else:
+            n = _export(ledger, out, args.format, args.run)
+            _info(f"wrote {out}" + (f" ({n} records)" if n is not None else ""))
+        return EXIT_OK
+    finally:
+        close = getattr(ledger, "close", None)
+        if close is not None:
+            close()
+
+
+def _export(ledger: Any, path: Path, fmt: str, run: str | None) -> int | None:
+    method = ledger.export_csv if fmt == "csv" else ledger.export_jsonl
+    try:
+        n = method(path, run_id=run)
+    except TypeError:
+        if run is not None:
+            raise UsageError("this ledger cannot filter exports by --run") from None
+        n = method(path)
+    return int(n) if isinstance(n, int) else None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("dect_maas_server") is None:
+        raise UsageError(SERVER_INSTALL_HINT)
+    extra = [a for a in args.server_args if a != "--"]
+    cmd = [sys.executable, "-m", "dect_maas_server", *extra]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        os.execv(sys.executable, cmd)  # the server owns the terminal and its signals from here
+    import subprocess
+
+    return subprocess.call(cmd)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ._predict import predict_file
+
+    n = predict_file(
+        args.model,
+        args.input,
+        config_path=args.config,
+        text_field=args.text_field,
+        output=args.output,
+        progress=args.progress,
+    )
+    _info(f"classified {n} text(s)")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(
+        output=args.output,
+        shots=args.shots,
+        seeds=args.seeds,
+        model=args.model,
+        test_limit=args.test_limit,
+        progress=args.progress,
+        verbose=args.verbose,
+    )
+
+
+_COMMANDS = {
+    "demo": _cmd_demo,
+    "run": _cmd_run,
+    "estimate": _cmd_estimate,
+    "ledger": _cmd_ledger,
+    "serve": _cmd_serve,
+    "predict": _cmd_predict,
+}
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: bool) -> None:
+    logger = logging.getLogger("dect_maas")
+    if any(getattr(h, "_dect_cli", False) for h in logger.handlers):
+        logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._dect_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _info(msg: str, stream: TextIO | None = None) -> None:
+    print(msg, file=stream or sys.stderr, flush=True)
+
+
+def _error(msg: str, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    print(f"dect-maas: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, DectError):
+        text = f"{type(exc).__name__}: {text}"
+    return text
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
