@@ -8,6 +8,7 @@ from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClas
 from ._cache import CacheConfig, ResponseCache, cache_key
 from ._client import Client, Estimate
 from ._config import RateLimit, RetryPolicy
+from ._config_file import ExperimentConfig
 from ._data import Examples, load_examples, sample_k_shot
 from ._estimator import DecTClassifier
 from ._exceptions import (
@@ -31,6 +32,7 @@ from ._exceptions import (
     TransportError,
     UnsupportedCapability,
 )
+from ._experiment import Experiment, ExperimentResult
 from ._features import FeatureMeta, Features
 from ._ledger import BudgetLimits, Ledger, LedgerRecord, LedgerSummary, Usage
 from ._metrics import accuracy, confusion_matrix, macro_f1, mean_std
@@ -59,6 +61,9 @@ __all__ = [
     "DectWarning",
     "Estimate",
     "Examples",
+    "Experiment",
+    "ExperimentConfig",
+    "ExperimentResult",
     "FeatureMeta",
     "Features",
     "FeaturesError",
