@@ -148,6 +148,8 @@ class FeatureClassifier:
                 arrays = {k: data[k] for k in data.files if k != "header_json"}
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"{p}: not a dect-maas model file ({exc})") from exc
+        if not isinstance(header, dict):
+            raise ConfigError(f"{p}: not a dect-maas model file (bad header)")
         if header.get("format_version") != FORMAT_VERSION:
             raise ConfigError(
                 f"{p}: model format version {header.get('format_version')!r}, "

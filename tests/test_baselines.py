@@ -27,7 +27,7 @@ def blobs(n_per_class=16, n_classes=3, dim=24, seed=0):
     hidden = (means[y] + rng.normal(size=(len(y), dim))).astype(np.float32)
     scores = rng.normal(size=(len(y), n_classes)).astype(np.float32)
     scores[np.arange(len(y)), y] += 1.0
-    meta = FeatureMeta(classes=tuple("abc"[:n_classes]), score_kind="logits")
+    meta = FeatureMeta(classes=tuple("abcdefgh"[:n_classes]), score_kind="logits")
     cf = np.linspace(1.0, 2.0, n_classes).astype(np.float32)
     return Features(scores, hidden, content_free=cf, meta=meta), y
 
@@ -145,3 +145,13 @@ def test_linear_probe_bad_inputs():
     est = LinearProbeClassifier().fit(f, y)
     with pytest.raises(FeaturesError, match="hidden vectors have 3 dimensions"):
         est.predict(Features(f.scores, f.hidden[:, :3]))
+
+
+def test_linear_probe_matches_scikit_learn_when_installed():
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    f, y = blobs(n_per_class=40, n_classes=4, dim=16, seed=5)
+    ours = LinearProbeClassifier(max_iter=1000, tol=1e-10).fit(f, y)
+    z = (f.hidden.astype(np.float64) - ours.mean_) / ours.scale_
+    theirs = linear_model.LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(z, y)
+    np.testing.assert_allclose(ours.coef_, theirs.coef_, atol=1e-4)
+    np.testing.assert_allclose(ours.intercept_, theirs.intercept_, atol=1e-4)

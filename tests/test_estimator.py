@@ -272,3 +272,14 @@ def test_bad_labels_and_shapes_are_clear_errors():
         est.predict(feats(h[:, :5], s))
     with pytest.raises(FeaturesError, match="the features have none"):
         est.predict(Features(None, h))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fit_starts_from_the_same_decoder_and_agrees_with_cpu():
+    h, s, y = blobs(n_per_class=32, dim=64)
+    f = feats(h, s, content_free=np.array([1.0, 2.0, 3.0], np.float32))
+    cpu = DecTClassifier(random_state=0).fit(f, y)
+    gpu = DecTClassifier(random_state=0, device="cuda").fit(f, y)
+    np.testing.assert_array_equal(gpu.prototypes_, cpu.prototypes_)
+    np.testing.assert_allclose(gpu.projection_, cpu.projection_, atol=1e-3)
+    assert (gpu.predict(f) == cpu.predict(f)).mean() >= 0.98
