@@ -30,13 +30,16 @@ from dect_maas import CacheConfig, Ledger, LedgerRecord, ResponseCache, Usage, c
 HIT_TARGET = 20_000.0
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
-    times = []
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds per repeat. On a shared machine the CPU time is the steadier figure:
+    it leaves out the time other processes held the cores."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def bench_hits(folder: Path, n: int, dim: int, repeats: int, as_list: bool) -> dict[str, Any]:
@@ -59,8 +62,8 @@ def bench_hits(folder: Path, n: int, dim: int, repeats: int, as_list: bool) -> d
     with ResponseCache(CacheConfig(folder)) as cache:
         first = cache.get_many(keys)
         assert len(first) == n
-        times = timed(lambda: cache.get_many(keys), repeats)
-        single = timed(lambda: [cache.get(k) for k in keys[:2000]], 1)[0]
+        times, cpu = timed(lambda: cache.get_many(keys), repeats)
+        single = timed(lambda: [cache.get(k) for k in keys[:2000]], 1)[0][0]
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return {
         "vector_as": "list[float]" if as_list else "float32 ndarray",
@@ -68,6 +71,7 @@ def bench_hits(folder: Path, n: int, dim: int, repeats: int, as_list: bool) -> d
         "get_many_median_s": statistics.median(times),
         "get_many_examples_per_s": n / statistics.median(times),
         "get_many_best_examples_per_s": n / min(times),
+        "get_many_cpu_examples_per_s": n / statistics.median(cpu),
         "get_one_by_one_examples_per_s": 2000 / single,
         "set_many_examples_per_s": n / write_s,
         "bytes_on_disk_per_example": size / n,
@@ -84,14 +88,19 @@ def bench_ledger(folder: Path, ops: int, threads: int) -> dict[str, Any]:
             res = ledger.reserve(asked)
             ledger.settle(res, asked, record)
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(work, [ops // threads] * threads))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     done = (ops // threads) * threads
     assert ledger.spent().requests == done
     ledger.close()
-    return {"threads": threads, "requests": done, "reserve_settle_per_s": done / elapsed}
+    return {
+        "threads": threads,
+        "requests": done,
+        "reserve_settle_per_s": done / elapsed,
+        "reserve_settle_cpu_per_s": done / cpu,
+    }
 
 
 def main() -> None:
@@ -114,12 +123,17 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "cache_and_ledger",
-                "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "load_average_1min": os.getloadavg()[0],
+                },
                 "dim": args.dim,
                 "cache_hits": hits,
                 "ledger": ledger,
                 "target_examples_per_s": HIT_TARGET,
                 "meets_target": rate >= HIT_TARGET,
+                "meets_target_on_cpu_time": hits[0]["get_many_cpu_examples_per_s"] >= HIT_TARGET,
             },
             indent=2,
         )
