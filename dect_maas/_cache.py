@@ -211,6 +211,9 @@ class ResponseCache:
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the response cache at {directory}: {exc}") from exc
         try:
+            # diskcache ignores misspelt settings; check that the one that matters took hold.
+            if self._cache.eviction_policy != "none":
+                raise CacheError(f"the response cache at {directory} would evict entries")
             self._check_schema()
         except BaseException:
             self._cache.close()
