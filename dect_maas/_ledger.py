@@ -16,9 +16,13 @@ diskcache (which is also SQLite with ``BEGIN IMMEDIATE`` inside ``transact``): a
 append, sum and export, which a key-value store makes awkward.
 
 A reservation whose process died is *stale*. Reservations carry the host name, the pid and the
-pid's start time; opening a ledger (and ``release_stale()``) releases those of dead processes on
-this host and records them as ``abandoned`` (cost unknown, counted as zero). Reservations of other
-hosts are released only with ``release_stale(older_than_s=...)``.
+pid's start time; opening a ledger, a reservation about to be refused, and ``release_stale()``
+release those of dead processes on this host and record them as ``abandoned`` (cost unknown,
+counted as zero). Reservations of other hosts are released only with
+``release_stale(older_than_s=...)``.
+
+Each ``Ledger`` checks the totals against the limits it was opened with: give every process that
+shares a folder the same limits.
 """
 
 from __future__ import annotations
@@ -332,6 +336,8 @@ class Ledger:
 
     @contextmanager
     def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        if self._pid not in (-1, os.getpid()):
+            self._lock = threading.RLock()  # forked: a copied lock may be held by a lost thread
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
