@@ -208,6 +208,7 @@ def test_64_concurrent_tasks_never_exceed_the_limits(
         accepted = asyncio.run(main())
         final = ledger.balance()
         records = ledger.records()
+        summary = ledger.summary()
         ledger.close()
 
     assert violations == []
@@ -216,6 +217,11 @@ def test_64_concurrent_tasks_never_exceed_the_limits(
     assert final.spent.as_ints() == expected.as_ints()
     assert _within(final.spent, limits)
     assert len(records) == sum(accepted) == len(settled)
+    # The records tell the same story as the totals.
+    assert summary.queries_paid == final.spent.queries
+    assert summary.input_tokens == final.spent.input_tokens
+    assert summary.cost_usd == pytest.approx(final.spent.cost_usd, abs=1e-9)
+    assert summary.requests == sum(accepted)
     if limits == BudgetLimits():
         assert all(accepted)
     # The first request to arrive found an empty ledger: if every request fits alone, one won.
