@@ -43,7 +43,7 @@ from ._exceptions import (
     warn,
 )
 from ._features import FeatureMeta, Features
-from ._ledger import Ledger, LedgerRecord
+from ._ledger import Ledger, LedgerRecord, Reservation
 from ._ratelimit import RateLimiter
 from ._retry import Attempts, Retrier, TruncatedResponse, error_for_status, map_httpx_error
 from ._task import Task
@@ -290,9 +290,17 @@ class Client:
         uses = Counter(plan.keys)
         gate = asyncio.Semaphore(self._max_concurrency)
 
+        failed: list[bool] = []
+
         async def one(spec: RequestSpec) -> None:
             async with gate:
-                records = await self._send(adapter, spec, [key_of[i] for i in spec.indices])
+                if failed:  # another request of this call failed: send nothing more
+                    return
+                try:
+                    records = await self._send(adapter, spec, [key_of[i] for i in spec.indices])
+                except BaseException:
+                    failed.append(True)
+                    raise
             keys = [key_of[i] for i in spec.indices]
             plan.found.update(zip(keys, records, strict=True))
             report(sum(uses[k] for k in keys))  # a text given twice is answered twice
@@ -310,15 +318,11 @@ class Client:
             cost_usd=adapter.prices.cost(requests=1, input_tokens=spec.input_tokens),
         )
         provider, endpoint = adapter.provider, spec.url
-        reservation = await asyncio.to_thread(
-            self._ledger.reserve, worst, provider=provider, model=model, endpoint=endpoint
-        )
+        reservation = await self._reserve(worst, provider, model, endpoint)
         attempts = Attempts()
         started = self._clock()
         try:
             records = await self._retrier.call(lambda: self._attempt(adapter, spec), attempts)
-            if self._cache is not None:
-                await asyncio.to_thread(self._cache.set_many, dict(zip(keys, records, strict=True)))
         except BaseException as exc:
             status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
             failed = LedgerRecord(
@@ -356,7 +360,14 @@ class Client:
             status="ok",
             latency_s=latency,
         )
-        await asyncio.to_thread(self._ledger.settle, reservation, actual, done)
+
+        async def store_and_settle() -> None:
+            # The answer was paid for: store and settle it even if the caller is cancelled.
+            if self._cache is not None:
+                await asyncio.to_thread(self._cache.set_many, dict(zip(keys, records, strict=True)))
+            await asyncio.to_thread(self._ledger.settle, reservation, actual, done)
+
+        await _finish_even_if_cancelled(store_and_settle())
         logger.info(
             "%s %s: %d quer%s, %d tokens, %d attempt(s), %.3fs",
             adapter.provider,
@@ -368,6 +379,26 @@ class Client:
             latency,
         )
         return records
+
+    async def _reserve(self, worst: Usage, provider: str, model: str, endpoint: str) -> Reservation:
+        """Reserve in a thread; if cancelled meanwhile, wait for it and give it back."""
+        task = asyncio.ensure_future(
+            asyncio.to_thread(
+                self._ledger.reserve, worst, provider=provider, model=model, endpoint=endpoint
+            )
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            try:
+                reservation = await task
+            except Exception:  # refused or failed: nothing was reserved
+                raise asyncio.CancelledError() from None
+            cancelled = LedgerRecord(
+                provider=provider, model=model, endpoint=endpoint, attempts=0, status="cancelled"
+            )
+            self._ledger.refund(reservation, cancelled)
+            raise
 
     async def _attempt(self, adapter: Adapter, spec: RequestSpec) -> list[Record]:
         """One try: rate limit, HTTP, status and body checks, parse. Raises our errors only."""
@@ -445,6 +476,7 @@ class Client:
             lambda: self._http_json(self.adapter, spec), Attempts()
         )
         adapter = self.adapter.with_info(body)
+        logger.info("%s %s: model %s, free", adapter.provider, spec.path, adapter.model)
         if self._cache is not None:
             await asyncio.to_thread(self._cache.set, self._meta_key(spec), {"body": body})
         return adapter
@@ -484,7 +516,9 @@ class Client:
             spec = adapter.tokenize_request(word) if ids is None and need else None
             if spec is not None:
                 key = self._label_key(spec, adapter)
-                stored = self._cache.get(key) if self._cache is not None else None
+                stored = None
+                if self._cache is not None:
+                    stored = await asyncio.to_thread(self._cache.get, key)
                 if stored is not None:
                     ids = list(stored["ids"])
                 else:
@@ -508,7 +542,9 @@ class Client:
             _, _, body = await self._http_json(adapter, spec)
             return adapter.parse_tokenize(spec, body)
 
-        return await self._retrier.call(once, Attempts())
+        ids = await self._retrier.call(once, Attempts())
+        logger.info("%s %s: label word -> %d token(s), free", adapter.provider, spec.path, len(ids))
+        return ids
 
     def _labels_offline(
         self, adapter: Adapter, task: Task, roles: Sequence[Role]
@@ -700,6 +736,8 @@ def _pairs(
     if isinstance(texts, str):
         raise ConfigError("texts must be a sequence of strings, not one string")
     a = list(texts)
+    if not a:
+        raise ConfigError("texts is empty: give at least one text to query")
     if texts_b is None:
         if task.is_pair:
             raise ConfigError("the template has a {text_b} slot: give texts_b as well")
@@ -775,6 +813,15 @@ def _progress(progress: Progress, total: int) -> Callable[[int], None]:
         callback(done, total)
 
     return call
+
+
+async def _finish_even_if_cancelled(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task  # finish the bookkeeping, then let the cancellation through
+        raise
 
 
 async def _all_or_cancel(coros: Sequence[Coroutine[Any, Any, None]]) -> None:

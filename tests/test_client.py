@@ -254,6 +254,8 @@ def test_bad_inputs_are_refused_before_any_request(tmp_path: Path) -> None:
             client.features(TASK, "just one string")  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match="texts_b"):
             client.features(TASK, ["a"], texts_b=["b", "c"])
+        with pytest.raises(ConfigError, match="empty"):
+            client.features(TASK, [])
         with pytest.raises(ConfigError, match=r"texts\[1\]"):
             client.features(TASK, ["a", 3])  # type: ignore[list-item]
     assert provider.requests == []
