@@ -96,8 +96,8 @@ class _Plan:
 class Client:
     """Turns a Task and texts into Features through one adapter, paying for each query once.
 
-    >>> client = Client(LocalAdapter("http://127.0.0.1:8000"), cache=CacheConfig("~/.cache/dm"))
-    >>> feats = client.features(task, ["A fine film.", "Dull."])      # doctest: +SKIP
+    >>> client = Client(LocalAdapter(url), cache=CacheConfig("~/.cache/dm"))  # doctest: +SKIP
+    >>> feats = client.features(task, ["A fine film.", "Dull."])  # doctest: +SKIP
 
     ``ledger``: a Ledger, a folder for one, or None (a temporary ledger that enforces ``budget``
     for this client only and is deleted on close). ``api_key_env`` names the environment variable
