@@ -302,21 +302,25 @@ def test_live_reservations_are_kept_and_old_ones_released_on_request(tmp_path: P
 
 def test_a_reused_pid_does_not_keep_a_reservation_alive(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
-    parent = os.getppid()
-    assert _pid_start(parent)  # /proc is there, as on any Linux
-    conn = sqlite3.connect(tmp_path / LEDGER_FILENAME)
-    row = ("r-old", "run", 5, 1, 0, 0, socket.gethostname(), parent, "1", 0.0, "p", "m", "e")
-    conn.execute("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
-    live = ("r-live", "run", 2, 1, 0, 0, socket.gethostname(), parent, _pid_start(parent))
-    conn.execute(
-        "INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (*live, 0.0, "p", "m", "e")
-    )
-    other_host = ("r-far", "run", 1, 1, 0, 0, "elsewhere", 999_999_999, "", 0.0, "p", "m", "e")
-    conn.execute("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", other_host)
-    conn.commit()
-    conn.close()
-    assert ledger.release_stale() == 1  # r-old: same pid, later start
-    assert ledger.reserved() == Usage(queries=3, requests=2)
+    other = subprocess.Popen(["sleep", "60"])  # a live process that is not us
+    try:
+        start = _pid_start(other.pid)
+        assert start  # /proc is there, as on any Linux
+        host = socket.gethostname()
+        rows = [
+            ("r-old", "run", 5, 1, 0, 0, host, other.pid, "1", 0.0, "p", "m", "e"),  # pid reused
+            ("r-live", "run", 2, 1, 0, 0, host, other.pid, start, 0.0, "p", "m", "e"),
+            ("r-far", "run", 1, 1, 0, 0, "elsewhere", 999_999_999, "", 0.0, "p", "m", "e"),
+        ]
+        conn = sqlite3.connect(tmp_path / LEDGER_FILENAME)
+        conn.executemany("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        conn.commit()
+        conn.close()
+        assert ledger.release_stale() == 1  # r-old: same pid, later start
+        assert ledger.reserved() == Usage(queries=3, requests=2)
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_forked_child_uses_its_own_connection(tmp_path: Path) -> None:
