@@ -10,7 +10,7 @@ Users compare methods on features they already paid for, without querying again:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +41,7 @@ class ZeroShotClassifier(FeatureClassifier):
     nothing from labels: it fixes ``classes_`` and the calibration vector, so ``y`` may be None.
     """
 
-    def __init__(self, calibration: Literal["none", "auto", "logits", "logprobs"] = "none") -> None:
+    def __init__(self, calibration: str = "none") -> None:
         self.calibration = calibration
 
     calibration_: npt.NDArray[np.float32] | None

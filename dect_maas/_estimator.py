@@ -14,20 +14,26 @@ import json
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from ._decoder import CalibrationKind, DecTDecoder, calibrate, calibration_vector, train_decoder
+from ._decoder import (
+    CalibrationKind,
+    DecTDecoder,
+    PrototypeInit,
+    calibrate,
+    calibration_vector,
+    train_decoder,
+)
 from ._exceptions import ConfigError, FeaturesError, NotFittedError
 from ._features import Features
 
 __all__ = ["DecTClassifier"]
 
 FORMAT_VERSION = 1
-CalibrationArg = Literal["auto", "none", "logits", "logprobs"]
 Labels = Sequence[Any] | npt.NDArray[Any]
 _CHUNK = 32768  # rows per block at predict time: bounds memory, keeps matmuls large
 
@@ -328,12 +334,12 @@ class DecTClassifier(FeatureClassifier):
         n_steps: int = 30,
         lr: float = 0.01,
         normalize: bool = True,
-        calibration: CalibrationArg = "auto",
+        calibration: str = "auto",
         random_state: int | None = None,
         device: str = "cpu",
         *,
         learn_prototypes: bool = False,
-        prototype_init: Literal["random", "class_means"] = "random",
+        prototype_init: str = "random",
         distance_scale: bool = False,
     ) -> None:
         self.projection_dim = projection_dim
@@ -433,7 +439,7 @@ class DecTClassifier(FeatureClassifier):
             prompt_weight=lam,
             n_steps=int(self.n_steps),
             lr=float(self.lr),
-            prototype_init=self.prototype_init,
+            prototype_init=cast(PrototypeInit, self.prototype_init),
         )
         self.classes_ = classes
         self.n_features_in_ = int(hidden.shape[1])
