@@ -20,11 +20,11 @@ an automatic search can turn them on: ``learn_prototypes`` (train P as well), ``
 (``"class_means"``: start P at the class means of û) and ``distance_scale`` (a learned positive
 factor on the distance term, logit_c = −e^a·‖û − p_c‖ + r_c + λ·s_c).
 
-The training loop computes the gradients of the loss by hand (eight lines, derived from the
-formula above) and applies Adam exactly as ``torch.optim.Adam`` does. That avoids autograd's
-per-step overhead, which dominates at few shots; ``engine="autograd"`` runs the same loop through
-autograd and ``torch.optim.Adam`` instead, and the tests check that both agree with an independent
-restatement of the formulas.
+The training loop computes the gradients of the loss by hand (a dozen lines, derived from the
+formula above; ``loss_and_grads``) and hands them to ``torch.optim.Adam`` (its fused one-pass
+kernel where available). That avoids autograd's per-step overhead, which dominates at few shots;
+``engine="autograd"`` runs the same loop through autograd instead, and the tests check both against
+an independent restatement of the formulas.
 """
 
 from __future__ import annotations
