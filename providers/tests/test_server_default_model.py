@@ -72,7 +72,7 @@ def test_prepare_prints_a_ready_folder(tmp_path: Path, capsys: pytest.CaptureFix
 def default_server() -> Iterator[str]:
     """The server started with no --model: it uses (and if needed builds) the default cache."""
     dm.ensure_default_model()
-    with run_server(None, startup_timeout=600, max_wait_ms=10) as url:
+    with run_server(None, startup_timeout=600, max_wait_ms=10, threads=1) as url:
         yield url
 
 

@@ -1,0 +1,247 @@
+"""Throughput of the local server's /v1/features against the model's raw batched forward.
+
+Prints one JSON object:
+- ``sequential_qps``: single-input requests sent one after another (batch size 1 every time);
+- ``concurrent_qps``: ``--clients`` concurrent clients, each sending single-input requests, so
+  the server's dynamic batching coalesces them;
+- ``raw_forward_qps``: the same model in-process, padded batches of ``--batch-size`` through a
+  plain transformers forward (all logits), the ceiling; ``raw_scoring_qps``: the server's own
+  scoring path in-process (``Engine.forward``, no HTTP);
+- ``server_vs_raw``: concurrent_qps / max(raw_forward_qps, raw_scoring_qps); target >= 0.8.
+
+Default: the embedded SmolLM2-135M-Instruct on CPU. ``--synthetic roberta-large`` builds a
+randomly initialised roberta-large-sized masked LM instead (for a GPU: ``--device cuda
+--dtype bfloat16``). Usage: ``python benchmarks/bench_server.py [--queries 256]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from dect_maas_server.default_model import ensure_default_model
+from dect_maas_server.engine import load_engine
+from dect_maas_server.testing import run_server
+
+REVIEWS = [
+    "I loved this movie, the acting was wonderful and the story was moving.",
+    "A dull, painful film that drags on far too long.",
+    "The plot made no sense but the music was great.",
+    "One of the best performances I have seen in years.",
+    "I walked out after twenty minutes, a total waste of time.",
+    "A charming little film with a lot of heart.",
+    "The dialogue was clumsy and the ending was predictable.",
+    "Beautifully shot, well acted, and surprisingly funny.",
+]
+
+
+def _inputs(n: int, kind: str, mask: str | None) -> list[str]:
+    out = []
+    for i in range(n):
+        text = REVIEWS[i % len(REVIEWS)] + f" (review {i})"
+        out.append(
+            f"{text} All in all, it was {mask}."
+            if kind == "masked"
+            else f"{text} All in all, it was"
+        )
+    return out
+
+
+def _synthetic_roberta_large(folder: Path) -> Path:
+    """roberta-large shape (24 layers, 1024 wide), random weights, the tiny tokenizer."""
+    from dect_maas_server.testing import make_tiny_model
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    make_tiny_model("masked", folder)
+    config = RobertaConfig.from_pretrained(folder)
+    config.update(
+        {
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 4096,
+            "max_position_embeddings": 514,
+        }
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        RobertaForMaskedLM(config).save_pretrained(folder)
+    return folder
+
+
+def raw_throughput(
+    model_path: Path, texts: list[str], batch_size: int, device: str, dtype: str
+) -> tuple[float, float]:
+    engine = load_engine(str(model_path), device=device, dtype=dtype)
+    tok = engine.tokenizer
+    batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+
+    def plain() -> None:
+        for b in batches:
+            enc = tok(b, return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                engine.model(
+                    input_ids=enc["input_ids"].to(engine.device),
+                    attention_mask=enc["attention_mask"].to(engine.device),
+                )
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def scoring() -> None:
+        for b in batches:
+            items = [engine.encode(t) for t in b]
+            engine.forward(items, want_pooled=[False] * len(b), want_all=[False] * len(b))
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    results = []
+    for fn in (plain, scoring):
+        fn()  # warm-up
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        results.append(len(texts) / min(times))
+    return results[0], results[1]
+
+
+async def _concurrent(url: str, texts: list[str], clients: int, labels: list[int]) -> float:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for t in texts:
+        queue.put_nowait(t)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            while True:
+                try:
+                    text = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                r = await client.post(
+                    "/v1/features", json={"inputs": [text], "label_token_ids": labels}
+                )
+                r.raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return len(texts) / (time.perf_counter() - t0)
+
+
+def server_throughput(
+    model_path: Path | None, texts: list[str], seq_texts: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    options = {
+        "max_batch_size": args.batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+    }
+    with (
+        run_server(model_path, startup_timeout=900, **options) as url,
+        httpx.Client(base_url=url, timeout=600) as client,
+    ):
+        labels = [
+            i
+            for t in (" great", " terrible")
+            for i in client.post("/v1/tokenize", json={"text": t}).json()["ids"][:1]
+        ]
+        # Warm-up, then sequential single-input requests.
+        for t in seq_texts[:4]:
+            client.post("/v1/features", json={"inputs": [t], "label_token_ids": labels})
+        t0 = time.perf_counter()
+        for t in seq_texts:
+            r = client.post("/v1/features", json={"inputs": [t], "label_token_ids": labels})
+            r.raise_for_status()
+        sequential = len(seq_texts) / (time.perf_counter() - t0)
+        asyncio.run(_concurrent(url, texts[: args.batch_size], args.clients, labels))
+        before = client.get("/metrics").json()
+        concurrent = asyncio.run(_concurrent(url, texts, args.clients, labels))
+        after = client.get("/metrics").json()
+    batches = after["batches_total"] - before["batches_total"]
+    queries = after["queries_total"] - before["queries_total"]
+    return {
+        "sequential_qps": sequential,
+        "concurrent_qps": concurrent,
+        "concurrent_mean_batch_size": queries / batches if batches else 0.0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--synthetic", choices=["roberta-large"], help="random model of that size")
+    p.add_argument("--queries", type=int, default=256)
+    p.add_argument("--sequential-queries", type=int, default=32)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, raw and server alike")
+    args = p.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic:
+            model_path: Path = _synthetic_roberta_large(Path(tmp) / "roberta-large-random")
+            name = "random roberta-large-sized masked LM"
+        elif args.model:
+            model_path = Path(args.model)
+            name = model_path.name
+        else:
+            model_path = ensure_default_model()
+            name = "SmolLM2-135M-Instruct (default)"
+        engine = load_engine(str(model_path), device="cpu")
+        kind, mask = engine.kind, engine.mask_token
+        n_tokens = [len(engine.encode(t).ids) for t in _inputs(args.queries, kind, mask)]
+        del engine
+        texts = _inputs(args.queries, kind, mask)
+        seq_texts = _inputs(args.sequential_queries, kind, mask)
+        raw_plain, raw_scoring = raw_throughput(
+            model_path, texts, args.batch_size, args.device, args.dtype
+        )
+        served = server_throughput(model_path, texts, seq_texts, args)
+    ceiling = max(raw_plain, raw_scoring)
+    report = {
+        "benchmark": "dect-maas-server /v1/features throughput",
+        "model": name,
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "queries": args.queries,
+        "clients": args.clients,
+        "max_batch_size": args.batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "tokens_per_input_mean": statistics.mean(n_tokens),
+        "raw_forward_qps": round(raw_plain, 2),
+        "raw_scoring_qps": round(raw_scoring, 2),
+        "sequential_qps": round(served["sequential_qps"], 2),
+        "concurrent_qps": round(served["concurrent_qps"], 2),
+        "concurrent_mean_batch_size": round(served["concurrent_mean_batch_size"], 2),
+        "server_vs_raw": round(served["concurrent_qps"] / ceiling, 3),
+        "target_server_vs_raw": 0.8,
+        "concurrent_vs_sequential": round(served["concurrent_qps"] / served["sequential_qps"], 2),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
