@@ -14,10 +14,10 @@ import httpx
 import numpy as np
 import pytest
 
-from dect_maas import Task
+from dect_maas import CensoredScoreWarning, Task
 from dect_maas._cache import CacheConfig
 from dect_maas._client import Client
-from dect_maas.adapters import LocalAdapter
+from dect_maas.adapters import HFInferenceAdapter, LocalAdapter, OpenAICompatibleAdapter
 
 server_testing = pytest.importorskip("dect_maas_server.testing")
 pytestmark = pytest.mark.slow  # two server processes start here (~20-30 s each on 2 busy cores)
@@ -119,3 +119,64 @@ def test_second_run_pays_zero_queries_and_estimate_matches(served: Any, tmp_path
     assert again == spent  # the second run paid nothing
     assert second == first
     assert summary.cache_hits == 2 + 5
+
+
+def _local_logprobs(url: str, prompts: list[str], ids: list[int]) -> np.ndarray:
+    direct = httpx.post(
+        f"{url}/v1/features",
+        json={"inputs": prompts, "label_token_ids": ids, "encoding_format": "float"},
+        timeout=60,
+    ).json()
+    return np.array([d["token_logprobs"] for d in direct["data"]])
+
+
+def test_openai_compatible_adapter_on_the_servers_completions(served: Any, tmp_path: Path) -> None:
+    kind, _, url = served
+    if kind != "causal":
+        pytest.skip("/v1/completions serves causal LMs")
+    task = TASKS[kind]
+    common = {"tokenize_api": "dect-maas", "max_prompts_per_request": 4}
+    exact = OpenAICompatibleAdapter(url, "tiny", exact_token_ids=True, **common)
+    with Client(exact, cache=CacheConfig(tmp_path / "c"), ledger=tmp_path / "l") as client:
+        feats = client.features(task, TEXTS)
+    ids = [i for group in feats.meta.label_token_ids for i in group]
+    flat = _local_logprobs(url, [task.render(t) for t in TEXTS], ids)
+    want = np.stack([flat[:, :2].max(axis=1), flat[:, 2]], axis=1)
+    assert feats.scores is not None
+    assert feats.censored is None  # exact: nothing censored
+    np.testing.assert_allclose(feats.scores, want, rtol=1e-5, atol=1e-5)
+
+    top2 = OpenAICompatibleAdapter(url, "tiny", top_logprobs=2, embeddings_base_url=url, **common)
+    with (
+        Client(top2, cache=CacheConfig(tmp_path / "c2"), ledger=tmp_path / "l2") as client,
+        pytest.warns(CensoredScoreWarning),
+    ):
+        approx = client.features(task, TEXTS)
+    assert approx.scores is not None
+    assert approx.censored is not None
+    exact_part = ~approx.censored
+    np.testing.assert_allclose(approx.scores[exact_part], want[exact_part], rtol=1e-5, atol=1e-5)
+    assert (want[approx.censored] <= approx.scores[approx.censored] + 1e-6).all()  # upper bounds
+    pooled = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS}, timeout=60).json()
+    np.testing.assert_allclose(
+        approx.hidden, [d["embedding"] for d in pooled["data"]], rtol=1e-5, atol=1e-6
+    )
+    assert approx.meta.extra["roles"] == ["scores", "vectors"]
+
+
+def test_hf_inference_adapter_on_the_servers_fill_mask(served: Any, tmp_path: Path) -> None:
+    kind, _, url = served
+    if kind != "masked":
+        pytest.skip("fill-mask serves masked LMs")
+    task = TASKS[kind]
+    adapter = HFInferenceAdapter("tiny", base_url=f"{url}/fill-mask", mask_token="<mask>")
+    with Client(adapter, cache=CacheConfig(tmp_path / "c"), ledger=tmp_path / "l") as client:
+        feats = client.features(task, TEXTS)
+        summary = client.ledger.summary()
+    with Client(LocalAdapter(url), cache=None, ledger=tmp_path / "l2") as client:
+        ids = [i for group in client.features(task, TEXTS[:1]).meta.label_token_ids for i in group]
+    flat = _local_logprobs(url, [task.render(t, mask_token="<mask>") for t in TEXTS], ids)
+    want = np.stack([flat[:, :2].max(axis=1), flat[:, 2]], axis=1)
+    assert feats.meta.score_kind == "logprobs"
+    np.testing.assert_allclose(feats.scores, want, rtol=1e-4, atol=1e-5)
+    assert summary.requests == len(TEXTS) + 1  # fill-mask: one input per request

@@ -43,12 +43,13 @@ from .local import parse_token_ids
 
 __all__ = ["OpenAICompatibleAdapter"]
 
-TokenizeAPI = Literal["llama-cpp-python", "vllm", "llama.cpp", "none"]
+TokenizeAPI = Literal["llama-cpp-python", "vllm", "llama.cpp", "dect-maas", "none"]
 _TOKENIZE: dict[str, tuple[str, str]] = {
     # api -> (path, field holding the text)
     "llama-cpp-python": ("/extras/tokenize", "input"),
     "vllm": ("/tokenize", "prompt"),
     "llama.cpp": ("/tokenize", "content"),
+    "dect-maas": ("/v1/tokenize", "text"),  # our local server's OpenAI-compatible side
 }
 
 
