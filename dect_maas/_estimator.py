@@ -248,14 +248,17 @@ def _as_list(y: Any) -> list[Any]:
 
 
 def resolve_calibration(
-    features: Features, calibration: str
+    features: Features | None, calibration: str
 ) -> tuple[CalibrationKind | None, torch.Tensor | None]:
-    """Which calibration form applies, and its per-class vector (§2.2 of the method note)."""
+    """Which calibration form applies, and its per-class vector (§2.2 of the method note).
+
+    ``features=None`` only checks the setting (for models that do not use the scores).
+    """
     if calibration not in ("auto", "none", "logits", "logprobs"):
         raise ConfigError(
             f"calibration must be 'auto', 'none', 'logits' or 'logprobs', got {calibration!r}"
         )
-    if calibration == "none":
+    if calibration == "none" or features is None:
         return None, None
     if features.scores is None or (calibration == "auto" and features.meta.score_kind == "none"):
         if calibration == "auto":
@@ -402,7 +405,6 @@ class DecTClassifier(FeatureClassifier):
                 "class's radius from its examples, so every class needs at least one"
             )
         weight, calibration = self._settings()
-        kind, vector = resolve_calibration(features, calibration)
         if features.scores is None:
             if weight not in (None, 0, 0.0):
                 raise ConfigError(
@@ -412,6 +414,8 @@ class DecTClassifier(FeatureClassifier):
             lam = 0.0
         else:
             lam = float(n_classes / len(labels)) if weight is None else float(weight)
+        # calibration only matters when the scores are used (λ ≠ 0); the setting is checked anyway
+        kind, vector = resolve_calibration(features if lam != 0.0 else None, calibration)
 
         dev = torch.device(self.device)
         hidden = torch.from_numpy(features.hidden).to(dev)  # (N, D)

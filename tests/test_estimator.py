@@ -283,3 +283,14 @@ def test_cuda_fit_starts_from_the_same_decoder_and_agrees_with_cpu():
     np.testing.assert_array_equal(gpu.prototypes_, cpu.prototypes_)
     np.testing.assert_allclose(gpu.projection_, cpu.projection_, atol=1e-3)
     assert (gpu.predict(f) == cpu.predict(f)).mean() >= 0.98
+
+
+def test_zero_prompt_weight_needs_no_content_free():
+    h, s, y = blobs()
+    est = DecTClassifier(prompt_weight=0.0, random_state=0).fit(
+        feats(h, s), y
+    )  # calibration="auto"
+    assert est.calibration_ is None
+    assert est.calibration_kind_ is None
+    with pytest.raises(ConfigError, match="calibration must be"):
+        DecTClassifier(prompt_weight=0.0, calibration="bad").fit(feats(h, s), y)
