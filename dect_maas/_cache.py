@@ -121,38 +121,84 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     """
     if not isinstance(parts, Mapping):
         raise TypeError(f"cache_key expects a mapping, got {type(parts).__name__}")
-    plain = _plain_key_part(parts, "parts")
+    try:
+        plain_already = _check_key_part(parts)
+    except _BadKeyPart as bad:
+        where = "parts" + "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" for p in reversed(bad.path)
+        )
+        raise bad.error_type(bad.message.format(where=where)) from None
+    plain = parts if plain_already else _plain(parts)
     text = json.dumps(
         plain, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     )
     return sha256(text.encode("ascii")).hexdigest()
 
 
-def _plain_key_part(obj: Any, where: str) -> Any:
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
+class _BadKeyPart(Exception):
+    """A bad key part; its path is collected on the way out, so a valid key pays nothing."""
+
+    def __init__(self, error_type: type[Exception], message: str) -> None:
+        self.error_type, self.message = error_type, message
+        self.path: list[str | int] = []
+
+
+_JSON_SCALARS = frozenset([str, int, bool, type(None)])
+
+
+def _check_key_part(obj: Any) -> bool:
+    """Validate a key part; True when json.dumps can take it as it is (no non-dict mappings)."""
+    kind = type(obj)
+    if kind in _JSON_SCALARS:
+        return True
     if isinstance(obj, float):
         if not math.isfinite(obj):
-            raise ValueError(f"cache key part {where} is {obj!r}; only finite numbers are allowed")
-        return obj
+            raise _BadKeyPart(
+                ValueError, f"cache key part {{where}} is {obj!r}; only finite numbers are allowed"
+            )
+        return True
     if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
+        plain = kind is dict
         for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"cache key part {where} has a non-str key {k!r}")
+            if type(k) is not str:
+                raise _BadKeyPart(TypeError, f"cache key part {{where}} has a non-str key {k!r}")
             if _is_credential_name(k, _CREDENTIAL_NAMES):
-                raise ValueError(
-                    f"cache key part {where} has a field named {k!r}, which may hold a credential; "
-                    "credentials must never be part of a cache key"
+                raise _BadKeyPart(
+                    ValueError,
+                    f"cache key part {{where}} has a field named {k!r}, which may hold a "
+                    "credential; credentials must never be part of a cache key",
                 )
-            out[k] = _plain_key_part(v, f"{where}.{k}")
-        return out
+            try:
+                plain = _check_key_part(v) and plain
+            except _BadKeyPart as bad:
+                bad.path.append(k)
+                raise
+        return plain
     if isinstance(obj, (list, tuple)):
-        return [_plain_key_part(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    raise TypeError(
-        f"cache key part {where} has type {type(obj).__name__}; use JSON types "
-        "(str, int, float, bool, None, list, tuple, mapping)"
+        plain = True
+        for i, v in enumerate(obj):
+            try:
+                plain = _check_key_part(v) and plain
+            except _BadKeyPart as bad:
+                bad.path.append(i)
+                raise
+        return plain
+    if isinstance(obj, (str, int)):  # subclasses such as enum members: JSON writes their value
+        return True
+    raise _BadKeyPart(
+        TypeError,
+        f"cache key part {{where}} has type {kind.__name__}; use JSON types "
+        "(str, int, float, bool, None, list, tuple, mapping)",
     )
+
+
+def _plain(obj: Any) -> Any:
+    """A copy with every mapping as a dict (json.dumps takes only dicts)."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def _is_credential_name(name: str, names: frozenset[str]) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import pickle
 import subprocess
 import sys
 import textwrap
+import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -446,3 +448,16 @@ def test_one_corrupt_entry_among_many_is_named(tmp_path: Path) -> None:
         with pytest.raises(CacheError, match=f"entry {keys[3][:12]}"):
             cache.get_many(keys)
         assert cache.get_many(keys[:3])[keys[2]] == {"i": 2}
+
+
+def test_cache_key_takes_any_mapping_and_names_where_a_part_is_bad() -> None:
+    class Colour(str, enum.Enum):
+        RED = "red"
+
+    as_dict = {"a": {"b": [1, {"c": "red"}]}}
+    proxied = {"a": types.MappingProxyType({"b": (1, types.MappingProxyType({"c": Colour.RED}))})}
+    assert cache_key(proxied) == cache_key(as_dict)
+    with pytest.raises(ValueError, match=r"parts\.a\.b\[1\] has a field named 'Api-Key'"):
+        cache_key({"a": {"b": [1, {"Api-Key": "x"}]}})
+    with pytest.raises(ValueError, match=r"parts\.a\[2\] is nan"):
+        cache_key({"a": [1.0, 2.0, float("nan")]})
