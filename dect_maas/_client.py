@@ -268,8 +268,12 @@ class Client:
             "revision": getattr(adapter, "revision", None),
             "label_token_ids": [list(lab.ids) for lab in labels] if role != "vectors" else [],
         }
-        bodies = [adapter.example_body(role, p.text, labels) for p in prompts]
-        return _Plan(role, prompts, _example_keys(cache_key(fixed), bodies), {}, [], [])
+        keys = _example_keys(
+            cache_key(fixed),
+            lambda text: adapter.example_body(role, text, labels),
+            [p.text for p in prompts],
+        )
+        return _Plan(role, prompts, keys, {}, [], [])
 
     def _split(self, adapter: Adapter, plan: _Plan, labels: Sequence[Label]) -> None:
         seen: set[str] = set()
@@ -691,6 +695,7 @@ class Client:
             http = self._http.pop(self._loop, None)
             if http is not None:
                 self._loop.run_until_complete(http.aclose())
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
         self._http.clear()
         self._close_stores()
@@ -752,26 +757,42 @@ def _pairs(
     return list(zip(a, b, strict=True))
 
 
-def _example_keys(prefix: str, bodies: Sequence[Mapping[str, Any]]) -> list[str]:
-    """``cache_key({"body": body, "prefix": prefix})`` for each body, computed directly.
+def _example_keys(
+    prefix: str, body_of: Callable[[str], Mapping[str, Any]], texts: Sequence[str]
+) -> list[str]:
+    """``cache_key({"body": body_of(text), "prefix": prefix})`` for each text, computed fast.
 
-    The first key goes through ``cache_key`` itself (which validates the parts and refuses
-    credential-like names); the rest use the same canonical-JSON recipe on bodies of the same
-    shape, which is ~10x cheaper than revalidating every one (the cache-hit path is bound by it).
+    Every example's body differs only by its prompt, so the canonical JSON of a body with a
+    sentinel prompt is split around it once and each key is one string join and one sha256. A few
+    examples (first, middle, last) are checked against ``cache_key`` itself, which also validates
+    the parts and refuses credential-like names; on any difference every key takes the slow path.
+    The cache-hit path is bound by this (10,000 examples: ~0.05 s instead of ~1.5 s).
     """
-    if not bodies:
+    if not texts:
         return []
 
-    def fast(body: Mapping[str, Any]) -> str:
-        text = json.dumps(
-            body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-        )
-        return hashlib.sha256(f'{{"body":{text},"prefix":"{prefix}"}}'.encode("ascii")).hexdigest()
+    def slow(text: str) -> str:
+        return cache_key({"body": body_of(text), "prefix": prefix})
 
-    first = cache_key({"body": bodies[0], "prefix": prefix})
-    if fast(bodies[0]) != first:  # a recipe change in cache_key: use it for every key
-        return [cache_key({"body": b, "prefix": prefix}) for b in bodies]
-    return [first, *(fast(b) for b in bodies[1:])]
+    sentinel = "\x00dect-maas-prompt\x00"
+    template = json.dumps(
+        body_of(sentinel), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
+    marker = json.dumps(sentinel)
+    if template.count(marker) != 1:
+        return [slow(t) for t in texts]
+    head, tail = template.split(marker)
+    suffix = f'{tail},"prefix":"{prefix}"}}'
+    head = '{"body":' + head
+    sha256 = hashlib.sha256
+
+    def fast(text: str) -> str:
+        return sha256((head + json.dumps(text) + suffix).encode("ascii")).hexdigest()
+
+    checks = {0, len(texts) // 2, len(texts) - 1}
+    if any(fast(texts[i]) != slow(texts[i]) for i in checks):
+        return [slow(t) for t in texts]
+    return [fast(t) for t in texts]
 
 
 def _per_class(

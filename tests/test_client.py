@@ -14,6 +14,8 @@ import httpx
 import numpy as np
 import pytest
 from faultserver import FakeModel, MockProvider
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dect_maas import (
     BudgetExceeded,
@@ -283,3 +285,20 @@ def test_a_truncated_body_is_retried_once_and_paid_once(tmp_path: Path) -> None:
     assert summary.queries_paid == 11
     assert summary.requests == 1
     assert summary.attempts == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(), min_size=1, max_size=8))
+def test_fast_example_keys_equal_cache_key(texts: list[str]) -> None:
+    from dect_maas._cache import cache_key
+    from dect_maas._client import _example_keys
+
+    adapter = LocalAdapter("http://fake", kind="causal", revision="r")
+    labels = ()
+
+    def body_of(text: str) -> dict[str, Any]:
+        return adapter.example_body("features", text, labels)
+
+    prefix = cache_key({"p": 1})
+    want = [cache_key({"body": body_of(t), "prefix": prefix}) for t in texts]
+    assert _example_keys(prefix, body_of, texts) == want
