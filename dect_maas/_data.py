@@ -136,7 +136,13 @@ class Examples:
         With ``label_names`` (default), integer labels of a ``ClassLabel`` column are turned into
         its class names, which are what a Task's classes are called.
         """
-        columns = [str(c) for c in getattr(ds, "column_names", ())]
+        names_attr = getattr(ds, "column_names", ())
+        if isinstance(names_attr, dict):
+            raise ConfigError(
+                f"got several splits ({', '.join(map(str, names_attr))}); "
+                "pass one, e.g. ds['train']"
+            )
+        columns = [str(c) for c in names_attr]
         data = _columns(ds, columns, text_field, label_field, text_b_field, id_field, "dataset")
         if label_names:
             feature = (

@@ -167,6 +167,14 @@ def test_from_hf_dataset_maps_class_label_ints_to_names():
     with pytest.raises(ConfigError, match="dataset has no column\\(s\\) 'premise'"):
         Examples.from_hf_dataset(ds, text_field="premise")
 
+    class FakeDatasetDict(dict):
+        @property
+        def column_names(self):
+            return {k: v.column_names for k, v in self.items()}
+
+    with pytest.raises(ConfigError, match=r"several splits \(train, test\); pass one"):
+        Examples.from_hf_dataset(FakeDatasetDict(train=ds, test=ds))
+
 
 def test_from_real_pandas_dataframe():
     pd = pytest.importorskip("pandas")

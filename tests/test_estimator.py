@@ -68,8 +68,8 @@ def test_fit_returns_self_with_fitted_numpy_attributes():
 
 def test_prompt_weight_is_one_over_mean_shot_when_unbalanced():
     h, s, y = blobs(n_per_class=8)
-    keep = np.r_[np.arange(0, 24), np.arange(24, 24)]  # 8 per class → drop 3 of class 0
-    keep = np.array([i for i in range(24) if not (y[i] == 0 and i >= 12)])
+    keep = np.array([i for i in range(24) if not (y[i] == 0 and i >= 12)])  # class 0: 4 of 8
+    assert np.bincount(y[keep]).tolist() == [4, 8, 8]
     f = feats(h[keep], s[keep])
     est = DecTClassifier(calibration="none", n_steps=1, random_state=0).fit(f, y[keep])
     assert est.prompt_weight_ == pytest.approx(3 / len(keep))  # 1 / (N / C)
