@@ -365,13 +365,15 @@ class Client:
             latency_s=latency,
         )
 
-        async def store_and_settle() -> None:
-            # The answer was paid for: store and settle it even if the caller is cancelled.
+        def store_and_settle() -> None:
+            # One thread hop for both: the cache write, then the ledger (the answer is stored
+            # before it is accounted as paid, so a crash in between never loses a paid answer).
             if self._cache is not None:
-                await asyncio.to_thread(self._cache.set_many, dict(zip(keys, records, strict=True)))
-            await asyncio.to_thread(self._ledger.settle, reservation, actual, done)
+                self._cache.set_many(dict(zip(keys, records, strict=True)))
+            self._ledger.settle(reservation, actual, done)
 
-        await _finish_even_if_cancelled(store_and_settle())
+        # The answer was paid for: store and settle it even if the caller is cancelled.
+        await _finish_even_if_cancelled(asyncio.to_thread(store_and_settle))
         logger.info(
             "%s %s: %d quer%s, %d tokens, %d attempt(s), %.3fs",
             adapter.provider,
@@ -836,8 +838,8 @@ def _progress(progress: Progress, total: int) -> Callable[[int], None]:
     return call
 
 
-async def _finish_even_if_cancelled(coro: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.ensure_future(coro)
+async def _finish_even_if_cancelled(aw: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(aw)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
