@@ -166,7 +166,8 @@ class Engine:
         self.kind: ModelKind = kind
         self.name = name
         self.device = device
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        head = model.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0] if head is not None else model.config.vocab_size)
         self.hidden_size = int(model.config.hidden_size)
         if tokenizer.pad_token_id is not None:
             self.pad_id = int(tokenizer.pad_token_id)
