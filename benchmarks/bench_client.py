@@ -10,7 +10,10 @@
    model, stated in the output) as a share of that server's own throughput, measured in the same
    run with bare httpx sending the same batches at the same concurrency. Target >= 90%.
 
-Usage: python benchmarks/bench_client.py [--hits 10000] [--requests 300] [--e2e 2048]
+Overhead and end-to-end figures are medians of interleaved repetitions (``--reps``); on a loaded
+machine they vary a lot, so the per-repetition values and the load average are printed too.
+
+Usage: python benchmarks/bench_client.py [--hits 10000] [--requests 300] [--e2e 2048] [--reps 5]
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -83,7 +88,7 @@ async def _bare(url: str, bodies: list[dict[str, Any]], conc: int) -> float:
         return time.perf_counter() - t0
 
 
-def bench_overhead(n: int, tmp: Path, conc: int) -> dict[str, Any]:
+def bench_overhead(n: int, tmp: Path, conc: int, reps: int) -> dict[str, Any]:
     """One example per request, ``conc`` requests at a time, client vs bare httpx."""
     texts = [f"overhead text {i} at {conc}" for i in range(n)]
     server = FaultServer(rate=0.0)
@@ -103,7 +108,7 @@ def bench_overhead(n: int, tmp: Path, conc: int) -> dict[str, Any]:
             for t in texts
         ]
         bare, client_times = [], []
-        for rep in range(3):  # interleaved, best of 3 each
+        for rep in range(reps):  # interleaved: both sides see the same machine load
             bare.append(asyncio.run(_bare(url, bodies, conc)))
             with Client(
                 adapter,
@@ -116,11 +121,15 @@ def bench_overhead(n: int, tmp: Path, conc: int) -> dict[str, Any]:
                 fresh.features(TASK, texts)
                 client_times.append(time.perf_counter() - t0)
     # the client run also sends the content-free query: n + 1 requests against n
-    per_client = min(client_times) / (n + 1)
-    per_bare = min(bare) / n
+    per_client = statistics.median(client_times) / (n + 1)
+    per_bare = statistics.median(bare) / n
     return {
         "requests": n,
         "concurrency": conc,
+        "reps": reps,
+        "ratios_per_rep": [
+            round(c / (n + 1) / (b / n), 3) for b, c in zip(bare, client_times, strict=True)
+        ],
         "bare_httpx_ms_per_request": round(per_bare * 1000, 3),
         "client_ms_per_request": round(per_client * 1000, 3),
         "ratio": round(per_client / per_bare, 3),
@@ -146,7 +155,7 @@ async def _server_direct(url: str, batches: list[list[str]], ids: list[int], con
         return time.perf_counter() - t0
 
 
-def bench_e2e(n: int, tmp: Path, batch: int, conc: int) -> dict[str, Any]:
+def bench_e2e(n: int, tmp: Path, batch: int, conc: int, reps: int) -> dict[str, Any]:
     from dect_maas_server.testing import make_tiny_model, run_server
 
     model = make_tiny_model("causal", tmp / "tiny-causal")
@@ -159,7 +168,7 @@ def bench_e2e(n: int, tmp: Path, batch: int, conc: int) -> dict[str, Any]:
         prompts = [TASK.render(t) for t in texts]
         batches = [prompts[i : i + batch] for i in range(0, n, batch)]
         direct, through = [], []
-        for rep in range(2):
+        for rep in range(reps):  # interleaved: both sides see the same machine load
             direct.append(asyncio.run(_server_direct(url, batches, ids, conc)))
             with Client(
                 adapter,
@@ -170,9 +179,13 @@ def bench_e2e(n: int, tmp: Path, batch: int, conc: int) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 c.features(TASK, texts)
                 through.append(time.perf_counter() - t0)
-    server_qps = n / min(direct)
-    client_qps = (n + 1) / min(through)  # + the content-free query
+    server_qps = n / statistics.median(direct)
+    client_qps = (n + 1) / statistics.median(through)  # + the content-free query
     return {
+        "reps": reps,
+        "shares_per_rep": [
+            round((n + 1) / c / (n / d), 3) for d, c in zip(direct, through, strict=True)
+        ],
         "model": "tiny random causal Llama (dect_maas_server.testing.make_tiny_model), CPU",
         "examples": n,
         "batch": batch,
@@ -194,6 +207,7 @@ def main() -> None:
     parser.add_argument("--e2e", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median)")
     parser.add_argument("--skip-e2e", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -204,7 +218,10 @@ def main() -> None:
             "overhead_per_request_concurrent": bench_overhead(args.requests, tmp, args.concurrency),
         }
         if not args.skip_e2e:
-            out["end_to_end_local_server"] = bench_e2e(args.e2e, tmp, args.batch, args.concurrency)
+            out["end_to_end_local_server"] = bench_e2e(
+                args.e2e, tmp, args.batch, args.concurrency, args.reps
+            )
+    out["machine"] = {"cpus": os.cpu_count(), "load_average_1_5_15": os.getloadavg()}
     print(json.dumps(out, indent=2))
 
 
