@@ -194,6 +194,7 @@ def create_app(
             batcher.stop()
 
     app = FastAPI(title="dect-maas-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    created = int(time.time())
     app.state.engine = engine
     app.state.batcher = batcher
     app.state.metrics = metrics
@@ -278,7 +279,7 @@ def create_app(
                 {
                     "id": engine.name,
                     "object": "model",
-                    "created": int(metrics_started_wall),
+                    "created": created,
                     "owned_by": "dect-maas-server",
                     "kind": engine.kind,
                     "fingerprint": engine.fingerprint,
@@ -291,8 +292,6 @@ def create_app(
                 }
             ],
         }
-
-    metrics_started_wall = time.time()
 
     @app.post("/v1/features")
     async def features(req: FeaturesRequest) -> JSONResponse:

@@ -93,6 +93,9 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_wait_ms < 0 or args.max_logprobs < 0 or args.threads < 0:
         parser.error("--max-wait-ms and --max-logprobs must not be negative")
+    if args.max_inputs_per_request > args.max_queue:
+        # Such a request could never be queued: it would get 429 forever.
+        parser.error("--max-inputs-per-request must not exceed --max-queue")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
 

@@ -45,10 +45,28 @@ def test_missing_or_wrong_key_is_401(masked_server: tuple[str, list[str]]) -> No
     assert not any(API_KEY in line for line in log)
 
 
-def test_refuses_public_host_without_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refuses_public_host_without_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.delenv("DECT_MAAS_SERVER_API_KEY", raising=False)
     with pytest.raises(SystemExit) as info:
         main(["--host", "0.0.0.0", "--model", "/nonexistent"])
+    assert info.value.code == 2
+    assert "--allow-public-without-key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--max-batch-size", "0"],
+        ["--max-wait-ms", "-1"],
+        ["--port", "70000"],
+        ["--max-queue", "8", "--max-inputs-per-request", "9"],
+    ],
+)
+def test_bad_flags_are_refused(flags: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--model", "/nonexistent", *flags])
     assert info.value.code == 2
 
 
