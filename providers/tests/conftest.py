@@ -12,9 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from dect_maas_server.testing import make_tiny_model, run_server
-from server_reference import Reference
-
-API_KEY = "sk-test-4f1d9c0e-never-log-me"
+from server_reference import API_KEY, Reference
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+#: The key of the keyed test server; tests check it never shows up in logs or responses.
+API_KEY = "sk-test-4f1d9c0e-never-log-me"
+
 
 class Reference:
     """The same weights run directly with transformers, one unpadded input at a time."""

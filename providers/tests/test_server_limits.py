@@ -8,11 +8,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_KEY
 from dect_maas_server.cli import main
 from dect_maas_server.engine import _keep_window
 from dect_maas_server.testing import run_server
-from server_reference import Reference
+from server_reference import API_KEY, Reference
 
 
 def _error(resp: httpx.Response, status: int) -> str:
