@@ -214,8 +214,10 @@ def main() -> None:
         tmp = Path(d)
         out: dict[str, Any] = {
             "cache_hits": bench_hits(args.hits, tmp),
-            "overhead_per_request_sequential": bench_overhead(args.requests, tmp, 1),
-            "overhead_per_request_concurrent": bench_overhead(args.requests, tmp, args.concurrency),
+            "overhead_per_request_sequential": bench_overhead(args.requests, tmp, 1, args.reps),
+            "overhead_per_request_concurrent": bench_overhead(
+                args.requests, tmp, args.concurrency, args.reps
+            ),
         }
         if not args.skip_e2e:
             out["end_to_end_local_server"] = bench_e2e(
