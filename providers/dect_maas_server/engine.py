@@ -282,13 +282,14 @@ class Engine:
             kwargs["logits_to_keep"] = keep_positions.to(self.device)
         out = self.model(**kwargs)
         last = out.hidden_states[-1].float()  # [B, T, H]
-        hidden = last[rows, score_pos.to(last.device)]  # [B, H]
-        logits_all = out.logits.float()  # [B, T or K, V]
+        rows, pos = rows.to(last.device), score_pos.to(last.device)  # index where the data is
+        hidden = last[rows, pos]  # [B, H]
+        logits_all = out.logits  # [B, T or K, V], model dtype: gather before widening
         if keep_positions is not None:
             column = torch.searchsorted(keep_positions, score_pos)  # [B]
-            logits = logits_all[rows, column.to(logits_all.device)]  # [B, V]
+            logits = logits_all[rows, column.to(last.device)].float()  # [B, V]
         else:
-            logits = logits_all[rows, score_pos.to(logits_all.device)]  # [B, V]
+            logits = logits_all[rows, pos].float()  # [B, V]
         logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
         pooled: torch.Tensor | None = None
         if any(want_pooled):
@@ -300,7 +301,8 @@ class Engine:
         for row, it in enumerate(items):
             all_lp = None
             if want_all[row]:
-                all_lp = torch.log_softmax(logits_all[row, : len(it.ids)], dim=-1).cpu()  # [n, V]
+                seq = logits_all[row, : len(it.ids)].float()  # [n, V]
+                all_lp = torch.log_softmax(seq, dim=-1).cpu()  # [n, V]
             results.append(
                 ItemOutput(
                     logits=logits[row],
