@@ -278,8 +278,14 @@ class ExperimentConfig(_Section):
         return cfg.resolved(base_dir if base_dir is not None else Path.cwd())
 
 
-def load_config(path: str | PathLike[str]) -> ExperimentConfig:
-    """Read, validate and resolve an experiment config file (``.toml``, ``.yaml`` or ``.yml``)."""
+def load_config(
+    path: str | PathLike[str], overrides: Mapping[str, Any] | None = None
+) -> ExperimentConfig:
+    """Read, validate and resolve an experiment config file (``.toml``, ``.yaml`` or ``.yml``).
+
+    ``overrides`` is a nested mapping merged over the file before validation, e.g.
+    ``{"provider": {"base_url": "http://127.0.0.1:9000"}}``.
+    """
     p = Path(path)
     try:
         raw_text = p.read_text(encoding="utf-8")
@@ -311,7 +317,20 @@ def load_config(path: str | PathLike[str]) -> ExperimentConfig:
         raise ConfigError(f"{p}: unknown config format {suffix!r}; use .toml, .yaml or .yml")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: the config must be a table of settings at the top level")
+    if overrides:
+        data = merge(data, overrides)
     return ExperimentConfig.from_dict(data, source=str(p), base_dir=p.resolve().parent)
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``, table by table (values of ``over`` win)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _refuse_inline_secrets(data: Any, source: str, loc: tuple[str, ...]) -> None:

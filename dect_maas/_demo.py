@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import signal
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import ConfigError, DectError
+
+logger = logging.getLogger("dect_maas.demo")
 
 __all__ = ["DEMO_PORT", "demo_config", "find_examples_dir", "local_server", "run_demo"]
 
@@ -76,7 +79,15 @@ def demo_config(
     return ExperimentConfig.from_dict(
         {
             "name": "movies-demo",
-            "provider": {"kind": "local", "base_url": base_url},
+            # Small requests and a long timeout: on 2 busy cores a request of 64 long prompts
+            # can wait behind others for over a minute.
+            "provider": {
+                "kind": "local",
+                "base_url": base_url,
+                "max_prompts_per_request": 16,
+                "max_concurrency": 4,
+                "timeout_s": 600,
+            },
             "task": {
                 "name": "movie-sentiment",
                 "template": DEMO_TEMPLATE,
@@ -95,7 +106,9 @@ def demo_config(
 
 
 def _port_free(port: int) -> bool:
+    """Whether nothing listens on the port (a socket of a stopped server in TIME_WAIT is fine)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -143,7 +156,14 @@ def local_server(
         from .cli import SERVER_INSTALL_HINT
 
         raise ConfigError(SERVER_INSTALL_HINT)
-    chosen = port if port is not None else (DEMO_PORT if _port_free(DEMO_PORT) else 0)
+    chosen = DEMO_PORT if port is None else port
+    if chosen and not _port_free(chosen):
+        logger.warning(
+            "port %d is taken; using a free one (answers cached under the usual port's URL are "
+            "not reused: the cache key covers the endpoint)",
+            chosen,
+        )
+        chosen = 0
     cmd = [sys.executable, "-m", "dect_maas_server", "--host", "127.0.0.1", "--port", str(chosen)]
     if model is not None:
         cmd += ["--model", model]
@@ -203,6 +223,8 @@ def local_server(
                 proc.kill()
                 proc.wait(timeout=5)
         reader.join(timeout=2)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def run_demo(
@@ -214,6 +236,7 @@ def run_demo(
     test_limit: int | None = None,
     progress: bool = False,
     verbose: bool = False,
+    port: int | None = None,
 ) -> int:
     """The ``dect-maas demo`` command; prints the table on stdout, progress on stderr."""
     from ._experiment import Experiment
@@ -227,7 +250,7 @@ def run_demo(
     find_examples_dir()  # fail early, before starting anything
     say(f"dect-maas demo: cache, ledger and reports under {home}")
     prepare_model(model, quiet=not verbose and not progress)
-    with local_server(model) as url:
+    with local_server(model, port=port) as url:
         say(f"local server at {url}")
         cfg = demo_config(
             url, home, shots=shots or (1, 4, 16), seeds=seeds or (0, 1, 2), test_limit=test_limit

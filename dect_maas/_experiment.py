@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._config_file import ExperimentConfig, ProviderSection, load_config
+from ._config_file import ExperimentConfig, ProviderSection, load_config, merge
 from ._exceptions import ConfigError
 from ._features import Features
 from ._task import Task
@@ -159,6 +159,18 @@ class ExperimentResult:
             raise KeyError((method, shots))
         return mean_std(accs)
 
+    def table(self, *, markdown: bool = False) -> str:
+        """Accuracy mean ± std per method and shot count, as printed by the CLI."""
+        from ._report import format_table
+
+        return format_table(self, markdown=markdown)
+
+    def cost_summary(self) -> str:
+        """Queries paid, cache hits, requests, tokens, cost and wall time, one per line."""
+        from ._report import usage_lines
+
+        return "\n".join(usage_lines(self))
+
     @property
     def queries_paid(self) -> int:
         return int(self.usage.get("queries_paid", 0))
@@ -249,14 +261,21 @@ class Experiment:
         config: ExperimentConfig | Mapping[str, Any] | str | PathLike[str],
         *,
         run_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> Experiment:
-        """From a config file, a mapping (paths relative to the cwd) or an ExperimentConfig."""
+        """From a config file, a mapping (paths relative to the cwd) or an ExperimentConfig.
+
+        ``overrides``: a nested mapping merged over the settings before validation, e.g.
+        ``{"provider": {"base_url": url}, "shots": [1, 4]}``.
+        """
         if isinstance(config, ExperimentConfig):
             cfg = config
+            if overrides:
+                cfg = ExperimentConfig.from_dict(merge(cfg.to_public_dict(), overrides))
         elif isinstance(config, Mapping):
-            cfg = ExperimentConfig.from_dict(config)
+            cfg = ExperimentConfig.from_dict(merge(config, overrides or {}))
         else:
-            cfg = load_config(config)
+            cfg = load_config(config, overrides)
         return cls(cfg, run_id=run_id)
 
     @property

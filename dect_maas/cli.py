@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--test-limit", type=int, default=None, help="use only the first N test examples"
     )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="loopback port for the server (default 47623, a free one if taken; the cache key "
+        "covers the server URL, so keep it stable to reuse cached answers)",
+    )
 
     p = sub.add_parser("run", parents=[common], help="run an experiment config")
     p.add_argument("config", type=Path, help="experiment config (.toml, .yaml)")
@@ -323,6 +330,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         progress=args.progress,
         verbose=args.verbose,
+        port=args.port,
     )
 
 

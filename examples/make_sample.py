@@ -17,6 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SEED = 20231
 SIZES = {"train": 400, "test": 400}
+CSV_ROWS = 40
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +37,20 @@ def main(argv: list[str]) -> int:
         for row in picked:
             counts[row["label"]] = counts.get(row["label"], 0) + 1
         print(f"{out.relative_to(HERE.parent)}: {n} examples {counts}")
+        write_csv(picked[:CSV_ROWS], out_dir / f"custom_reviews_{split}.csv")
     return 0
+
+
+def write_csv(rows: list[dict[str, str]], path: Path) -> None:
+    """The custom-CSV example's data: other column names and class names than the JSONL."""
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["review_id", "review", "verdict"])
+        for row in rows:
+            w.writerow([row["id"], row["text"], "good" if row["label"] == "positive" else "bad"])
+    print(f"{path.relative_to(HERE.parent)}: {len(rows)} rows")
 
 
 if __name__ == "__main__":
