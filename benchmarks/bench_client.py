@@ -139,6 +139,48 @@ def bench_overhead(n: int, tmp: Path, conc: int, reps: int) -> dict[str, Any]:
     }
 
 
+def bench_bookkeeping(n: int, tmp: Path) -> dict[str, Any]:
+    """What the client adds to each request, timed alone: ledger reserve, cache write, ledger
+    settle, and a thread hop (``asyncio.to_thread``), which the client makes twice per request."""
+    import numpy as np
+
+    from dect_maas import Ledger, LedgerRecord, Usage
+    from dect_maas._cache import ResponseCache, cache_key
+
+    cache = ResponseCache(CacheConfig(tmp / "bk-cache"))
+    ledger = Ledger(tmp / "bk-ledger")
+    value = {"s": [1.0, 2.0], "c": None, "h": np.zeros(576, np.float32), "t": 9, "fp": "x"}
+    t0 = time.perf_counter()
+    reservations = [ledger.reserve(Usage(1, 1, 10, 0.0), provider="p") for _ in range(n)]
+    t1 = time.perf_counter()
+    for i in range(n):
+        cache.set_many({cache_key({"i": i}): value})
+    t2 = time.perf_counter()
+    for r in reservations:
+        ledger.settle(r, Usage(1, 1, 5, 0.0), LedgerRecord(provider="p", model="m", endpoint="e"))
+    t3 = time.perf_counter()
+
+    async def hops() -> float:
+        s = time.perf_counter()
+        for _ in range(n):
+            await asyncio.to_thread(lambda: None)
+        return time.perf_counter() - s
+
+    hop = asyncio.run(hops())
+    cache.close()
+    ledger.close()
+    ms = {
+        "reserve": (t1 - t0) / n * 1000,
+        "cache_write": (t2 - t1) / n * 1000,
+        "settle": (t3 - t2) / n * 1000,
+        "thread_hop": hop / n * 1000,
+    }
+    ms["total_per_request"] = (
+        ms["reserve"] + ms["cache_write"] + ms["settle"] + 2 * ms["thread_hop"]
+    )
+    return {k + "_ms": round(v, 3) for k, v in ms.items()}
+
+
 async def _server_direct(url: str, batches: list[list[str]], ids: list[int], conc: int) -> float:
     gate = asyncio.Semaphore(conc)
     async with httpx.AsyncClient(timeout=120) as http:
@@ -214,6 +256,7 @@ def main() -> None:
         tmp = Path(d)
         out: dict[str, Any] = {
             "cache_hits": bench_hits(args.hits, tmp),
+            "bookkeeping_per_request": bench_bookkeeping(500, tmp),
             "overhead_per_request_sequential": bench_overhead(args.requests, tmp, 1, args.reps),
             "overhead_per_request_concurrent": bench_overhead(
                 args.requests, tmp, args.concurrency, args.reps
