@@ -31,9 +31,11 @@ logger = logging.getLogger("dect_maas.demo")
 __all__ = ["DEMO_PORT", "demo_config", "find_examples_dir", "local_server", "run_demo"]
 
 DEMO_PORT = 47623
-DEMO_TEMPLATE = "{text} In summary, it was {mask}"
-# Chosen on the training pool only (examples/choose_template.py); never on test data.
-DEMO_LABEL_WORDS = {"negative": ["terrible"], "positive": ["great"]}
+DEMO_TEMPLATE = "Review: {text}\nSentiment: {mask}"
+# Chosen on the training pool only (examples/choose_template.py: calibrated zero-shot accuracy on
+# its first 100 examples, 0.83 against 0.68 for "{text} In summary, it was {mask}" with
+# terrible/great); never on test data.
+DEMO_LABEL_WORDS = {"negative": ["negative"], "positive": ["positive"]}
 _LISTEN = re.compile(r"listening on (https?://[0-9.]+:\d+)")
 
 

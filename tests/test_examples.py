@@ -121,7 +121,7 @@ def test_openai_compatible_example_against_the_local_server(
     model = served["data"][0]["id"]
     ids = {
         w: post(f"{server_url}/v1/tokenize", {"text": w})["data"][0]["ids"]
-        for w in (" terrible", " great")
+        for w in (" negative", " positive")
     }
     overrides = small(
         tmp_path,
@@ -224,6 +224,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow  # two server starts and runs: about a minute on 2 busy cores
 def test_demo_runs_and_its_second_run_pays_zero(
     tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
