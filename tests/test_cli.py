@@ -297,3 +297,26 @@ def test_ledger_needs_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["ledger", "summary"]) == EXIT_CONFIG
     assert "--ledger-dir" in capsys.readouterr().err
     assert main(["ledger", "summary", "--ledger-dir", str(tmp_path / "none")]) == EXIT_CONFIG
+
+
+def test_a_key_named_in_the_config_never_reaches_reports_cache_or_ledger(
+    tmp_path: Path,
+    server_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = "sk-test-9f8e7d6c5b4a-never-stored"
+    monkeypatch.setenv("DECT_MAAS_TEST_KEY", secret)
+    cfg = write_config(
+        tmp_path, server_url, "seeds = [0]\nshots = [1]", 'api_key_env = "DECT_MAAS_TEST_KEY"'
+    )
+    cfg.write_text(cfg.read_text().replace(f"shots = {SHOTS}\nseeds = {SEEDS}\n", ""))
+    assert main(["run", str(cfg), "--json"]) == EXIT_OK
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+    report = json.loads(out.out)
+    assert report["config"]["provider"]["api_key_env"] == "DECT_MAAS_TEST_KEY"
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "report.json" for p in files)
+    for p in files:
+        assert secret.encode() not in p.read_bytes(), p
