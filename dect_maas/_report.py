@@ -165,18 +165,14 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for m in result.methods:
+    for i, m in enumerate(result.methods):
         xs = [k for k in shots if result.select(m, k)]
         stats = np.array([result.accuracy(m, k) for k in xs]) * 100
         style = "--" if m in _ZERO_SHOT else "-"
-        (line,) = ax.plot(xs, stats[:, 0], style, marker="o", label=_LABELS.get(m, m))
-        ax.fill_between(
-            xs,
-            stats[:, 0] - stats[:, 1],
-            stats[:, 0] + stats[:, 1],
-            alpha=0.2,
-            color=line.get_color(),
-        )
+        color = f"C{i}"  # the same colour per method in both plots
+        ax.plot(xs, stats[:, 0], style, marker="o", color=color, label=_LABELS.get(m, m))
+        lo, hi = stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1]
+        ax.fill_between(xs, lo, hi, alpha=0.2, color=color)
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("shots per class")
@@ -196,22 +192,24 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for m in result.methods:
+    ticks: set[int] = set()
+    for i, m in enumerate(result.methods):
         xs_shots = [k for k in shots if result.select(m, k)]
         stats = np.array([result.accuracy(m, k) for k in xs_shots]) * 100
+        color = f"C{i}"
         if m in _ZERO_SHOT:  # no labelled example paid: a level line, not a point on the axis
-            ax.axhline(stats[:, 0].mean(), linestyle="--", label=f"{_LABELS[m]} (no training)")
+            label = f"{_LABELS[m]} (no training)"
+            ax.axhline(stats[:, 0].mean(), linestyle="--", color=color, label=label)
             continue
         xs = [k * n_classes + 1 for k in xs_shots]
-        (line,) = ax.plot(xs, stats[:, 0], marker="o", label=_LABELS.get(m, m))
-        ax.fill_between(
-            xs,
-            stats[:, 0] - stats[:, 1],
-            stats[:, 0] + stats[:, 1],
-            alpha=0.2,
-            color=line.get_color(),
-        )
+        ticks.update(xs)
+        ax.plot(xs, stats[:, 0], marker="o", color=color, label=_LABELS.get(m, m))
+        lo, hi = stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1]
+        ax.fill_between(xs, lo, hi, alpha=0.2, color=color)
     ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+        ax.minorticks_off()
     ax.set_xlabel(
         f"training queries paid per model (k·{n_classes} + 1); test set adds {result.plan.n_test}"
     )
