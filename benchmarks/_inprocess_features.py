@@ -68,7 +68,8 @@ class InProcessExtractor:
 
         if not (self.model_dir / "config.json").exists():
             self._convert()
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        # one thread: on a machine shared with other work, oversubscribed threads are far slower
+        torch.set_num_threads(int(os.environ.get("DECT_MAAS_COMPARE_THREADS", "1")))
         self._tok = AutoTokenizer.from_pretrained(str(self.model_dir))
         self._model = AutoModelForCausalLM.from_pretrained(str(self.model_dir)).eval()
 

@@ -248,10 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", type=Path, default=Path.home() / ".cache" / "dect-maas" / "compare"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: best on a shared machine)"
+    )
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     source = FeatureSource(args.cache_dir, args.server_url)
     print(f"features: {source.path}", file=sys.stderr)
     t0 = time.time()

@@ -56,7 +56,7 @@ from ._features import Features
 __all__ = ["DEFAULT_GRID", "STEP_CHECKPOINTS", "AutoDecTClassifier", "Candidate", "train_members"]
 
 Method = Literal["zero_shot", "linear_probe", "prototype", "paper", "dect"]
-STEP_CHECKPOINTS: tuple[int, ...] = (10, 30, 60)
+STEP_CHECKPOINTS: tuple[int, ...] = (10, 30)
 _MIN_HELD_OUT = 48  # repeat the folds until about this many held-out predictions per setting
 
 
@@ -92,10 +92,10 @@ class Candidate:
 
 def _dect_grid() -> tuple[Candidate, ...]:
     out = []
-    for prototypes in ("random", "class_means"):
-        for lr in (0.01, 0.05):
+    for prototypes, rates in (("random", (0.01, 0.05)), ("class_means", (0.05,))):
+        for lr in rates:
             out.append(Candidate("dect", False, 0.0, lr, 0, prototypes))
-            for weight in (1 / 16, 1 / 4, 1.0):
+            for weight in (1 / 8, 1 / 2, 2.0):
                 for cal in (True, False):
                     out.append(Candidate("dect", cal, weight, lr, 0, prototypes))
     return tuple(out)  # n_steps is filled in from STEP_CHECKPOINTS
@@ -340,7 +340,7 @@ class AutoDecTClassifier(FeatureClassifier):
             plain.append(Candidate("zero_shot", False))
             if has_cal:
                 plain.append(Candidate("zero_shot", True))
-            plain.append(Candidate("paper", has_cal))
+            plain.append(Candidate("paper", has_cal, self._paper_weight))
         plain += [Candidate("prototype"), Candidate("linear_probe")]
         grid = [
             c
