@@ -92,7 +92,11 @@ class Candidate:
 
 def _dect_grid() -> tuple[Candidate, ...]:
     out = []
-    for prototypes, rates in (("random", (0.01, 0.05)), ("class_means", (0.05,))):
+    families: tuple[tuple[Literal["random", "class_means"], tuple[float, ...]], ...] = (
+        ("random", (0.01, 0.05)),
+        ("class_means", (0.05,)),
+    )
+    for prototypes, rates in families:
         for lr in rates:
             out.append(Candidate("dect", False, 0.0, lr, 0, prototypes))
             for weight in (1 / 8, 1 / 2, 2.0):
