@@ -227,6 +227,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     print(f"requests: {est.requests}")
     print(f"input tokens (estimate): {est.input_tokens}")
     print(f"cost (upper estimate): ${est.cost_usd:.6f}")
+    for note in est.assumptions:
+        print(f"note: {note}")
     print("nothing was sent")
     return EXIT_OK
 
