@@ -178,10 +178,15 @@ def train_members(
     saved = []
     for step in range(stops[-1] + 1):
         u = (x @ w.view(n_groups, -1, n_set * d)).view(n_groups, n_rows, n_set, d)  # (G,N,K,d)
-        if normalize:
-            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (G, N, K, d)
+        # ‖û − p‖² = ‖û‖² − 2 û·p + ‖p‖² with û = u/‖u‖, written so that no (G, N, K, d)
+        # tensor besides u itself is made: û·p = (u·p)/‖u‖ and ‖û‖² = (‖u‖/‖u‖)²
+        length = torch.linalg.vector_norm(u, dim=-1, keepdim=True)  # (G, N, K, 1)
         cross = torch.einsum("gnkd,gkcd->gnkc", u, protos)  # (G, N, K, C)
-        sq = (u * u).sum(-1, keepdim=True) - 2 * cross + (protos * protos).sum(-1)[:, None]
+        if normalize:
+            clamped = length.clamp_min(1e-30)  # (G, N, K, 1)
+            cross = cross / clamped
+            length = length / clamped
+        sq = length * length - 2 * cross + (protos * protos).sum(-1)[:, None]  # (G, N, K, C)
         dist = sq.clamp_min(1e-12).sqrt()  # (G, N, K, C)
         logits = base[None] + radii[:, None] - log_scale.exp()[:, None, :, None] * dist
         if step in stops:
@@ -201,7 +206,8 @@ def train_members(
                     g = g * mask
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                p.sub_(rate / (1 - beta1**t) * m / (v.sqrt() / bc2 + ADAM_EPS))
+                denom = v.sqrt().div_(bc2).add_(ADAM_EPS)  # torch.optim.Adam's arithmetic
+                p.sub_(torch.div(m, denom, out=denom).mul_(rate / (1 - beta1**t)))
     final = {"W": w.detach(), "P": protos.detach(), "r": radii.detach(), "a": log_scale.detach()}
     return torch.stack(saved), final
 
