@@ -294,7 +294,7 @@ class Client:
         uses = Counter(plan.keys)
         gate = asyncio.Semaphore(self._max_concurrency)
 
-        failed: list[bool] = []
+        failed: list[Exception] = []
 
         async def one(spec: RequestSpec) -> None:
             async with gate:
@@ -302,14 +302,19 @@ class Client:
                     return
                 try:
                     records = await self._send(adapter, spec, [key_of[i] for i in spec.indices])
-                except BaseException:
-                    failed.append(True)
-                    raise
+                except Exception as exc:
+                    failed.append(exc)
+                    return
             keys = [key_of[i] for i in spec.indices]
             plan.found.update(zip(keys, records, strict=True))
             report(sum(uses[k] for k in keys))  # a text given twice is answered twice
 
-        await _all_or_cancel([one(spec) for spec in plan.specs])
+        await _run_all([one(spec) for spec in plan.specs])
+        if failed:
+            # Raised only once the requests already in flight have finished: the provider does
+            # their work (and bills it) anyway, so their answers are stored and settled, and a
+            # re-run pays only for what was never sent.
+            raise failed[0]
 
     async def _send(self, adapter: Adapter, spec: RequestSpec, keys: list[str]) -> list[Record]:
         """cache already missed -> reserve -> rate limit + send with retries -> parse -> store ->
@@ -847,8 +852,8 @@ async def _finish_even_if_cancelled(aw: Awaitable[None]) -> None:
         raise
 
 
-async def _all_or_cancel(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
-    """Run all; on the first failure cancel the rest (their reservations are refunded)."""
+async def _run_all(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run all to completion; if the caller is cancelled, cancel them (reservations refunded)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         await asyncio.gather(*tasks)
