@@ -168,8 +168,19 @@ def test_a_refusal_keeps_what_was_in_flight_and_a_rerun_pays_only_the_rest(
 ) -> None:
     provider = MockProvider()
     texts = [f"t{i}" for i in range(40)]
-    with make(
-        provider, tmp_path, batch=1, budget=BudgetLimits(max_queries=20), max_concurrency=8
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        answer = provider(request)  # the provider does (and bills) the work on arrival
+        await asyncio.sleep(0.05)  # several requests are in flight when the limit is hit
+        return answer
+
+    with Client(
+        LocalAdapter("http://fake", max_inputs_per_request=1),
+        cache=CacheConfig(tmp_path / "cache"),
+        ledger=tmp_path / "ledger",
+        transport=httpx.MockTransport(slow),
+        budget=BudgetLimits(max_queries=20),
+        max_concurrency=8,
     ) as client:
         with pytest.raises(BudgetExceeded):
             client.features(TASK, texts)
