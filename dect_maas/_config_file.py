@@ -43,7 +43,11 @@ __all__ = [
     "load_config",
 ]
 
-MethodName = Literal["dect", "zero_shot", "calibrated_zero_shot", "prototype", "linear_probe"]
+MethodName = Literal[
+    "dect", "auto_dect", "zero_shot", "calibrated_zero_shot", "prototype", "linear_probe"
+]
+# The default methods: the paper's DecT and the baselines. "auto_dect" (AutoDecTClassifier,
+# settings chosen by cross-validation on the training shots) is asked for by name.
 METHOD_NAMES: tuple[MethodName, ...] = (
     "dect",
     "zero_shot",

@@ -55,6 +55,9 @@ class MethodRun:
     predict_seconds: float
     n_train: int
     model_file: str | None = None
+    # AutoDecT only: the settings cross-validation chose and their CV accuracy
+    chosen: Mapping[str, Any] | None = None
+    chosen_cv_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +70,8 @@ class MethodRun:
             "predict_seconds": self.predict_seconds,
             "n_train": self.n_train,
             "model_file": self.model_file,
+            "chosen": None if self.chosen is None else dict(self.chosen),
+            "chosen_cv_accuracy": self.chosen_cv_accuracy,
         }
 
 
@@ -407,6 +412,8 @@ class Experiment:
                         predict_seconds=pred_s,
                         n_train=len(rows),
                         model_file=model_file,
+                        chosen=getattr(est, "best_params_", None),
+                        chosen_cv_accuracy=getattr(est, "best_score_", None),
                     )
                 )
                 bar.update(1)
@@ -439,12 +446,18 @@ class Experiment:
 # -- methods --------------------------------------------------------------------------------------
 
 _NEEDS_SCORES = frozenset({"zero_shot", "calibrated_zero_shot"})
-_NEEDS_HIDDEN = frozenset({"dect", "prototype", "linear_probe"})
+_NEEDS_HIDDEN = frozenset({"dect", "prototype", "linear_probe"})  # auto_dect adapts to either
 
 
 def make_estimator(method: str, config: ExperimentConfig) -> _Estimator:
     """The one table from method names to estimators."""
-    from . import DecTClassifier, LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
+    from . import (
+        AutoDecTClassifier,
+        DecTClassifier,
+        LinearProbeClassifier,
+        PrototypeClassifier,
+        ZeroShotClassifier,
+    )
 
     d = config.decoder
     decoder_args: dict[str, Any] = {
@@ -458,6 +471,9 @@ def make_estimator(method: str, config: ExperimentConfig) -> _Estimator:
     factories: dict[str, Callable[[], _Estimator]] = {
         "dect": lambda: DecTClassifier(
             prompt_weight=d.prompt_weight, calibration=d.calibration, **decoder_args
+        ),
+        "auto_dect": lambda: AutoDecTClassifier(
+            projection_dim=d.projection_dim, random_state=d.random_state
         ),
         "zero_shot": lambda: ZeroShotClassifier(calibration="none"),
         "calibrated_zero_shot": lambda: ZeroShotClassifier(calibration=cal),

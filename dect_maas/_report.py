@@ -23,6 +23,7 @@ PLOTS_MISSING = "plots skipped: matplotlib is not installed (pip install 'dect-m
 _ZERO_SHOT = ("zero_shot", "calibrated_zero_shot")
 _LABELS = {
     "dect": "DecT",
+    "auto_dect": "DecT, auto (CV)",
     "zero_shot": "zero-shot",
     "calibrated_zero_shot": "calibrated zero-shot",
     "prototype": "prototype only (λ=0)",
@@ -133,6 +134,21 @@ def render_markdown(
     if plots:
         parts += ["## Plots", ""]
         parts += [f"![{name}]({p.name})" for name, p in plots.items()]
+        parts.append("")
+    chosen = [r for r in result.runs if r.chosen is not None]
+    if chosen:
+        parts += [
+            "## Settings chosen by cross-validation (auto DecT)",
+            "",
+            "On the training shots only; report.json holds every chosen parameter.",
+            "",
+            "| shots | seed | chosen | CV accuracy |",
+            "|---|---|---|---|",
+        ]
+        for r in chosen:
+            assert r.chosen is not None
+            cv = "—" if r.chosen_cv_accuracy is None else f"{100 * r.chosen_cv_accuracy:.1f}"
+            parts.append(f"| {r.shots} | {r.seed} | {r.chosen.get('name', '?')} | {cv} |")
         parts.append("")
     if note:
         parts += [f"_{note}_", ""]

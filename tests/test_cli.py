@@ -320,3 +320,32 @@ def test_a_key_named_in_the_config_never_reaches_reports_cache_or_ledger(
     assert any(p.name == "report.json" for p in files)
     for p in files:
         assert secret.encode() not in p.read_bytes(), p
+
+
+def test_auto_dect_runs_and_its_chosen_settings_are_in_the_report(
+    tmp_path: Path, server_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, server_url)
+    text = cfg.read_text().replace(
+        f"methods = {json.dumps(METHODS)}", 'methods = ["auto_dect", "dect"]'
+    )
+    cfg.write_text(text)
+    assert main(["run", str(cfg)]) == EXIT_OK
+    capsys.readouterr()
+    (run_id,) = run_ids(tmp_path)
+    run_dir = tmp_path / "runs" / run_id
+    report = json.loads((run_dir / "report.json").read_text())
+    auto = [r for r in report["runs"] if r["method"] == "auto_dect"]
+    assert len(auto) == len(SHOTS) * len(SEEDS)
+    for r in auto:
+        assert r["chosen"]["name"]  # what cross-validation picked, by name
+        if r["shots"] == 1:
+            assert "one example per class" in r["chosen"]["reason"]  # no CV possible: the paper
+            assert r["chosen_cv_accuracy"] is None
+        else:
+            assert 0.0 <= r["chosen_cv_accuracy"] <= 1.0
+    plain = [r for r in report["runs"] if r["method"] == "dect"]
+    assert all(r["chosen"] is None for r in plain)
+    md = (run_dir / "report.md").read_text()
+    assert "Settings chosen by cross-validation" in md
+    assert "| DecT, auto (CV) |" in md
