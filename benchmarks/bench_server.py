@@ -117,7 +117,9 @@ def raw_throughput(
     return results[0], results[1]
 
 
-async def _concurrent(url: str, texts: list[str], clients: int, labels: list[int]) -> float:
+async def _concurrent(
+    url: str, texts: list[str], clients: int, labels: list[int], per_request: int = 1
+) -> float:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for t in texts:
         queue.put_nowait(t)
@@ -126,12 +128,13 @@ async def _concurrent(url: str, texts: list[str], clients: int, labels: list[int
 
         async def worker() -> None:
             while True:
-                try:
-                    text = queue.get_nowait()
-                except asyncio.QueueEmpty:
+                batch = []
+                while len(batch) < per_request and not queue.empty():
+                    batch.append(queue.get_nowait())
+                if not batch:
                     return
                 r = await client.post(
-                    "/v1/features", json={"inputs": [text], "label_token_ids": labels}
+                    "/v1/features", json={"inputs": batch, "label_token_ids": labels}
                 )
                 r.raise_for_status()
 
@@ -167,9 +170,10 @@ def server_throughput(
             r = client.post("/v1/features", json={"inputs": [t], "label_token_ids": labels})
             r.raise_for_status()
         sequential = len(seq_texts) / (time.perf_counter() - t0)
-        asyncio.run(_concurrent(url, texts[: args.batch_size], args.clients, labels))
+        k = args.inputs_per_request
+        asyncio.run(_concurrent(url, texts[: args.batch_size], args.clients, labels, k))
         before = client.get("/metrics").json()
-        concurrent = asyncio.run(_concurrent(url, texts, args.clients, labels))
+        concurrent = asyncio.run(_concurrent(url, texts, args.clients, labels, k))
         after = client.get("/metrics").json()
     batches = after["batches_total"] - before["batches_total"]
     queries = after["queries_total"] - before["queries_total"]
@@ -188,6 +192,12 @@ def main() -> None:
     p.add_argument("--sequential-queries", type=int, default=32)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--inputs-per-request",
+        type=int,
+        default=1,
+        help="inputs each concurrent client sends per request (the client batches like this)",
+    )
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
@@ -228,6 +238,7 @@ def main() -> None:
         "python": sys.version.split()[0],
         "queries": args.queries,
         "clients": args.clients,
+        "inputs_per_request": args.inputs_per_request,
         "max_batch_size": args.batch_size,
         "max_wait_ms": args.max_wait_ms,
         "tokens_per_input_mean": statistics.mean(n_tokens),

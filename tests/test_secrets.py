@@ -38,6 +38,8 @@ def test_the_key_never_leaks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # every logger, httpx and httpcore included
+    # the CLI (run by other tests in this process) sets the package logger to WARNING
+    caplog.set_level(logging.DEBUG, logger="dect_maas")
     monkeypatch.setenv(ENV, KEY)
     errors: list[str] = []
     server = FaultServer(rate=0.5, faults=("500",), api_key=KEY, echo_credentials=True)

@@ -7,6 +7,7 @@ and unpadded in the reference, so these also show that padding does not leak int
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -40,12 +41,14 @@ def _label_ids(ref: Reference) -> list[int]:
     return [*ids, 0, 7]
 
 
-def test_masked_features_match_transformers(masked: httpx.Client, ref_masked: Reference) -> None:
+def test_masked_features_match_transformers(
+    masked: httpx.Client, ref_masked: Reference, tiny_masked: Path
+) -> None:
     labels = _label_ids(ref_masked)
     resp = masked.post("/v1/features", json={"inputs": MASKED_INPUTS, "label_token_ids": labels})
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert body["model"] == "tiny-masked0"
+    assert body["model"] == tiny_masked.name  # served under its folder's name
     assert body["fingerprint"].startswith("sha256:")
     assert len(body["data"]) == len(MASKED_INPUTS)
     total = 0
