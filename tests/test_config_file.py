@@ -127,13 +127,17 @@ def test_inline_api_key_is_refused_without_echoing_it(tmp_path: Path) -> None:
 def test_a_key_pasted_into_api_key_env_is_refused_without_echoing_it(tmp_path: Path) -> None:
     secret = "sk-live-abc/def+123"
     path = write(
-        tmp_path, BASE.replace('kind = "local"', f'kind = "openai"\nmodel = "m"\napi_key_env = "{secret}"')
+        tmp_path,
+        BASE.replace('kind = "local"', f'kind = "openai"\nmodel = "m"\napi_key_env = "{secret}"'),
     )
     with pytest.raises(ConfigError, match=r"provider\.api_key_env: must be the NAME") as info:
         load_config(path)
     assert secret not in str(info.value)
     ok = load_config(
-        write(tmp_path, BASE.replace('kind = "local"', 'kind = "openai"\nmodel = "m"\napi_key_env = "MY_KEY"'))
+        write(
+            tmp_path,
+            BASE.replace('kind = "local"', 'kind = "openai"\nmodel = "m"\napi_key_env = "MY_KEY"'),
+        )
     )
     assert ok.provider.api_key_env == "MY_KEY"
     assert "MY_KEY" in str(ok.to_public_dict())
