@@ -133,9 +133,8 @@ async def _concurrent(
                     batch.append(queue.get_nowait())
                 if not batch:
                     return
-                r = await client.post(
-                    "/v1/features", json={"inputs": batch, "label_token_ids": labels}
-                )
+                body = {"inputs": batch, "label_token_ids": labels, "encoding_format": "base64"}
+                r = await client.post("/v1/features", json=body)
                 r.raise_for_status()
 
         t0 = time.perf_counter()
