@@ -72,7 +72,7 @@ def demo_config(
     seeds: Sequence[int] = (0, 1, 2),
     test_limit: int | None = None,
 ) -> Any:
-    from ._config_file import ExperimentConfig
+    from ._config_file import METHOD_NAMES, ExperimentConfig
 
     data = find_examples_dir() / "data"
     test: dict[str, Any] = {"path": str(data / "movies_test.jsonl")}
@@ -98,6 +98,9 @@ def demo_config(
             "data": {"train": {"path": str(data / "movies_train.jsonl")}, "test": test},
             "shots": list(shots),
             "seeds": list(seeds),
+            # the paper's DecT, the auto-tuned DecT (settings chosen by cross-validation on the
+            # training shots) and every baseline, all on the same features
+            "methods": [*METHOD_NAMES, "auto_dect"],
             "cache_dir": str(home / "cache"),
             "ledger_dir": str(home / "ledger"),
             "output_dir": str(home / "runs"),

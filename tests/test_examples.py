@@ -251,6 +251,7 @@ def test_demo_runs_and_its_second_run_pays_zero(
     first = capsys.readouterr()
     assert "| " not in first.out  # plain table on the terminal
     assert "DecT" in first.out
+    assert "DecT, auto (CV)" in first.out  # the auto-tuned DecT runs beside the paper's
     assert "queries paid this run: 0" not in first.out
     assert main(argv) == 0
     second = capsys.readouterr()
