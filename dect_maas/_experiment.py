@@ -628,6 +628,11 @@ def make_adapter(p: ProviderSection) -> Any:
     )
     opt: dict[str, Any] = {}
     if p.label_token_ids is not None:
+        if p.kind not in ("local", "openai"):
+            raise ConfigError(
+                f"provider.label_token_ids: the {p.kind} provider takes no token ids "
+                "(hf_inference scores label words by their text, tei gives no scores); remove it"
+            )
         opt["label_token_ids"] = {k: tuple(v) for k, v in p.label_token_ids.items()}
     if p.pooling is not None and p.kind in ("openai", "hf_inference"):
         opt["pooling"] = p.pooling

@@ -191,3 +191,15 @@ def test_from_dict_defaults() -> None:
     assert cfg.decoder.lr == 0.01
     assert cfg.decoder.projection_dim == 128
     assert cfg.data.train.path == (Path.cwd() / "t.jsonl").resolve()
+
+
+def test_label_token_ids_only_for_providers_that_take_them(tmp_path: Path) -> None:
+    from dect_maas._experiment import make_adapter
+
+    ids = "label_token_ids = { negative = [1], positive = [2] }"
+    hf = BASE.replace('kind = "local"', f'kind = "hf_inference"\nmodel = "roberta-base"\n{ids}')
+    with pytest.raises(ConfigError, match=r"provider\.label_token_ids: the hf_inference provider"):
+        make_adapter(load_config(write(tmp_path, hf)).provider)
+    local = BASE.replace('kind = "local"', f'kind = "local"\n{ids}')
+    adapter = make_adapter(load_config(write(tmp_path, local)).provider)
+    assert adapter.label_token_ids == {"negative": (1,), "positive": (2,)}
