@@ -21,7 +21,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -138,6 +138,29 @@ class RequestSpec:
             sort_keys=True,
             separators=(",", ":"),
         )
+
+
+_A = TypeVar("_A")
+
+
+class NoDiscovery:
+    """Defaults for an adapter with no free discovery call and no label-word token ids to
+    resolve; an adapter that has them overrides these."""
+
+    def tokenize_request(self, text: str) -> RequestSpec | None:
+        return None
+
+    def known_label_ids(self, word: str) -> list[int] | None:
+        return None
+
+    def needs_label_ids(self, role: Role) -> bool:
+        return False
+
+    def info_request(self) -> RequestSpec | None:
+        return None
+
+    def with_info(self: _A, body: JSON) -> _A:
+        return self
 
 
 @runtime_checkable

@@ -21,6 +21,7 @@ from ._base import (
     JSON,
     Capabilities,
     Label,
+    NoDiscovery,
     Prices,
     Prompt,
     RequestSpec,
@@ -41,7 +42,7 @@ ROUTER = "https://router.huggingface.co/hf-inference/models"
 
 
 @dataclass(frozen=True)
-class HFInferenceAdapter:
+class HFInferenceAdapter(NoDiscovery):
     """``model`` is a fill-mask model (e.g. ``FacebookAI/roberta-large``) whose mask literal is
     ``mask_token``; ``embeddings_model`` (optional) a feature-extraction model for vectors."""
 
@@ -178,26 +179,11 @@ class HFInferenceAdapter:
             scores.append(math.log(p) if p > 0 else -1e30)
         return [{"s": scores, "c": None, "h": None, "t": None, "fp": None}]
 
-    def tokenize_request(self, text: str) -> RequestSpec | None:
-        return None
-
     def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]:
         raise malformed(spec, "hf-inference has no tokenize endpoint")
 
-    def known_label_ids(self, word: str) -> list[int] | None:
-        return None
-
-    def needs_label_ids(self, role: Role) -> bool:
-        return False
-
     def model_for(self, role: Role) -> str:
         return (self.embeddings_model or self.model) if role == "vectors" else self.model
-
-    def info_request(self) -> RequestSpec | None:
-        return None
-
-    def with_info(self, body: JSON) -> HFInferenceAdapter:
-        return self
 
     def hidden_kind(self, role: Role) -> str:
         return f"pooled_{self.pooling}" if self.vectors_url else ""

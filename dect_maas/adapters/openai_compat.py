@@ -23,6 +23,7 @@ from ._base import (
     JSON,
     Capabilities,
     Label,
+    NoDiscovery,
     Prices,
     Prompt,
     RequestSpec,
@@ -54,7 +55,7 @@ _TOKENIZE: dict[str, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
-class OpenAICompatibleAdapter:
+class OpenAICompatibleAdapter(NoDiscovery):
     """Adapter for ``/v1/completions`` logprobs (+ ``/v1/embeddings``).
 
     ``max_prompts_per_request``: 1 for llama.cpp (it refuses a list of prompts with a 500); OpenAI
@@ -261,12 +262,6 @@ class OpenAICompatibleAdapter:
 
     def model_for(self, role: Role) -> str:
         return (self.embeddings_model or self.model) if role == "vectors" else self.model
-
-    def info_request(self) -> RequestSpec | None:
-        return None
-
-    def with_info(self, body: JSON) -> OpenAICompatibleAdapter:
-        return self
 
     def hidden_kind(self, role: Role) -> str:
         return f"pooled_{self.pooling}" if self.vectors else ""

@@ -17,6 +17,7 @@ from ._base import (
     JSON,
     Capabilities,
     Label,
+    NoDiscovery,
     Prices,
     Prompt,
     RequestSpec,
@@ -32,7 +33,7 @@ __all__ = ["TEIAdapter"]
 
 
 @dataclass(frozen=True)
-class TEIAdapter:
+class TEIAdapter(NoDiscovery):
     base_url: str
     model: str = "tei"
     max_inputs_per_request: int = 32
@@ -103,26 +104,11 @@ class TEIAdapter:
             for i, v in enumerate(body)
         ]
 
-    def tokenize_request(self, text: str) -> RequestSpec | None:
-        return None
-
     def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]:
         raise malformed(spec, "label words are not used by an embeddings-only adapter")
 
-    def known_label_ids(self, word: str) -> list[int] | None:
-        return None
-
-    def needs_label_ids(self, role: Role) -> bool:
-        return False
-
     def model_for(self, role: Role) -> str:
         return self.model
-
-    def info_request(self) -> RequestSpec | None:
-        return None
-
-    def with_info(self, body: JSON) -> TEIAdapter:
-        return self
 
     def hidden_kind(self, role: Role) -> str:
         return "pooled"
