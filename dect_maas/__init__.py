@@ -4,14 +4,14 @@ Query the model once per example, keep its label-word scores and a vector for th
 train a small decoder locally (Cui et al., "Decoder Tuning", ACL 2023).
 """
 
-from ._auto import AutoDecTClassifier
-from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from ._cache import CacheConfig, ResponseCache, cache_key
 from ._client import Client, Estimate
 from ._config import RateLimit, RetryPolicy
 from ._config_file import ExperimentConfig
 from ._data import Examples, load_examples, sample_k_shot
-from ._estimator import DecTClassifier
 from ._exceptions import (
     AuthenticationError,
     BudgetExceeded,
@@ -46,7 +46,35 @@ from .adapters import (
     TEIAdapter,
 )
 
+if TYPE_CHECKING:
+    from ._auto import AutoDecTClassifier
+    from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
+    from ._estimator import DecTClassifier
+
 __version__ = "0.1.0"
+
+# The estimators need torch, which takes seconds to import; the client, the ledger and the CLI's
+# dry runs do not. These names are imported on first use (PEP 562), so `import dect_maas` is light.
+_LAZY = {
+    "AutoDecTClassifier": "._auto",
+    "DecTClassifier": "._estimator",
+    "LinearProbeClassifier": "._baselines",
+    "PrototypeClassifier": "._baselines",
+    "ZeroShotClassifier": "._baselines",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AuthenticationError",
