@@ -46,9 +46,8 @@ from ._estimator import (
     FeatureClassifier,
     Labels,
     check_features,
-    encode_labels,
     resolve_calibration,
-    resolve_classes,
+    training_labels,
 )
 from ._exceptions import ConfigError
 from ._features import Features
@@ -278,15 +277,8 @@ class AutoDecTClassifier(FeatureClassifier):
         """Choose a setting by cross-validation on (features, y), then refit it on all of them."""
         self._check_params()
         check_features(features)
-        classes = resolve_classes(features, y)
-        labels = encode_labels(y, classes, n_rows=len(features))
+        classes, labels, counts = training_labels(features, y)
         n_classes = len(classes)
-        if n_classes < 2:
-            raise ConfigError(f"need at least two classes, got {n_classes}")
-        counts = np.bincount(labels, minlength=n_classes)
-        if (counts == 0).any():
-            missing = [str(c) for c in classes[counts == 0].tolist()]
-            raise ConfigError(f"class(es) {', '.join(missing)} have no training examples")
         seed = (
             int(np.random.SeedSequence().generate_state(1)[0] >> 1)
             if self.random_state is None

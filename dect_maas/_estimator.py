@@ -236,6 +236,22 @@ def encode_labels(y: Any, classes: npt.NDArray[Any], *, n_rows: int) -> npt.NDAr
     return out
 
 
+def training_labels(
+    features: Features, y: Labels | None, *, why: str = ""
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Classes, label indices and per-class counts of a training set; every class needs an
+    example (``why`` says why, in the error)."""
+    classes = resolve_classes(features, y)
+    labels = encode_labels(y, classes, n_rows=len(features))
+    if len(classes) < 2:
+        raise ConfigError(f"need at least two classes, got {len(classes)}")
+    counts = np.bincount(labels, minlength=len(classes))
+    if (counts == 0).any():
+        missing = [str(c) for c in classes[counts == 0].tolist()]
+        raise ConfigError(f"class(es) {', '.join(missing)} have no training examples{why}")
+    return classes, labels, counts
+
+
 def _as_list(y: Any) -> list[Any]:
     if y is None:
         raise ConfigError("y is required: one label per row of the features")
@@ -392,18 +408,13 @@ class DecTClassifier(FeatureClassifier):
         self._check_params()
         check_features(features, need_hidden=True)
         assert features.hidden is not None
-        classes = resolve_classes(features, y)
-        labels = encode_labels(y, classes, n_rows=len(features))
+        classes, labels, _ = training_labels(
+            features,
+            y,
+            why="; DecT initialises each class's radius from its examples, so every class needs "
+            "at least one",
+        )
         n_classes = len(classes)
-        if n_classes < 2:
-            raise ConfigError(f"need at least two classes, got {n_classes}")
-        counts = np.bincount(labels, minlength=n_classes)
-        if (counts == 0).any():
-            missing = [str(c) for c in classes[counts == 0].tolist()]
-            raise ConfigError(
-                f"class(es) {', '.join(missing)} have no training examples; DecT initialises each "
-                "class's radius from its examples, so every class needs at least one"
-            )
         weight, calibration = self._settings()
         if features.scores is None:
             if weight not in (None, 0, 0.0):
