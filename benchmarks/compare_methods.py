@@ -45,7 +45,7 @@ from dect_maas import (
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SENTIMENT = "{text} In summary, it was {mask}"
 
-# Chosen on the train files only (see the module docstring and docs/readme/auto.md).
+# Chosen on the train files only (see the module docstring and the README on AutoDecT).
 TASKS: dict[str, dict[str, Any]] = {
     "movies_binary": {
         "template": SENTIMENT,
