@@ -1,9 +1,15 @@
 """The client: the only place in dect-maas that touches the network.
 
 One request, top to bottom (``Client._send``): the cache was looked up for every example first (hits
-are counted, never billed) -> reserve the request's worst case in the ledger (``BudgetExceeded``
-before anything leaves) -> acquire the rate limiter -> send, retrying per ``RetryPolicy`` -> parse
--> write the cache -> settle the ledger to the actual usage (refund it if anything failed).
+are counted, never billed) -> the request's worst case was reserved in the ledger
+(``BudgetExceeded`` before anything leaves) -> acquire the rate limiter -> send, retrying per
+``RetryPolicy`` -> parse -> write the cache -> settle the ledger to the actual usage (refund it if
+anything failed).
+
+Requests go out through ``max_concurrency`` workers. When a worker's request is settled, the same
+ledger transaction reserves its next request, so requests in a row cost one thread hop and two
+short transactions (cache write, ledger) each; the budget still sees every request's worst case
+before it leaves.
 
 Units. A *query* is one example's forward pass on one endpoint (the paper's unit, what providers
 bill); a *request* is one HTTP call carrying one or more queries. When scores and vectors come from
@@ -21,9 +27,10 @@ import json
 import logging
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from random import Random
 from types import TracebackType
@@ -36,6 +43,7 @@ from ._budget import BudgetLimits, Usage
 from ._cache import CacheConfig, ResponseCache, cache_key
 from ._config import Credentials, RateLimit, RetryPolicy
 from ._exceptions import (
+    BudgetExceeded,
     CensoredScoreWarning,
     ConfigError,
     MalformedResponse,
@@ -288,63 +296,83 @@ class Client:
     # -- the chain for one request ---------------------------------------------------------------
 
     async def _send_all(self, adapter: Adapter, plan: _Plan, report: Callable[[int], None]) -> None:
+        """Send a plan's requests through ``max_concurrency`` workers, one request each at a time.
+
+        When a worker's request is settled, the same ledger transaction reserves its next one
+        (``Ledger.settle(then_reserve=...)``): requests in a row cost one thread hop and two small
+        transactions (cache, ledger) each, and every request is still reserved before it leaves.
+        """
         if not plan.specs:
             return
         key_of = {p.index: k for p, k in zip(plan.prompts, plan.keys, strict=True)}
         uses = Counter(plan.keys)
-        gate = asyncio.Semaphore(self._max_concurrency)
-
+        queue = deque(plan.specs)
         failed: list[Exception] = []
 
-        async def one(spec: RequestSpec) -> None:
-            async with gate:
-                if failed:  # another request of this call failed: send nothing more
-                    return
-                try:
-                    records = await self._send(adapter, spec, [key_of[i] for i in spec.indices])
-                except Exception as exc:
-                    failed.append(exc)
-                    return
-            keys = [key_of[i] for i in spec.indices]
-            plan.found.update(zip(keys, records, strict=True))
-            report(sum(uses[k] for k in keys))  # a text given twice is answered twice
+        async def worker() -> None:
+            held: list[Reservation] = []  # the next request's reservation, until it is sent
 
-        await _run_all([one(spec) for spec in plan.specs])
+            def take() -> RequestSpec | None:
+                # another request of this call failed: send nothing more
+                return queue.popleft() if queue and not failed else None
+
+            spec = take()
+            try:
+                if spec is not None:
+                    held.append(await self._reserve(adapter, spec))
+                while spec is not None and not failed:
+                    keys = [key_of[i] for i in spec.indices]
+                    records, spec, refused = await self._send(adapter, spec, keys, held, take)
+                    plan.found.update(zip(keys, records, strict=True))
+                    report(sum(uses[k] for k in keys))  # a text given twice is answered twice
+                    if refused is not None:
+                        raise refused
+            except Exception as exc:
+                failed.append(exc)
+            finally:
+                for reservation in held:  # reserved, never sent
+                    self._ledger.release(reservation)
+
+        await _run_all([worker() for _ in range(min(self._max_concurrency, len(plan.specs)))])
         if failed:
             # Raised only once the requests already in flight have finished: the provider does
             # their work (and bills it) anyway, so their answers are stored and settled, and a
             # re-run pays only for what was never sent.
             raise failed[0]
 
-    async def _send(self, adapter: Adapter, spec: RequestSpec, keys: list[str]) -> list[Record]:
-        """cache already missed -> reserve -> rate limit + send with retries -> parse -> store ->
-        settle (or refund)."""
+    async def _send(
+        self,
+        adapter: Adapter,
+        spec: RequestSpec,
+        keys: list[str],
+        held: list[Reservation],
+        take: Callable[[], RequestSpec | None],
+    ) -> tuple[list[Record], RequestSpec | None, BudgetExceeded | None]:
+        """(reserved already) -> rate limit + send with retries -> parse -> store -> settle and
+        reserve the next request ``take()`` gives (or refund this one if anything failed).
+
+        Returns the records, the next request (its reservation now in ``held``) and the refusal
+        if the budget would not take it.
+        """
+        reservation = held.pop()
         model = adapter.model_for(spec.role)
-        worst = Usage(
-            queries=len(spec.indices),
-            requests=1,
-            input_tokens=spec.input_tokens,
-            cost_usd=adapter.prices.cost(requests=1, input_tokens=spec.input_tokens),
-        )
-        provider, endpoint = adapter.provider, spec.url
-        reservation = await self._reserve(worst, provider, model, endpoint)
         attempts = Attempts()
         started = self._clock()
         try:
             records = await self._retrier.call(lambda: self._attempt(adapter, spec), attempts)
         except BaseException as exc:
             status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
-            failed = LedgerRecord(
-                provider=provider,
+            failure = LedgerRecord(
+                provider=adapter.provider,
                 model=model,
-                endpoint=endpoint,
+                endpoint=spec.url,
                 queries=len(spec.indices),
                 attempts=attempts.count,
                 status=status,
                 latency_s=max(0.0, self._clock() - started),
                 error=f"{type(exc).__name__}: {exc}"[:500],
             )
-            self._ledger.refund(reservation, failed)  # not in a thread: must run even if cancelled
+            self._ledger.refund(reservation, failure)  # not in a thread: must run if cancelled
             logger.info(
                 "%s %s failed after %d attempt(s)",
                 adapter.provider,
@@ -352,6 +380,62 @@ class Client:
                 attempts.count,
             )
             raise
+        latency = max(0.0, self._clock() - started)
+        nxt = take()
+        then = _worst(adapter, nxt) if nxt is not None else None
+        commit = partial(
+            self._store_and_settle,
+            adapter,
+            spec,
+            keys,
+            records,
+            reservation,
+            attempts.count,
+            latency,
+            then,
+        )
+        # The answer was paid for: it is stored and settled even if the caller gives up.
+        outcome, cancelled = await _outlast(asyncio.to_thread(commit))
+        if cancelled:
+            if isinstance(outcome, Reservation):
+                self._ledger.release(outcome)
+            raise asyncio.CancelledError()
+        if isinstance(outcome, Reservation):
+            held.append(outcome)
+            return records, nxt, None
+        return records, None, outcome
+
+    def _store_and_settle(
+        self,
+        adapter: Adapter,
+        spec: RequestSpec,
+        keys: list[str],
+        records: list[Record],
+        reservation: Reservation,
+        attempts: int,
+        latency: float,
+        then: Usage | None,
+    ) -> Reservation | BudgetExceeded | None:
+        """In a worker thread: the cache write, then the ledger (the answer is stored before it
+        is accounted as paid, so a crash in between never loses a paid answer)."""
+        try:
+            if self._cache is not None:
+                self._cache.set_many(dict(zip(keys, records, strict=True)))
+        except BaseException:
+            self._settle(adapter, spec, records, reservation, attempts, latency, None)  # billed
+            raise
+        return self._settle(adapter, spec, records, reservation, attempts, latency, then)
+
+    def _settle(
+        self,
+        adapter: Adapter,
+        spec: RequestSpec,
+        records: list[Record],
+        reservation: Reservation,
+        attempts: int,
+        latency: float,
+        then: Usage | None,
+    ) -> Reservation | BudgetExceeded | None:
         tokens = [t for r in records if isinstance(t := r.get("t"), int)]
         n_tokens = sum(tokens) if len(tokens) == len(records) else spec.input_tokens
         actual = Usage(
@@ -360,25 +444,18 @@ class Client:
             input_tokens=n_tokens,
             cost_usd=adapter.prices.cost(requests=1, input_tokens=n_tokens),
         )
-        latency = max(0.0, self._clock() - started)
         done = LedgerRecord(
-            provider=provider,
-            model=model,
-            endpoint=endpoint,
-            attempts=attempts.count,
+            provider=adapter.provider,
+            model=adapter.model_for(spec.role),
+            endpoint=spec.url,
+            queries=actual.queries,
+            input_tokens=actual.input_tokens,
+            cost_usd=actual.cost_usd,
+            attempts=attempts,
             status="ok",
             latency_s=latency,
         )
-
-        def store_and_settle() -> None:
-            # One thread hop for both: the cache write, then the ledger (the answer is stored
-            # before it is accounted as paid, so a crash in between never loses a paid answer).
-            if self._cache is not None:
-                self._cache.set_many(dict(zip(keys, records, strict=True)))
-            self._ledger.settle(reservation, actual, done)
-
-        # The answer was paid for: store and settle it even if the caller is cancelled.
-        await _finish_even_if_cancelled(asyncio.to_thread(store_and_settle))
+        outcome = self._ledger.settle(reservation, actual, done, then_reserve=then)
         logger.info(
             "%s %s: %d quer%s, %d tokens, %d attempt(s), %.3fs",
             adapter.provider,
@@ -386,30 +463,25 @@ class Client:
             actual.queries,
             "y" if actual.queries == 1 else "ies",
             n_tokens,
-            attempts.count,
+            attempts,
             latency,
         )
-        return records
+        return outcome
 
-    async def _reserve(self, worst: Usage, provider: str, model: str, endpoint: str) -> Reservation:
+    async def _reserve(self, adapter: Adapter, spec: RequestSpec) -> Reservation:
         """Reserve in a thread; if cancelled meanwhile, wait for it and give it back."""
-        task = asyncio.ensure_future(
-            asyncio.to_thread(
-                self._ledger.reserve, worst, provider=provider, model=model, endpoint=endpoint
-            )
+        reserve = partial(
+            self._ledger.reserve,
+            _worst(adapter, spec),
+            provider=adapter.provider,
+            model=adapter.model_for(spec.role),
+            endpoint=spec.url,
         )
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            try:
-                reservation = await task
-            except Exception:  # refused or failed: nothing was reserved
-                raise asyncio.CancelledError() from None
-            cancelled = LedgerRecord(
-                provider=provider, model=model, endpoint=endpoint, attempts=0, status="cancelled"
-            )
-            self._ledger.refund(reservation, cancelled)
-            raise
+        reservation, cancelled = await _outlast(asyncio.to_thread(reserve))
+        if cancelled:
+            self._ledger.release(reservation)  # never sent
+            raise asyncio.CancelledError()
+        return reservation
 
     async def _attempt(self, adapter: Adapter, spec: RequestSpec) -> list[Record]:
         """One try: rate limit, HTTP, status and body checks, parse. Raises our errors only."""
@@ -802,6 +874,16 @@ def _example_keys(
     return [fast(t) for t in texts]
 
 
+def _worst(adapter: Adapter, spec: RequestSpec) -> Usage:
+    """What a request may cost at most: the budget reserves this before it leaves."""
+    return Usage(
+        queries=len(spec.indices),
+        requests=1,
+        input_tokens=spec.input_tokens,
+        cost_usd=adapter.prices.cost(requests=1, input_tokens=spec.input_tokens),
+    )
+
+
 def _per_class(
     flat: np.ndarray[Any, Any], cen: np.ndarray[Any, Any], sizes: Sequence[int]
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
@@ -843,13 +925,23 @@ def _progress(progress: Progress, total: int) -> Callable[[int], None]:
     return call
 
 
-async def _finish_even_if_cancelled(aw: Awaitable[None]) -> None:
+async def _outlast(aw: Awaitable[T]) -> tuple[T, bool]:
+    """Await ``aw`` to its end even through cancellations (bookkeeping in a thread must not be
+    abandoned half-way); return its result and whether the caller was cancelled meanwhile.
+    Cancelled, a failure of ``aw`` becomes the CancelledError."""
     task = asyncio.ensure_future(aw)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task  # finish the bookkeeping, then let the cancellation through
-        raise
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(task), cancelled
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True  # gather and _run_all may both cancel: wait again each time
+        except Exception:
+            if cancelled:
+                raise asyncio.CancelledError() from None
+            raise
 
 
 async def _run_all(coros: Sequence[Coroutine[Any, Any, None]]) -> None:

@@ -381,48 +381,66 @@ class Ledger:
         process dies before settling.
         """
         usage.validate("reserved usage")
-        asked = usage.as_ints()
-        reservation = Reservation(id=uuid.uuid4().hex, usage=usage, run_id=self.run_id)
-        refused: BudgetExceeded | None = None
         with self._transaction() as conn:
+            outcome = self._reserve_in(conn, usage, provider, model, endpoint)
+        if isinstance(outcome, BudgetExceeded):
+            raise outcome
+        return outcome
+
+    def _reserve_in(
+        self, conn: sqlite3.Connection, usage: Usage, provider: str, model: str, endpoint: str
+    ) -> Reservation | BudgetExceeded:
+        """Reserve inside an open transaction; the refusal is returned, nothing reserved."""
+        asked = usage.as_ints()
+        try:
+            check_limits(self.limits, *_totals(conn), asked)
+        except BudgetExceeded as exc:
+            # Before refusing, free what dead processes on this host still hold.
+            if not (exc.reserved and self._release_stale_in(conn, None)):
+                return exc
             try:
                 check_limits(self.limits, *_totals(conn), asked)
-            except BudgetExceeded as exc:
-                refused = exc
-                # Before refusing, free what dead processes on this host still hold.
-                if exc.reserved and self._release_stale_in(conn, None):
-                    try:
-                        check_limits(self.limits, *_totals(conn), asked)
-                        refused = None
-                    except BudgetExceeded as again:
-                        refused = again
-            if refused is None:
-                conn.execute(
-                    "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        reservation.id,
-                        self.run_id,
-                        *asked,
-                        self._host,
-                        os.getpid(),
-                        self._pid_start,
-                        self._clock(),
-                        provider,
-                        model,
-                        _redact(endpoint),
-                    ),
-                )
-        if refused is not None:
-            raise refused
+            except BudgetExceeded as again:
+                return again
+        reservation = Reservation(id=uuid.uuid4().hex, usage=usage, run_id=self.run_id)
+        conn.execute(
+            "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                reservation.id,
+                self.run_id,
+                *asked,
+                self._host,
+                os.getpid(),
+                self._pid_start,
+                self._clock(),
+                provider,
+                model,
+                _redact(endpoint),
+            ),
+        )
         return reservation
 
-    def settle(self, reservation: Reservation, actual: Usage, record: LedgerRecord) -> None:
+    def settle(
+        self,
+        reservation: Reservation,
+        actual: Usage,
+        record: LedgerRecord,
+        *,
+        then_reserve: Usage | None = None,
+    ) -> Reservation | BudgetExceeded | None:
         """Replace the reservation by the actual usage and append ``record`` (a cache miss).
 
         The record's queries, input tokens and cost are taken from ``actual``. Actual usage
         above the reservation is recorded as it is (it was spent) and logged as a warning.
+
+        ``then_reserve``: in the same transaction, after settling, reserve that usage for the
+        caller's next request (described like this one) and return the reservation, or the
+        ``BudgetExceeded`` refusal (returned, not raised: the settlement stands either way).
+        One transaction instead of two per request when requests follow one another.
         """
         actual.validate("actual usage")
+        if then_reserve is not None:
+            then_reserve.validate("reserved usage")
         if record.cache != "miss":
             raise ConfigError("settle records a request sent to the provider: cache must be 'miss'")
         record = self._complete(
@@ -432,7 +450,12 @@ class Ledger:
             input_tokens=actual.input_tokens,
             cost_usd=actual.cost_usd,
         )
-        self._close_reservation(reservation, actual, record)
+        outcome = self._close_reservation(
+            reservation,
+            actual,
+            record,
+            then_reserve=then_reserve,
+        )
         over = [
             name
             for name, a, r in zip(
@@ -449,6 +472,17 @@ class Ledger:
                 record.request_id,
                 ", ".join(over),
             )
+        return outcome
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation whose request was never sent: no record, nothing spent.
+
+        For a client that reserved for a request and then stopped before sending it (another
+        request failed, or it was cancelled). A request that left must be settled or refunded
+        instead. Releasing twice, or after a release as stale, does nothing.
+        """
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
 
     def refund(self, reservation: Reservation, record: LedgerRecord) -> None:
         """Release the reservation of a request that did not succeed, and record it.
@@ -464,8 +498,13 @@ class Ledger:
         self._close_reservation(reservation, billed, record)
 
     def _close_reservation(
-        self, reservation: Reservation, spent: Usage, record: LedgerRecord
-    ) -> None:
+        self,
+        reservation: Reservation,
+        spent: Usage,
+        record: LedgerRecord,
+        *,
+        then_reserve: Usage | None = None,
+    ) -> Reservation | BudgetExceeded | None:
         if not record.time or not record.run_id:
             record = self._complete(record, reservation.run_id)
         with self._transaction() as conn:
@@ -492,6 +531,11 @@ class Ledger:
                 )
             _add_spent(conn, reservation.run_id, spent)
             _insert_record(conn, record, reservation.id)
+            if then_reserve is None:
+                return None
+            return self._reserve_in(
+                conn, then_reserve, record.provider, record.model, record.endpoint
+            )
 
     def record_hits(self, n: int, *, provider: str, model: str, endpoint: str) -> None:
         """Count ``n`` examples answered from the cache: one record, zero cost, no budget use."""
@@ -626,6 +670,7 @@ class Ledger:
 
     def _complete(self, record: LedgerRecord, run_id: str, **changes: Any) -> LedgerRecord:
         """Fill in the time and run id when left empty (one ``replace``: it re-validates)."""
+        changes = {k: v for k, v in changes.items() if getattr(record, k) != v}
         if not record.time:
             changes["time"] = _iso(self._clock())
         if not record.run_id:

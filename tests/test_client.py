@@ -21,10 +21,11 @@ from dect_maas import (
     BudgetExceeded,
     ConfigError,
     MultiTokenLabelWarning,
+    ProviderStatusError,
     QuotaExhausted,
     Task,
 )
-from dect_maas._budget import BudgetLimits
+from dect_maas._budget import BudgetLimits, Usage
 from dect_maas._cache import CacheConfig
 from dect_maas._client import Client
 from dect_maas._config import RateLimit, RetryPolicy
@@ -319,6 +320,98 @@ def test_a_truncated_body_is_retried_once_and_paid_once(tmp_path: Path) -> None:
     assert summary.queries_paid == 11
     assert summary.requests == 1
     assert summary.attempts == 2
+
+
+def test_cancelling_a_run_leaves_every_sent_request_on_the_ledger_and_nothing_reserved(
+    tmp_path: Path,
+) -> None:
+    provider = MockProvider()
+    texts = [f"t{i}" for i in range(60)]
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        answer = provider(request)
+        await asyncio.sleep(0.02)
+        return answer
+
+    async def run(client: Client) -> None:
+        task = asyncio.ensure_future(client.afeatures(TASK, texts))
+        while len(provider.sent()) < 10:  # cancel mid-run, with requests in flight
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with Client(
+        LocalAdapter("http://fake", max_inputs_per_request=1),
+        cache=CacheConfig(tmp_path / "cache"),
+        ledger=tmp_path / "ledger",
+        transport=httpx.MockTransport(slow),
+        max_concurrency=4,
+    ) as client:
+        asyncio.run(run(client))
+        reserved = client.ledger.reserved()
+        records = client.ledger.records()
+        sent = len(provider.sent())
+    assert reserved == Usage()  # nothing left reserved
+    assert 10 <= sent < 61
+    # every request that left is on the ledger: answered ones settled, the rest cancelled
+    assert len([r for r in records if r.cache == "miss"]) == sent
+    ok = [r for r in records if r.status == "ok"]
+    assert {r.status for r in records if r.cache == "miss"} <= {"ok", "cancelled"}
+    provider2 = MockProvider()
+    with make(provider2, tmp_path, batch=1) as client:  # the settled answers were cached
+        client.features(TASK, texts)
+    assert len(provider2.sent()) == 61 - len(ok)
+
+
+def test_a_refusal_while_others_are_in_flight_leaves_nothing_reserved(tmp_path: Path) -> None:
+    # max_queries=5, one query per request, 3 at a time: each worker reserves its next request
+    # when its last one is settled, until one is refused
+    provider = MockProvider()
+    with make(
+        provider, tmp_path, batch=1, budget=BudgetLimits(max_queries=5), max_concurrency=3
+    ) as client:
+        with pytest.raises(BudgetExceeded) as info:
+            client.features(TASK, [f"t{i}" for i in range(12)])
+        spent, reserved = client.ledger.spent(), client.ledger.reserved()
+        summary = client.ledger.summary()
+    assert info.value.limit == "queries"
+    # a request reserved when another was refused may be given back unsent: 3 to 5 paid
+    assert 3 <= spent.queries == len(provider.sent()) == summary.queries_paid <= 5
+    assert reserved.queries == 0
+
+
+def test_a_failure_stops_new_sends_while_the_request_in_flight_is_settled(
+    tmp_path: Path,
+) -> None:
+    # Two workers: t0 is slow, t1 fails at once (HTTP 400, not retried). t0's answer is settled
+    # when it comes; its worker then reserves and sends nothing more.
+    provider = MockProvider()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        answer = provider(request)
+        if request.url.path == "/v1/features":
+            text = provider.sent()[-1]["inputs"][0]
+            if text.startswith("t0"):
+                await asyncio.sleep(0.1)
+            if text.startswith("t1"):
+                return httpx.Response(400, json={"error": {"message": "bad input"}})
+        return answer
+
+    with Client(
+        LocalAdapter("http://fake", max_inputs_per_request=1),
+        cache=CacheConfig(tmp_path / "cache"),
+        ledger=tmp_path / "ledger",
+        transport=httpx.MockTransport(handler),
+        max_concurrency=2,
+    ) as client:
+        with pytest.raises(ProviderStatusError):
+            client.features(TASK, ["t0", "t1", "t2", "t3"])
+        reserved = client.ledger.reserved()
+        statuses = [r.status for r in client.ledger.records() if r.cache == "miss"]
+    assert [b["inputs"][0][:2] for b in provider.sent()] == ["t0", "t1"]
+    assert sorted(statuses) == ["error", "ok"]
+    assert reserved == Usage()
 
 
 @settings(max_examples=60, deadline=None)

@@ -24,7 +24,7 @@ from dect_maas import (
     LedgerSummary,
     Usage,
 )
-from dect_maas._ledger import LEDGER_FILENAME, _pid_start
+from dect_maas._ledger import LEDGER_FILENAME, Reservation, _pid_start
 
 
 class FakeClock:
@@ -53,6 +53,36 @@ def test_settle_replaces_the_reservation_by_actual_usage(tmp_path: Path) -> None
     (rec,) = ledger.records()
     assert (rec.queries, rec.input_tokens, rec.cost_usd) == (8, 612, 0.0612)
     assert (rec.run_id, rec.cache, rec.status, rec.attempts) == ("r1", "miss", "ok", 2)
+
+
+def test_settle_then_reserve_is_one_step_and_a_refusal_keeps_the_settlement(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path, BudgetLimits(max_queries=10), run_id="r1")
+    first = ledger.reserve(Usage(queries=4, requests=1), provider="p", endpoint="http://h/v1/x")
+    nxt = ledger.settle(first, Usage(4, 1, 40), _record(), then_reserve=Usage(queries=4))
+    assert isinstance(nxt, Reservation)
+    assert (ledger.spent().queries, ledger.reserved().queries) == (4, 4)
+    # 4 spent + 4 settled now + 4 asked = 12 > 10: refused, returned, and the settlement stands
+    refused = ledger.settle(nxt, Usage(4, 1, 40), _record(), then_reserve=Usage(queries=4))
+    assert isinstance(refused, BudgetExceeded)
+    assert (refused.limit, refused.spent, refused.asked) == ("queries", 8, 4)
+    assert (ledger.spent().queries, ledger.reserved().queries) == (8, 0)
+    assert [r.status for r in ledger.records()] == ["ok", "ok"]
+    assert ledger.settle(ledger.reserve(Usage(1)), Usage(1), _record()) is None
+
+
+def test_release_gives_back_an_unsent_reservation_without_a_record(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, BudgetLimits(max_queries=3))
+    res = ledger.reserve(Usage(queries=3))
+    with pytest.raises(BudgetExceeded):
+        ledger.reserve(Usage(queries=1))
+    ledger.release(res)
+    ledger.release(res)  # twice: nothing more happens
+    assert ledger.reserved() == Usage()
+    assert ledger.spent() == Usage()
+    assert ledger.records() == []
+    ledger.reserve(Usage(queries=3))  # the room is back
 
 
 def test_refund_counts_only_what_the_provider_billed(tmp_path: Path) -> None:
