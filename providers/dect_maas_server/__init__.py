@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 #: Bumped whenever a change to the scoring code can change a returned number; part of the
 #: fingerprint, so clients' caches keyed on it are invalidated.
-SCORING_VERSION = 1
+SCORING_VERSION = 2
 
 __all__ = ["SCORING_VERSION", "__version__"]

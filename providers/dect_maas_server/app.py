@@ -3,26 +3,40 @@
 Wire shapes follow issue 3 and ``shared/reference/serving_apis.md``: ``/v1/features`` and
 ``/v1/tokenize`` are this project's own; ``/v1/completions``, ``/v1/embeddings`` and
 ``/v1/models`` imitate OpenAI / vLLM; fill-mask imitates the Hugging Face Inference API.
+
+``POST /v1/features``, the DecT hot path, is answered by ``Guard`` directly, without FastAPI's
+per-request machinery: the body is validated by pydantic from the raw JSON bytes, tokenized in
+one call, and the response is written as JSON bytes from whole arrays (``features_body``).
+Its errors have the same shapes and statuses as every other route's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import hmac
+import json
 import logging
+import math
+import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from .batcher import Batcher, Metrics, QueueFull
 from .engine import Encoded, Engine, InputError, ItemOutput
@@ -41,6 +55,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+RawRoute = Callable[[bytes], Awaitable[Response]]
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -81,19 +96,27 @@ def error_response(
 
 
 class Guard:
-    """ASGI middleware: bearer-key check (constant time) and the request-body size limit.
+    """ASGI middleware: bearer-key check (constant time), the request-body size limit, the
+    request counter, and the raw routes that bypass FastAPI.
 
     The body is read here, up to the limit, before any route sees it, so an oversized or
     endless body costs at most ``max_body_bytes`` of memory.
     """
 
     def __init__(
-        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: Metrics
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        metrics: Metrics,
+        raw_routes: dict[tuple[str, str], RawRoute] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.raw_routes = raw_routes or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,6 +151,13 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        with self.metrics.lock:
+            self.metrics.requests += 1
+        raw = self.raw_routes.get((scope.get("method", ""), scope.get("path", "")))
+        if raw is not None:
+            response = await raw(body)
+            await response(scope, receive, send)
+            return
         sent = False
 
         async def replay() -> Message:
@@ -144,9 +174,76 @@ class Guard:
         await error_response(413, msg)(scope, receive, send)
 
 
-def _floats(t: torch.Tensor) -> list[float | None]:
-    """A list for JSON; -inf (an underflowed log-probability) becomes null."""
-    return [x if np.isfinite(x) else None for x in t.tolist()]
+def _floats(t: torch.Tensor | npt.NDArray[Any]) -> list[Any]:
+    """A (nested) list for JSON; -inf (an underflowed log-probability) and nan become null."""
+    a = t.numpy() if isinstance(t, torch.Tensor) else t
+    out: list[Any] = a.tolist()
+    if np.isfinite(a).all():
+        return out
+    if a.ndim == 1:
+        return [x if np.isfinite(x) else None for x in out]
+    return [[x if np.isfinite(x) else None for x in row] for row in out]
+
+
+def _json_rows(a: npt.NDArray[np.float32]) -> list[str]:
+    """Each row of ``a`` as a JSON array. ``str`` of a list of floats writes each with
+    ``float.__repr__``, as ``json.dumps`` does; non-finite values become null."""
+    rows = a.tolist()
+    if np.isfinite(a).all():
+        return [str(r) for r in rows]
+    return [
+        "[" + ",".join(float.__repr__(x) if math.isfinite(x) else "null" for x in r) + "]"
+        for r in rows
+    ]
+
+
+@functools.lru_cache(maxsize=8)
+def _features_head(model: str, fingerprint: str) -> str:
+    return f'{{"model":{json.dumps(model)},"fingerprint":{json.dumps(fingerprint)},"data":['
+
+
+def features_body(
+    model: str,
+    fingerprint: str,
+    logits: npt.NDArray[np.float32],
+    logprobs: npt.NDArray[np.float32],
+    hidden: npt.NDArray[np.float32] | None,
+    n_tokens: Sequence[int],
+    truncated: Sequence[bool],
+    encoding_format: str,
+) -> bytes:
+    """The ``/v1/features`` response for ``N`` inputs, from ``[N, L]`` and ``[N, H]`` arrays.
+
+    Written as text directly: ``json.dumps`` would scan every base64 string for characters to
+    escape (there are none), which costs more than everything else here together.
+    """
+    n = len(n_tokens)
+    hiddens: list[str]
+    if hidden is None:
+        hiddens = ["null"] * n
+    elif encoding_format == "base64":
+        packed = np.ascontiguousarray(hidden, dtype="<f4")
+        hiddens = ['"' + base64.b64encode(row).decode("ascii") + '"' for row in packed]
+    else:
+        hiddens = _json_rows(hidden)
+    items = ",".join(
+        f'{{"token_logits":{a},"token_logprobs":{b},"hidden":{c},"n_tokens":{int(t)},'
+        f'"truncated":{"true" if u else "false"}}}'
+        for a, b, c, t, u in zip(
+            _json_rows(logits), _json_rows(logprobs), hiddens, n_tokens, truncated, strict=True
+        )
+    )
+    tail = f'],"usage":{{"prompt_tokens":{int(sum(n_tokens))}}}}}'
+    return (_features_head(model, fingerprint) + items + tail).encode()
+
+
+def validation_message(errors: Sequence[Any]) -> str:
+    """Pydantic's first errors as one line: ``inputs: Input should be a valid list``."""
+    parts = []
+    for err in list(errors)[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request body"
 
 
 def _logprob(x: float) -> float:
@@ -183,6 +280,12 @@ def create_app(
         metrics=metrics,
     )
 
+    # Tokenizing runs here, off the event loop: the Rust tokenizer releases the GIL, so the
+    # loop keeps parsing and answering requests (and, with several cores, tokenizes in parallel).
+    tokenizer_pool = ThreadPoolExecutor(
+        max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="dect-maas-tokenize"
+    )
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
         batcher.start()
@@ -192,6 +295,7 @@ def create_app(
             yield
         finally:
             batcher.stop()
+            tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dect-maas-server", lifespan=lifespan, docs_url=None, redoc_url=None)
     created = int(time.time())
@@ -205,11 +309,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors()[:5]:
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
-        return error_response(422, "; ".join(parts) or "invalid request body")
+        return error_response(422, validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -220,21 +320,18 @@ def create_app(
         logger.error("internal error: %s: %s", type(exc).__name__, exc)
         return error_response(500, "internal server error")
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Any) -> Any:
-        with metrics.lock:
-            metrics.requests += 1
-        return await call_next(request)
+    def queue_full(exc: QueueFull) -> ApiError:
+        return ApiError(
+            429,
+            f"server queue is full ({batcher.max_queue} queries); retry later",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
 
     async def run(items: list[Encoded], **kwargs: bool) -> list[ItemOutput]:
         try:
             return await batcher.submit(items, **kwargs)
         except QueueFull as exc:
-            raise ApiError(
-                429,
-                f"server queue is full ({batcher.max_queue} queries); retry later",
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from None
+            raise queue_full(exc) from None
 
     def check_count(n: int) -> None:
         if n > limits.max_inputs_per_request:
@@ -242,9 +339,16 @@ def create_app(
                 413, f"{n} inputs in one request; the limit is {limits.max_inputs_per_request}"
             )
 
-    def encode_all(texts: list[str], *, for_embedding: bool = False) -> list[Encoded]:
+    async def encode_all(texts: list[str], *, for_embedding: bool = False) -> list[Encoded]:
+        def encode() -> list[Encoded]:
+            started = time.thread_time()
+            try:
+                return engine.encode_many(texts, for_embedding=for_embedding)
+            finally:
+                metrics.record_tokenize(time.thread_time() - started)
+
         try:
-            return [engine.encode(t, i, for_embedding=for_embedding) for i, t in enumerate(texts)]
+            return await asyncio.get_running_loop().run_in_executor(tokenizer_pool, encode)
         except InputError as exc:
             raise ApiError(422, str(exc)) from None
 
@@ -293,34 +397,41 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/features")
-    async def features(req: FeaturesRequest) -> JSONResponse:
-        check_count(len(req.inputs))
-        check_ids(req.label_token_ids, "label token id")
-        encoded = encode_all(req.inputs)
-        outs = await run(encoded)
-        ids = torch.tensor(req.label_token_ids, dtype=torch.long)
-        data = []
-        for enc, out in zip(encoded, outs, strict=True):
-            data.append(
-                {
-                    "token_logits": _floats(out.logits[ids]),
-                    "token_logprobs": _floats(out.logprobs[ids]),
-                    "hidden": _encode_vector(out.hidden, req.encoding_format)
-                    if req.return_hidden
-                    else None,
-                    "n_tokens": len(enc.ids),
-                    "truncated": enc.truncated,
-                }
+    async def features_raw(body: bytes) -> Response:
+        """``POST /v1/features`` from the raw body (``Guard`` calls it; FastAPI is bypassed)."""
+        try:
+            try:
+                req = FeaturesRequest.model_validate_json(body)
+            except ValidationError as exc:
+                raise ApiError(422, validation_message(exc.errors())) from None
+            check_count(len(req.inputs))
+            check_ids(req.label_token_ids, "label token id")
+            encoded = await encode_all(req.inputs)
+            try:
+                result = await batcher.submit_labels(encoded, req.label_token_ids)
+            except QueueFull as exc:
+                raise queue_full(exc) from None
+            content = features_body(
+                engine.name,
+                engine.fingerprint,
+                result.logits,
+                result.logprobs,
+                result.hidden if req.return_hidden else None,
+                [len(e.ids) for e in encoded],
+                [e.truncated for e in encoded],
+                req.encoding_format,
             )
-        return JSONResponse(
-            {
-                "model": engine.name,
-                "fingerprint": engine.fingerprint,
-                "data": data,
-                "usage": {"prompt_tokens": sum(len(e.ids) for e in encoded)},
-            }
-        )
+        except ApiError as exc:
+            return error_response(exc.status, exc.message, exc.headers)
+        except Exception as exc:
+            logger.error("internal error: %s: %s", type(exc).__name__, exc)
+            return error_response(500, "internal server error")
+        return Response(content, media_type="application/json")
+
+    @app.post("/v1/features")
+    async def features(request: Request) -> Response:
+        # Reached only if Guard's raw route is bypassed; registered so GET gets a 405.
+        return await features_raw(await request.body())
 
     @app.post("/v1/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
@@ -538,7 +649,7 @@ def create_app(
                 if pieces[0] not in target_ids:
                     target_ids.append(pieces[0])  # first piece, as the HF pipeline does
             top_k = min(top_k, len(target_ids))
-        encoded = encode_all(texts)
+        encoded = await encode_all(texts)
         outs = await run(encoded)
         results = []
         for enc, out in zip(encoded, outs, strict=True):
@@ -569,4 +680,10 @@ def create_app(
     for path in ("/fill-mask", "/pipeline/fill-mask", "/models/{model_id:path}"):
         app.add_api_route(path, fill_mask, methods=["POST"])
 
-    return Guard(app, api_key=api_key, max_body_bytes=limits.max_body_bytes, metrics=metrics)
+    return Guard(
+        app,
+        api_key=api_key,
+        max_body_bytes=limits.max_body_bytes,
+        metrics=metrics,
+        raw_routes={("POST", "/v1/features"): features_raw},
+    )

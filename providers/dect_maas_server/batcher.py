@@ -1,9 +1,12 @@
 """Dynamic batching: coalesce concurrent queries into padded forward passes in one thread.
 
-Request handlers ``await submit(...)``; a dedicated worker thread takes up to
-``max_batch_size`` queued queries (waiting at most ``max_wait_ms`` after the oldest arrived),
-groups them by length so that padding stays small, runs the forward pass (torch releases the
-GIL, so the event loop keeps answering) and resolves the handlers' futures.
+Request handlers ``await submit(...)`` (or ``submit_labels``); a dedicated worker thread takes
+up to ``max_batch_size`` queued queries (waiting at most ``max_wait_ms`` after the oldest
+arrived), groups them by length so that padding stays small, runs the forward pass (torch
+releases the GIL, so the event loop keeps answering) and resolves the handlers' futures.
+
+A request's queries may land in different forward passes; each request has one future, resolved
+when its last query is scored, and each forward pass wakes the event loop once, not per query.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from .engine import Encoded, Engine, ItemOutput
 
@@ -31,12 +38,55 @@ class QueueFull(Exception):
 
 
 @dataclass
+class LabelResult:
+    """A ``submit_labels`` request's results, one row per input (float32)."""
+
+    logits: npt.NDArray[np.float32]  # [N, L] raw logits of the label ids
+    logprobs: npt.NDArray[np.float32]  # [N, L] log-softmax over the vocabulary of the same ids
+    hidden: npt.NDArray[np.float32]  # [N, H] last-layer hidden state at the scoring position
+
+
+class _Request:
+    """One ``submit`` call: its queries' results are gathered here until the last one lands."""
+
+    __slots__ = ("all_positions", "future", "labels", "left", "loop", "outputs", "pooled", "result")
+
+    def __init__(
+        self,
+        n: int,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        labels: tuple[int, ...] | None,
+        hidden_size: int,
+        pooled: bool,
+        all_positions: bool,
+    ) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.left = n
+        self.labels = labels
+        self.pooled = pooled
+        self.all_positions = all_positions
+        self.outputs: list[ItemOutput | None] = []
+        self.result: LabelResult | None = None
+        if labels is None:
+            self.outputs = [None] * n
+        else:
+            self.result = LabelResult(
+                np.empty((n, len(labels)), dtype=np.float32),
+                np.empty((n, len(labels)), dtype=np.float32),
+                np.empty((n, hidden_size), dtype=np.float32),
+            )
+
+    def value(self) -> Any:
+        return self.result if self.labels is not None else self.outputs
+
+
+@dataclass(slots=True)
 class _Job:
     encoded: Encoded
-    want_pooled: bool
-    want_all: bool
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[ItemOutput]
+    request: _Request
+    slot: int  # index of this query in its request
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -70,16 +120,23 @@ class Metrics:
         self.batches = 0
         self.batch_hist: collections.Counter[int] = collections.Counter()
         self.forward_seconds = 0.0
+        self.forward_cpu_seconds = 0.0  # CPU time of the worker thread inside the forward pass
+        self.tokenize_cpu_seconds = 0.0  # CPU time of the tokenizer threads
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
         self.lock = threading.Lock()
 
-    def record_batch(self, size: int, seconds: float) -> None:
+    def record_batch(self, size: int, seconds: float, cpu_seconds: float = 0.0) -> None:
         with self.lock:
             self.batches += 1
             self.queries += size
             self.batch_hist[size] += 1
             self.forward_seconds += seconds
+            self.forward_cpu_seconds += cpu_seconds
             self.recent.append((time.monotonic(), size))
+
+    def record_tokenize(self, cpu_seconds: float) -> None:
+        with self.lock:
+            self.tokenize_cpu_seconds += cpu_seconds
 
     def snapshot(self, queue_depth: int) -> dict[str, Any]:
         with self.lock:
@@ -98,6 +155,12 @@ class Metrics:
                 "batch_size_mean": (self.queries / self.batches) if self.batches else 0.0,
                 "batch_size_histogram": hist,
                 "forward_seconds_total": round(self.forward_seconds, 6),
+                # The server's own CPU time, the part spent in forward passes and the part
+                # tokenizing (in a thread pool, mostly without the GIL): what is left per query
+                # is the serial request path (HTTP, JSON, batching), the bound on a GPU.
+                "process_cpu_seconds_total": round(time.process_time(), 6),
+                "forward_cpu_seconds_total": round(self.forward_cpu_seconds, 6),
+                "tokenize_cpu_seconds_total": round(self.tokenize_cpu_seconds, 6),
                 "throughput_qps_60s": (recent_q / span) if span > 0 else 0.0,
                 "forward_qps": (self.queries / self.forward_seconds)
                 if self.forward_seconds
@@ -149,9 +212,35 @@ class Batcher:
         pooled: bool = False,
         all_positions: bool = False,
     ) -> list[ItemOutput]:
-        """Queue ``items`` as queries; all or none are accepted (``QueueFull``)."""
-        loop = asyncio.get_running_loop()
-        jobs = [_Job(it, pooled, all_positions, loop, loop.create_future()) for it in items]
+        """Queue ``items`` for full-vocabulary outputs; all or none are accepted (``QueueFull``)."""
+        req = _Request(
+            len(items),
+            asyncio.get_running_loop(),
+            labels=None,
+            hidden_size=self.engine.hidden_size,
+            pooled=pooled,
+            all_positions=all_positions,
+        )
+        return list(await self._enqueue(req, items))
+
+    async def submit_labels(self, items: list[Encoded], label_ids: Sequence[int]) -> LabelResult:
+        """Queue ``items`` for ``label_ids``' scores and the hidden state (``/v1/features``)."""
+        req = _Request(
+            len(items),
+            asyncio.get_running_loop(),
+            labels=tuple(label_ids),
+            hidden_size=self.engine.hidden_size,
+            pooled=False,
+            all_positions=False,
+        )
+        result: LabelResult = await self._enqueue(req, items)
+        return result
+
+    async def _enqueue(self, req: _Request, items: list[Encoded]) -> Any:
+        if not items:
+            return req.value()
+        now = time.monotonic()
+        jobs = [_Job(it, req, slot, now) for slot, it in enumerate(items)]
         with self._cond:
             if self._stopping:
                 raise QueueFull(retry_after=5)
@@ -161,7 +250,7 @@ class Batcher:
                 raise QueueFull(retry_after=self._retry_after(len(jobs)))
             self._pending.extend(jobs)
             self._cond.notify()
-        return list(await asyncio.gather(*(j.future for j in jobs)))
+        return await req.future
 
     def _retry_after(self, extra: int) -> int:
         snap = self.metrics.snapshot(len(self._pending))
@@ -211,29 +300,68 @@ class Batcher:
                 return
             lengths = [len(j.encoded.ids) for j in batch]
             for group in split_by_length(lengths, self.max_batch_tokens):
-                jobs = [batch[i] for i in group]
-                started = time.monotonic()
-                try:
-                    outs = self.engine.forward(
-                        [j.encoded for j in jobs],
-                        want_pooled=[j.want_pooled for j in jobs],
-                        want_all=[j.want_all for j in jobs],
-                    )
-                except Exception as exc:  # the handlers turn this into a 500
-                    logger.exception("forward pass failed for a batch of %d", len(jobs))
-                    for j in jobs:
-                        j.loop.call_soon_threadsafe(_set_exception, j.future, exc)
-                    continue
-                self.metrics.record_batch(len(jobs), time.monotonic() - started)
-                for j, out in zip(jobs, outs, strict=True):
-                    j.loop.call_soon_threadsafe(_set_result, j.future, out)
+                self._forward([batch[i] for i in group])
+
+    def _forward(self, jobs: list[_Job]) -> None:
+        """One forward pass; scatter its rows into the requests; wake each event loop once."""
+        by_request: dict[_Request, tuple[list[int], list[int]]] = {}
+        for row, j in enumerate(jobs):
+            entry = by_request.get(j.request)
+            if entry is None:
+                entry = by_request[j.request] = ([], [])
+            entry[0].append(row)
+            entry[1].append(j.slot)
+        union: dict[int, int] = {}  # label id -> column, over the group's label requests
+        for req in by_request:
+            for t in req.labels or ():
+                union.setdefault(t, len(union))
+        started, cpu = time.monotonic(), time.thread_time()
+        try:
+            scores = self.engine.score(
+                [j.encoded for j in jobs],
+                label_ids=list(union),
+                full=[j.request.labels is None for j in jobs],
+                want_pooled=[j.request.pooled for j in jobs],
+                want_all=[j.request.all_positions for j in jobs],
+            )
+        except Exception as exc:  # the handlers turn this into a 500
+            logger.exception("forward pass failed for a batch of %d", len(jobs))
+            failed: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
+            for req in by_request:
+                req.left = -1  # never resolved with a result now
+                failed.setdefault(req.loop, []).append((req, exc))
+            for loop, reqs in failed.items():
+                loop.call_soon_threadsafe(_resolve, reqs)
+            return
+        self.metrics.record_batch(len(jobs), time.monotonic() - started, time.thread_time() - cpu)
+        done: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
+        for req, (rows, slots) in by_request.items():
+            if req.left < 0:
+                continue
+            if req.result is not None:
+                assert req.labels is not None
+                r = np.asarray(rows)
+                s = np.asarray(slots)
+                cols = np.fromiter((union[t] for t in req.labels), dtype=np.int64)
+                req.result.logits[s] = scores.label_logits[r[:, None], cols]
+                req.result.logprobs[s] = scores.label_logprobs[r[:, None], cols]
+                req.result.hidden[s] = scores.hidden[r]
+            else:
+                for row, slot in zip(rows, slots, strict=True):
+                    req.outputs[slot] = scores.full[row]
+            req.left -= len(rows)
+            if req.left == 0:
+                done.setdefault(req.loop, []).append((req, None))
+        for loop, reqs in done.items():
+            loop.call_soon_threadsafe(_resolve, reqs)
 
 
-def _set_result(fut: asyncio.Future[ItemOutput], value: ItemOutput) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future[ItemOutput], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+def _resolve(requests: list[tuple[_Request, BaseException | None]]) -> None:
+    """In the event loop: finish the futures of completed (or failed) requests."""
+    for req, exc in requests:
+        if req.future.done():  # the handler was cancelled (client went away)
+            continue
+        if exc is not None:
+            req.future.set_exception(exc)
+        else:
+            req.future.set_result(req.value())

@@ -1,22 +1,32 @@
 """The model side: loading, tokenizing with safe truncation, and one padded forward pass.
 
 Everything here is synchronous and runs in the batcher's worker thread (forward) or in request
-handlers (tokenizing, which is cheap). Padding is always on the right, so that position ids
-are the plain 0..n-1 of every sequence and no real token attends to padding: an input's result
-does not depend on what it is batched with.
+handlers (tokenizing: one call of the Rust tokenizer per request). Padding is always on the
+right, so that position ids are the plain 0..n-1 of every sequence and no real token attends to
+padding: an input's result does not depend on what it is batched with.
+
+On a GPU the model is fast enough that the per-query Python work bounds the server, so the
+scoring path keeps that work per batch, not per query: the LM head runs only at the scoring
+positions, label columns and the log-softmax normaliser are gathered on the device, and one
+``(B, H + 2L)`` block comes back to the CPU instead of full-vocabulary rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import itertools
 import logging
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from . import SCORING_VERSION
@@ -57,6 +67,16 @@ class ItemOutput:
     hidden: torch.Tensor  # [H] last-layer hidden state at the scoring position
     pooled: torch.Tensor | None  # [H] mean of the last layer over real tokens
     all_logprobs: torch.Tensor | None  # [n, V] next-token log-probs at every position
+
+
+@dataclass
+class Scores:
+    """One forward pass's results for a batch of ``B`` items (numpy, float32, on CPU)."""
+
+    label_logits: npt.NDArray[np.float32]  # [B, L] raw logits of the asked label ids
+    label_logprobs: npt.NDArray[np.float32]  # [B, L] log-softmax over the vocabulary, same ids
+    hidden: npt.NDArray[np.float32]  # [B, H] last-layer hidden state at the scoring position
+    full: list[ItemOutput | None]  # full-vocabulary outputs, only for the rows that asked
 
 
 def detect_kind(config: Any) -> ModelKind:
@@ -196,13 +216,32 @@ class Engine:
         self._keep_arg = (
             kind == "causal" and "logits_to_keep" in inspect.signature(model.forward).parameters
         )
+        self._backend = _own_backend(tokenizer)
+        self._head_gather = not self._keep_arg and self._head_gather_works()
         self.fingerprint = fingerprint(model, tokenizer, kind)
 
     # -- tokenizing -------------------------------------------------------------------------
 
+    def _bodies(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids without special tokens: one call of the Rust tokenizer for all ``texts``."""
+        if self._backend is not None:
+            # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which we never use.
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        return [list(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
     def encode(self, text: str, index: int = 0, *, for_embedding: bool = False) -> Encoded:
         """Tokenize with special tokens; truncate the body, never at the scoring position."""
-        body = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._finish(self._bodies([text])[0], index, for_embedding)
+
+    def encode_many(self, texts: Sequence[str], *, for_embedding: bool = False) -> list[Encoded]:
+        """``encode`` for each text, tokenized in one call; the first bad input raises."""
+        if not texts:
+            return []
+        bodies = self._bodies(texts)
+        return [self._finish(b, i, for_embedding) for i, b in enumerate(bodies)]
+
+    def _finish(self, body: list[int], index: int, for_embedding: bool) -> Encoded:
         budget = self.max_input_tokens - self.n_special
         if self.kind == "masked" and not for_embedding:
             assert self.mask_id is not None
@@ -229,6 +268,7 @@ class Engine:
                 score = keep.index(score)
         ids = [*self.prefix_ids, *body, *self.suffix_ids]
         if self.kind == "masked" and not for_embedding:
+            assert self.mask_id is not None
             score_pos = ids.index(self.mask_id)
         elif body:
             # The last body token, not a trailing special token such as BERT's [SEP].
@@ -255,64 +295,157 @@ class Engine:
 
     # -- forward --------------------------------------------------------------------------
 
+    def _head_gather_works(self) -> bool:
+        """Whether the LM head can run on the scoring positions only (a pre-hook on the output
+        embeddings), checked once on a short input against the plain forward."""
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Module):
+            return False
+        body = [t for t in range(self.vocab_size) if t not in (self.pad_id, self.mask_id)][:6]
+        ids = [*self.prefix_ids, *body, *self.suffix_ids]
+        pos = [self.n_prefix + 2, len(ids) - 1]
+        x = torch.tensor([ids, ids], device=self.device)
+        try:
+            with torch.inference_mode():
+                plain = self.model(input_ids=x).logits[[0, 1], pos].float()
+                with _gather_at(head, torch.arange(2, device=self.device), torch.tensor(pos)):
+                    got = self.model(input_ids=x).logits
+        except Exception:  # an architecture that reshapes the head's output: run it everywhere
+            logger.debug("LM head gather unavailable", exc_info=True)
+            return False
+        if tuple(got.shape) != (2, 1, plain.shape[-1]):
+            return False
+        return bool(torch.allclose(got[:, 0].float(), plain, rtol=1e-3, atol=1e-3))
+
     @torch.inference_mode()
-    def forward(
-        self, items: list[Encoded], *, want_pooled: list[bool], want_all: list[bool]
-    ) -> list[ItemOutput]:
-        """One right-padded forward pass over ``items``; per-item outputs in float32 on CPU."""
+    def score(
+        self,
+        items: Sequence[Encoded],
+        *,
+        label_ids: Sequence[int] = (),
+        full: Sequence[bool] | None = None,
+        want_pooled: Sequence[bool] | None = None,
+        want_all: Sequence[bool] | None = None,
+    ) -> Scores:
+        """One right-padded forward pass over ``items``.
+
+        Every row gets the raw logits and log-probs of ``label_ids`` and its hidden state;
+        rows with ``full`` also get full-vocabulary outputs (with ``want_pooled``/``want_all``).
+        """
         n = len(items)
-        width = max(len(it.ids) for it in items)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for row, it in enumerate(items):
-            input_ids[row, : len(it.ids)] = torch.tensor(it.ids, dtype=torch.long)
-            attention[row, : len(it.ids)] = 1
-        score_pos = torch.tensor([it.score_pos for it in items], dtype=torch.long)  # [B]
-        rows = torch.arange(n)
+        full = full or [False] * n
+        want_pooled = want_pooled or [False] * n
+        want_all = want_all or [False] * n
+        lengths = np.fromiter((len(it.ids) for it in items), dtype=np.int64, count=n)
+        width = int(lengths.max())
+        flat = np.fromiter(
+            itertools.chain.from_iterable(it.ids for it in items),
+            dtype=np.int64,
+            count=int(lengths.sum()),
+        )
+        real = np.arange(width) < lengths[:, None]  # [B, T]
+        ids_np = np.full((n, width), self.pad_id, dtype=np.int64)
+        ids_np[real] = flat  # row-major: each row's ids, left-aligned (right padding)
+        attention = torch.from_numpy(real.astype(np.int64)).to(self.device)
+        score_pos = torch.from_numpy(
+            np.fromiter((it.score_pos for it in items), dtype=np.int64, count=n)
+        ).to(self.device)  # [B]
+        rows = torch.arange(n, device=self.device)
         kwargs: dict[str, Any] = {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention.to(self.device),
+            "input_ids": torch.from_numpy(ids_np).to(self.device),
+            "attention_mask": attention,
             "output_hidden_states": True,
         }
         need_all = any(want_all)
         keep_positions: torch.Tensor | None = None
-        if self._keep_arg and not need_all:
+        gather: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if not need_all and self._keep_arg:
             # Only the logits at scoring positions: skips most of the LM head's work.
             keep_positions = torch.unique(score_pos)  # [K] sorted
-            kwargs["logits_to_keep"] = keep_positions.to(self.device)
-        out = self.model(**kwargs)
-        last = out.hidden_states[-1].float()  # [B, T, H]
-        rows, pos = rows.to(last.device), score_pos.to(last.device)  # index where the data is
-        hidden = last[rows, pos]  # [B, H]
-        logits_all = out.logits  # [B, T or K, V], model dtype: gather before widening
+            kwargs["logits_to_keep"] = keep_positions
+        elif not need_all and self._head_gather:
+            gather = _gather_at(self.model.get_output_embeddings(), rows, score_pos)
+        with gather:
+            out = self.model(**kwargs)
+        last = out.hidden_states[-1]  # [B, T, H], model dtype: gather before widening
+        hidden = last[rows, score_pos].float()  # [B, H]
+        logits_all = out.logits
         if keep_positions is not None:
             column = torch.searchsorted(keep_positions, score_pos)  # [B]
-            logits = logits_all[rows, column.to(last.device)].float()  # [B, V]
+            logits = logits_all[rows, column].float()  # [B, V]
+        elif not need_all and self._head_gather:
+            logits = logits_all[:, 0].float()  # [B, V]: the head ran at score_pos only
         else:
-            logits = logits_all[rows, pos].float()  # [B, V]
-        logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
-        pooled: torch.Tensor | None = None
-        if any(want_pooled):
-            mask = attention.to(last.device).unsqueeze(-1).float()  # [B, T, 1]
-            pooled = (last * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
-            pooled = pooled.cpu()
-        logits, logprobs, hidden = logits.cpu(), logprobs.cpu(), hidden.cpu()
-        results = []
-        for row, it in enumerate(items):
-            all_lp = None
-            if want_all[row]:
-                seq = logits_all[row, : len(it.ids)].float()  # [n, V]
-                all_lp = torch.log_softmax(seq, dim=-1).cpu()  # [n, V]
-            results.append(
-                ItemOutput(
-                    logits=logits[row],
-                    logprobs=logprobs[row],
-                    hidden=hidden[row],
+            logits = logits_all[rows, score_pos].float()  # [B, V]
+        parts = [hidden]
+        n_labels = len(label_ids)
+        if n_labels:
+            chosen = logits[:, torch.tensor(list(label_ids), device=logits.device)]  # [B, L]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, 1]
+            parts += [chosen, chosen - lse]
+        block = torch.cat(parts, dim=1).cpu().numpy()  # one copy to the host: [B, H + 2L]
+        h = self.hidden_size
+        hidden_np = block[:, :h]
+        results: list[ItemOutput | None] = [None] * n
+        full_rows = [r for r in range(n) if full[r]]
+        if full_rows:
+            index = torch.tensor(full_rows, device=logits.device)
+            full_logits = logits[index]  # [F, V]
+            full_logprobs = torch.log_softmax(full_logits, dim=-1).cpu()
+            full_logits = full_logits.cpu()
+            pooled: torch.Tensor | None = None
+            if any(want_pooled):
+                mask = attention.unsqueeze(-1).float()  # [B, T, 1]
+                pooled = ((last.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu()
+            hidden_t = torch.from_numpy(hidden_np)
+            for k, row in enumerate(full_rows):
+                all_lp = None
+                if want_all[row]:
+                    seq = logits_all[row, : len(items[row].ids)].float()  # [n, V]
+                    all_lp = torch.log_softmax(seq, dim=-1).cpu()  # [n, V]
+                results[row] = ItemOutput(
+                    logits=full_logits[k],
+                    logprobs=full_logprobs[k],
+                    hidden=hidden_t[row],
                     pooled=pooled[row] if pooled is not None and want_pooled[row] else None,
                     all_logprobs=all_lp,
                 )
-            )
-        return results
+        return Scores(
+            label_logits=block[:, h : h + n_labels],
+            label_logprobs=block[:, h + n_labels :],
+            hidden=hidden_np,
+            full=results,
+        )
+
+
+@contextlib.contextmanager
+def _gather_at(head: Any, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """Run ``head`` (the output embeddings) on ``[rows, positions]`` only: [B, 1, V] logits."""
+
+    def pre(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (x[rows, positions.to(x.device)].unsqueeze(1), *args[1:])
+
+    handle = head.register_forward_pre_hook(pre)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _own_backend(tokenizer: Any) -> Any:
+    """A private copy of the fast tokenizer's Rust backend, set up as ``tokenizer(text,
+    add_special_tokens=False)`` uses it (no truncation, no padding), or None for a slow one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+    own.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return own
 
 
 def load_engine(
