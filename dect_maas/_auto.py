@@ -20,16 +20,25 @@ orthonormal basis of the fold's training vectors): the same function of the trai
 vector has. The refit works in the span of all training vectors, exactly as the folds did; its
 projection is then mapped back to D dimensions, so the fitted model is a plain DecT decoder.
 
-Small sets: with one example per class nothing can be held out, so the paper's settings are used
-(``best_params_["reason"]`` says so). With 2-3 per class each fold holds out one example per class;
-when there are few examples the fold assignment is repeated with new shuffles (up to
-``max_repeats`` times) so that every setting is judged on more held-out predictions.
+Small sets: with one example per class nothing trained can be held out, but the prompt learns
+nothing from labels, so zero-shot (with and without calibration) is scored on every training
+example and the better one is used (``one_shot="paper"`` uses the paper's DecT instead). With 2-3
+per class each fold holds out one example per class; when there are few examples the fold
+assignment is repeated with new shuffles (up to ``max_repeats`` times) so that every setting is
+judged on more held-out predictions.
+
+Class mix: k-shot training sets are balanced, so everything trained on them, and calibrated
+zero-shot, assumes balanced classes. ``class_prior`` (the mix expected at prediction time, e.g.
+the label counts of the file the shots came from) weights the held-out rows so that
+cross-validation estimates accuracy under that mix, and adds log(prior / training share) to
+those models' class scores (Bayes' rule for a shifted prior). Plain zero-shot keeps the model's
+own prior and is never shifted.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -57,6 +66,7 @@ __all__ = ["DEFAULT_GRID", "STEP_CHECKPOINTS", "AutoDecTClassifier", "Candidate"
 Method = Literal["zero_shot", "linear_probe", "prototype", "paper", "dect"]
 STEP_CHECKPOINTS: tuple[int, ...] = (10, 30)
 _MIN_HELD_OUT = 48  # repeat the folds until about this many held-out predictions per setting
+_TIE_SE = 1.0  # selection="1se": how many standard errors of a gap still count as a tie
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,15 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A candidate's held-out results: accuracy, log-loss, and accuracy per training row."""
+
+    accuracy: float
+    log_loss: float
+    per_row: npt.NDArray[np.float64]  # (N,) mean correctness over the folds that held it out
 
 
 def _dect_grid() -> tuple[Candidate, ...]:
@@ -231,10 +250,17 @@ class AutoDecTClassifier(FeatureClassifier):
     decoders' initialisation. ``fit`` sees only the training features; nothing is tuned on
     anything else.
 
+    ``one_shot``: when a class has a single example, ``"prompt"`` (zero-shot, calibrated or not,
+    scored on the training examples) or ``"paper"`` (the paper's DecT, which cannot be checked).
+    ``class_prior``: ``{class: weight}``, the class mix expected at prediction time (module
+    docstring); ``None`` assumes the training set's own mix.
+
     Fitted attributes (plain, JSON-serialisable): ``best_params_`` (the chosen setting; its
     ``"reason"`` says why), ``best_score_`` (its cross-validated accuracy), ``cv_results_``
-    (every candidate's name, settings, accuracy and log-loss on held-out rows), ``n_splits_``,
-    ``n_repeats_``. The refitted model is ``best_estimator_``; predictions come from it.
+    (every candidate's name, settings, accuracy, log-loss and the standard error of its gap to
+    the best, on held-out rows), ``n_splits_``, ``n_repeats_``, ``prior_shift_`` (added to the
+    chosen model's class scores; zeros without a prior). The refitted model is
+    ``best_estimator_``; predictions come from it plus ``prior_shift_``.
 
     To reproduce the paper instead, use ``DecTClassifier()`` with its defaults.
     """
@@ -247,8 +273,12 @@ class AutoDecTClassifier(FeatureClassifier):
         random_state: int | None = None,
         device: str = "cpu",
         selection: Literal["1se", "best"] = "1se",
+        one_shot: Literal["prompt", "paper"] = "prompt",
+        class_prior: Mapping[Any, float] | None = None,
     ) -> None:
         self.cv = cv
+        self.one_shot = one_shot
+        self.class_prior = class_prior
         self.selection = selection
         self.max_repeats = max_repeats
         self.projection_dim = projection_dim
@@ -261,6 +291,7 @@ class AutoDecTClassifier(FeatureClassifier):
     n_splits_: int
     n_repeats_: int
     best_estimator_: FeatureClassifier
+    prior_shift_: npt.NDArray[np.float32]
 
     def _check_params(self) -> None:
         for name in ("cv", "max_repeats", "projection_dim"):
@@ -269,6 +300,10 @@ class AutoDecTClassifier(FeatureClassifier):
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
         if self.cv < 2:
             raise ConfigError(f"cv must be at least 2, got {self.cv}")
+        if self.selection not in ("1se", "best"):
+            raise ConfigError(f"selection must be '1se' or 'best', got {self.selection!r}")
+        if self.one_shot not in ("prompt", "paper"):
+            raise ConfigError(f"one_shot must be 'prompt' or 'paper', got {self.one_shot!r}")
         rs = self.random_state
         if rs is not None and (isinstance(rs, bool) or not isinstance(rs, (int, np.integer))):
             raise ConfigError(f"random_state must be an int or None, got {rs!r}")
@@ -285,6 +320,7 @@ class AutoDecTClassifier(FeatureClassifier):
             else int(self.random_state)
         )
         self.classes_ = classes
+        self._resolve_prior(counts, labels)
         self._paper_weight = float(n_classes / len(labels))
         has_cal = features.scores is not None and features.content_free is not None
         if features.hidden is None:
@@ -293,6 +329,14 @@ class AutoDecTClassifier(FeatureClassifier):
             results = self._score_fixed(features, labels, cands)
             self.n_splits_, self.n_repeats_ = 0, 0
             return self._finish(features, labels, cands, results, seed, "no hidden vectors")
+        if counts.min() < 2 and features.scores is not None and self.one_shot == "prompt":
+            # No trained model can be checked on held-out rows, but the prompt learns nothing
+            # from labels, so every training example is a held-out row for it.
+            cands = [Candidate("zero_shot", False)] + ([Candidate("zero_shot", True)] * has_cal)
+            results = self._score_fixed(features, labels, cands)
+            self.n_splits_, self.n_repeats_ = 0, 0
+            why = "a class has one example: nothing trained can be checked, so the prompt alone"
+            return self._finish(features, labels, cands, results, seed, why)
         if counts.min() < 2:
             self.n_splits_, self.n_repeats_ = 0, 0
             self.cv_results_ = _empty_results()
@@ -308,6 +352,7 @@ class AutoDecTClassifier(FeatureClassifier):
                 "settings are used",
             }
             self.best_estimator_ = self._build(best, features, labels, seed)
+            self.prior_shift_ = self._shift.astype(np.float32)
             return self
 
         folds = self._folds(labels, counts, seed)
@@ -357,11 +402,11 @@ class AutoDecTClassifier(FeatureClassifier):
         labels: npt.NDArray[np.int64],
         folds: npt.NDArray[np.bool_],
         seed: int,
-    ) -> tuple[list[Candidate], list[tuple[float, float]]]:
+    ) -> tuple[list[Candidate], list[_Scored]]:
         plain, grid = self._candidates(features)
         held = ~folds  # (G, N)
         out_c: list[Candidate] = []
-        out_r: list[tuple[float, float]] = []
+        out_r: list[_Scored] = []
         fixed = [c for c in plain if c.method == "zero_shot"]
         out_c += fixed
         out_r += self._score_fixed(features, labels, fixed)
@@ -371,22 +416,67 @@ class AutoDecTClassifier(FeatureClassifier):
                 est = self._build(cand, features[mask], labels[mask], seed)
                 logits[g] = est.decision_function(features)
             out_c.append(cand)
-            out_r.append(_held_out_scores(torch.from_numpy(logits), labels, held))
+            out_r.append(self._scores(cand, torch.from_numpy(logits), labels, held))
         if grid:
             out = self._score_grid(features, labels, folds, grid, seed)
             out_c += out[0]
             out_r += out[1]
         return out_c, out_r
 
+    def _shifted(self, cand: Candidate) -> bool:
+        """Whether a candidate's class scores assume the balance of its training set.
+
+        Everything trained on the labelled examples does, and so does calibrated zero-shot
+        (calibration makes the content-free input uniform); plain zero-shot keeps the model's own
+        prior and is never shifted.
+        """
+        return cand.method != "zero_shot" or cand.calibrate
+
+    def _scores(
+        self,
+        cand: Candidate,
+        logits: Tensor,
+        labels: npt.NDArray[np.int64],
+        held: npt.NDArray[np.bool_],
+    ) -> _Scored:
+        if self._shifted(cand):
+            logits = logits + torch.from_numpy(self._shift).to(logits.dtype)
+        return _held_out_scores(logits, labels, held, self._row_weights)
+
+    def _resolve_prior(self, counts: npt.NDArray[np.int64], labels: npt.NDArray[np.int64]) -> None:
+        """Log-prior shift (C,) and importance weight per training row, from ``class_prior``."""
+        n_classes = len(counts)
+        if self.class_prior is None:
+            self._shift = np.zeros(n_classes)
+            self._row_weights = np.ones(len(labels))
+            return
+        given = dict(self.class_prior)
+        by_name = {str(k): v for k, v in given.items()}
+        names = [str(c) for c in self.classes_.tolist()]
+        unknown = sorted(set(by_name) - set(names))
+        missing = [c for c in names if c not in by_name]
+        if unknown or missing:
+            raise ConfigError(
+                "class_prior must give a frequency for exactly the training classes "
+                f"{names}; unknown: {unknown}, missing: {missing}"
+            )
+        prior = np.array([float(by_name[c]) for c in names])
+        if not np.all(np.isfinite(prior)) or (prior <= 0).any():
+            raise ConfigError(f"class_prior frequencies must be positive numbers, got {given}")
+        prior = prior / prior.sum()
+        freq = counts / counts.sum()
+        self._shift = np.log(prior) - np.log(freq)
+        self._row_weights = (prior / freq)[labels]
+
     def _score_fixed(
         self, features: Features, labels: npt.NDArray[np.int64], cands: list[Candidate]
-    ) -> list[tuple[float, float]]:
+    ) -> list[_Scored]:
         """Zero-shot learns nothing from labels, so every training row is a held-out row."""
         res = []
         for c in cands:
             zs = ZeroShotClassifier("auto" if c.calibrate else "none").fit(features)
             logits = torch.from_numpy(zs.decision_function(features))[None]
-            res.append(_held_out_scores(logits, labels, np.ones((1, len(labels)), dtype=bool)))
+            res.append(self._scores(c, logits, labels, np.ones((1, len(labels)), dtype=bool)))
         return res
 
     def _prompt_terms(self, features: Features, grid: Sequence[Candidate]) -> Tensor:
@@ -415,7 +505,7 @@ class AutoDecTClassifier(FeatureClassifier):
         folds: npt.NDArray[np.bool_],
         grid: Sequence[Candidate],
         seed: int,
-    ) -> tuple[list[Candidate], list[tuple[float, float]]]:
+    ) -> tuple[list[Candidate], list[_Scored]]:
         assert features.hidden is not None
         h = torch.from_numpy(features.hidden)  # (N, D)
         w_init, p0 = self._init(h.shape[1], seed)  # (d, D), (C, d)
@@ -441,8 +531,9 @@ class AutoDecTClassifier(FeatureClassifier):
         cands, res = [], []
         for t, steps in enumerate(STEP_CHECKPOINTS):
             for k, g in enumerate(grid):
-                cands.append(replace(g, n_steps=steps))
-                res.append(_held_out_scores(logits[t, :, :, k], labels, held))
+                cand = replace(g, n_steps=steps)
+                cands.append(cand)
+                res.append(self._scores(cand, logits[t, :, :, k], labels, held))
         return cands, res
 
     # -- choice and refit ---------------------------------------------------------------
@@ -452,47 +543,38 @@ class AutoDecTClassifier(FeatureClassifier):
         features: Features,
         labels: npt.NDArray[np.int64],
         cands: list[Candidate],
-        results: list[tuple[float, float]],
+        results: list[_Scored],
         seed: int,
         reason: str,
     ) -> AutoDecTClassifier:
-        # Accuracy on a few held-out rows is noisy, and the best of many settings is luckier than
-        # good. With selection="1se" every candidate within one standard error of the best
-        # accuracy counts as tied, and the first of them in candidate order wins: plainer models
-        # come first (zero-shot, calibrated zero-shot, the paper's DecT, the prototype decoder,
-        # the linear probe, then the searched settings), so a searched setting must beat them
-        # all clearly. selection="best" takes the highest accuracy, ties to the lower log-loss.
-        acc = np.array([r[0] for r in results])
-        top = float(acc.max())
-        se = 0.0
-        if self.selection == "1se":
-            n = len(labels)
-            smooth = (top * n + 1) / (n + 2)  # Laplace: a perfect score on 8 rows is not certain
-            se = math.sqrt(smooth * (1 - smooth) / n)
-        tied = acc >= top - se - 1e-12
-        if self.selection == "1se":
-            order = sorted(
-                range(len(cands)), key=lambda i: (not tied[i], i if tied[i] else -acc[i])
-            )
-        else:
-            order = sorted(range(len(cands)), key=lambda i: (-acc[i], results[i][1], i))
+        order, top, gap_se = _rank(results, self.selection)
+        acc = [r.accuracy for r in results]
         best = cands[order[0]]
         rank = np.empty(len(cands), dtype=np.int64)
         rank[order] = np.arange(1, len(cands) + 1)
         self.cv_results_ = {
             "name": [c.name for c in cands],
             "params": [c.to_dict() for c in cands],
-            "mean_accuracy": [round(float(r[0]), 6) for r in results],
-            "log_loss": [round(float(r[1]), 6) for r in results],
+            "mean_accuracy": [round(float(r.accuracy), 6) for r in results],
+            "log_loss": [round(float(r.log_loss), 6) for r in results],
+            "se_of_gap_to_best": [round(float(v), 6) for v in gap_se],
             "rank": [int(v) for v in rank],
         }
-        self.best_score_ = float(results[order[0]][0])
-        if se:
-            reason += f": the first candidate within one standard error ({se:.3f}) of the best"
+        self.best_score_ = float(results[order[0]].accuracy)
+        if self.selection == "1se":
+            reason += (
+                ": the first candidate whose accuracy gap to the best "
+                f"({cands[top].name}, {acc[top]:.3f}) is within one standard error of that gap"
+            )
         else:
             reason += ": the highest accuracy"
         self.best_params_ = {**best.to_dict(), "reason": reason}
         self.best_estimator_ = self._build(best, features, labels, seed)
+        self.prior_shift_ = (
+            self._shift.astype(np.float32)
+            if self._shifted(best)
+            else np.zeros(len(self.classes_), np.float32)
+        )
         return self
 
     def _build(
@@ -588,11 +670,14 @@ class AutoDecTClassifier(FeatureClassifier):
     def decision_function(self, features: Features) -> npt.NDArray[np.float32]:
         """The chosen model's class scores, shape (N, C)."""
         self._check_fitted()
-        return self.best_estimator_.decision_function(features)
+        scores = self.best_estimator_.decision_function(features)
+        if self.prior_shift_.any():
+            scores = scores + self.prior_shift_
+        return scores
 
     def _fitted_arrays(self) -> dict[str, npt.NDArray[Any]]:
         inner = self.best_estimator_._fitted_arrays()
-        return {f"best.{k}": v for k, v in inner.items()}
+        return {"prior_shift_": self.prior_shift_, **{f"best.{k}": v for k, v in inner.items()}}
 
     def _fitted_scalars(self) -> dict[str, Any]:
         inner = self.best_estimator_
@@ -622,8 +707,10 @@ class AutoDecTClassifier(FeatureClassifier):
             raise ConfigError(f"unknown inner estimator {name!r} in a saved AutoDecTClassifier")
         inner = kinds[name](**scalars["best_estimator_params"])
         inner.classes_ = self.classes_
+        n_classes = len(self.classes_)
+        self.prior_shift_ = arrays.get("prior_shift_", np.zeros(n_classes, np.float32))
         inner._set_fitted(
-            {k.removeprefix("best."): v for k, v in arrays.items()},
+            {k.removeprefix("best."): v for k, v in arrays.items() if k.startswith("best.")},
             scalars["best_estimator_fitted"],
         )
         self.best_estimator_ = inner
@@ -634,18 +721,57 @@ class AutoDecTClassifier(FeatureClassifier):
         self.n_repeats_ = int(scalars["n_repeats_"])
 
 
+def _rank(
+    results: Sequence[_Scored], selection: str
+) -> tuple[list[int], int, npt.NDArray[np.float64]]:
+    """Candidate indices best first, the most accurate one, and each one's SE of its gap to it.
+
+    Accuracy on a few held-out rows is noisy, and the best of many settings is luckier than good.
+    With ``"1se"`` a candidate counts as tied with the most accurate one when its accuracy gap is
+    within one standard error of that gap, paired over the same held-out rows: a setting that
+    differs from the best on few rows must be close to it, one that disagrees on many rows may
+    trail it further. The first tied candidate in candidate order wins; plainer models come
+    first (zero-shot, calibrated zero-shot, the paper's DecT, the prototype decoder, the linear
+    probe, then the searched settings), so a searched setting must beat all of them clearly.
+    ``"best"`` takes the highest accuracy, ties to the lower log-loss.
+    """
+    acc = np.array([r.accuracy for r in results])
+    top = int(np.argmax(acc))
+    diff = np.stack([results[top].per_row - r.per_row for r in results])  # (K, N)
+    n = diff.shape[1]
+    gap_se = diff.std(axis=1, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(len(results))
+    idx = range(len(results))
+    if selection == "1se":
+        tied = diff.mean(axis=1) <= _TIE_SE * gap_se + 1e-12
+        order = sorted(idx, key=lambda i: (not tied[i], i if tied[i] else -acc[i]))
+    else:
+        order = sorted(idx, key=lambda i: (-acc[i], results[i].log_loss, i))
+    return order, top, gap_se
+
+
 def _empty_results() -> dict[str, list[Any]]:
-    return {"name": [], "params": [], "mean_accuracy": [], "log_loss": [], "rank": []}
+    keys = ("name", "params", "mean_accuracy", "log_loss", "se_of_gap_to_best", "rank")
+    return {k: [] for k in keys}
 
 
 def _held_out_scores(
-    logits: Tensor, labels: npt.NDArray[np.int64], held: npt.NDArray[np.bool_]
-) -> tuple[float, float]:
-    """Accuracy and log-loss over every held-out (group, row) pair; logits (G, N, C)."""
-    mask = torch.from_numpy(held)  # (G, N)
+    logits: Tensor,
+    labels: npt.NDArray[np.int64],
+    held: npt.NDArray[np.bool_],
+    row_weights: npt.NDArray[np.float64],
+) -> _Scored:
+    """Scores over every held-out (group, row) pair; logits (G, N, C).
+
+    Every row is held out equally often, so each row's mean over its held-out folds counts once,
+    times its weight (the class prior's importance weight; 1 without a prior).
+    """
+    mask = torch.from_numpy(held).double()  # (G, N)
     y = torch.from_numpy(labels)[None].expand(mask.shape)  # (G, N)
     logp = torch.log_softmax(logits.double(), dim=-1)  # (G, N, C)
     nll = -logp.gather(-1, y[..., None])[..., 0]  # (G, N)
     correct = (logits.argmax(-1) == y).double()  # (G, N)
-    n = mask.sum().double()
-    return float((correct * mask).sum() / n), float((nll * mask).sum() / n)
+    times = mask.sum(0).clamp_min(1)  # (N,)
+    w = torch.from_numpy(row_weights)  # (N,)
+    per_row = (correct * mask).sum(0) / times * w  # (N,)
+    row_nll = (nll * mask).sum(0) / times * w  # (N,)
+    return _Scored(float(per_row.mean()), float(row_nll.mean()), per_row.numpy())

@@ -14,6 +14,7 @@ import os
 import platform
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -391,7 +392,7 @@ class Experiment:
             for k, seed, method in combos:
                 rows = [position[i] for i in plan.train_indices[(k, seed)]]
                 y_train = [train.labels[i] for i in plan.train_indices[(k, seed)]]
-                est = make_estimator(method, self.config)
+                est = make_estimator(method, self.config, train.labels)
                 tf = time.perf_counter()
                 est.fit(union_f[rows], y_train)
                 fit_s = time.perf_counter() - tf
@@ -449,8 +450,13 @@ _NEEDS_SCORES = frozenset({"zero_shot", "calibrated_zero_shot"})
 _NEEDS_HIDDEN = frozenset({"dect", "prototype", "linear_probe"})  # auto_dect adapts to either
 
 
-def make_estimator(method: str, config: ExperimentConfig) -> _Estimator:
-    """The one table from method names to estimators."""
+def make_estimator(
+    method: str, config: ExperimentConfig, train_labels: Sequence[str] = ()
+) -> _Estimator:
+    """The one table from method names to estimators.
+
+    ``train_labels`` are the whole training file's labels, for ``decoder.class_prior = "train"``.
+    """
     from . import (
         AutoDecTClassifier,
         DecTClassifier,
@@ -473,7 +479,9 @@ def make_estimator(method: str, config: ExperimentConfig) -> _Estimator:
             prompt_weight=d.prompt_weight, calibration=d.calibration, **decoder_args
         ),
         "auto_dect": lambda: AutoDecTClassifier(
-            projection_dim=d.projection_dim, random_state=d.random_state
+            projection_dim=d.projection_dim,
+            random_state=d.random_state,
+            class_prior=_class_prior(d.class_prior, train_labels),
         ),
         "zero_shot": lambda: ZeroShotClassifier(calibration="none"),
         "calibrated_zero_shot": lambda: ZeroShotClassifier(calibration=cal),
@@ -484,6 +492,18 @@ def make_estimator(method: str, config: ExperimentConfig) -> _Estimator:
         return factories[method]()
     except KeyError:
         raise ConfigError(f"unknown method {method!r}; choose from {sorted(factories)}") from None
+
+
+def _class_prior(
+    setting: str | dict[str, float], train_labels: Sequence[str]
+) -> dict[str, float] | None:
+    if setting == "none":
+        return None
+    if setting == "train":
+        if not train_labels:
+            raise ConfigError('decoder.class_prior = "train" needs the training labels')
+        return {str(k): float(v) for k, v in Counter(train_labels).items()}
+    return dict(setting) if isinstance(setting, dict) else None
 
 
 def _usable_methods(wanted: Sequence[str], f: Features) -> tuple[list[str], dict[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from dect_maas import AutoDecTClassifier, DecTClassifier, Features
-from dect_maas._auto import Candidate, train_members
+from dect_maas import AutoDecTClassifier, DecTClassifier, Features, ZeroShotClassifier
+from dect_maas._auto import Candidate, _rank, _Scored, train_members
 from dect_maas._decoder import DecTDecoder, calibrate, calibration_vector
+from dect_maas._exceptions import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -178,12 +180,23 @@ def test_fit_takes_no_evaluation_data() -> None:
 # -- small sets, determinism, serialisation --------------------------------------------------------
 
 
-def test_one_shot_uses_the_paper_settings() -> None:
-    feats, y = _data(shots=1)
+def test_one_shot_checks_only_the_prompt_on_the_shots() -> None:
+    feats, y = _data(shots=1, n_classes=5, score_signal=2.0)
     model = AutoDecTClassifier(random_state=3).fit(feats, y)
+    assert model.best_params_["method"] == "zero_shot"
+    assert "a class has one example" in model.best_params_["reason"]
+    assert model.n_splits_ == 0
+    # both prompt variants were scored on all 5 shots, nothing trained was
+    assert model.cv_results_["name"] == ["zero_shot", "zero_shot+calibrated"]
+    zs = ZeroShotClassifier("auto" if model.best_params_["calibrate"] else "none").fit(feats)
+    np.testing.assert_allclose(model.decision_function(feats), zs.decision_function(feats))
+
+
+def test_one_shot_paper_reproduces_the_paper() -> None:
+    feats, y = _data(shots=1)
+    model = AutoDecTClassifier(random_state=3, one_shot="paper").fit(feats, y)
     assert model.best_params_["method"] == "paper"
     assert "one example per class" in model.best_params_["reason"]
-    assert model.n_splits_ == 0
     assert model.cv_results_["name"] == []
     paper = DecTClassifier(random_state=3).fit(feats, y)
     np.testing.assert_allclose(model.decision_function(feats), paper.decision_function(feats))
@@ -230,3 +243,109 @@ def test_embedding_only_features_search_the_decoder_alone() -> None:
     assert all(p["prompt_weight"] == 0.0 for p in model.cv_results_["params"])
     assert "zero_shot" not in model.cv_results_["name"]
     assert set(model.predict(emb)) <= set(y)
+
+
+# -- the selection rule ----------------------------------------------------------------------------
+
+
+def _scored(correct: list[float]) -> _Scored:
+    row = np.asarray(correct, dtype=np.float64)
+    return _Scored(float(row.mean()), 0.5, row)
+
+
+def test_a_small_gap_on_rows_where_two_candidates_differ_is_a_tie() -> None:
+    # The plain candidate (first) is right on rows 0-19, the searched one on rows 16-39: a 0.1
+    # gap over 40 rows, but they disagree on 28 of them, so the gap is within one SE.
+    plain = _scored([1.0] * 20 + [0.0] * 20)
+    other = _scored([0.0] * 16 + [1.0] * 24)
+    order, top, se = _rank([plain, other], "1se")
+    assert top == 1
+    assert se[0] == pytest.approx(np.std([-1] * 16 + [0] * 4 + [1] * 20, ddof=1) / np.sqrt(40))
+    assert order[0] == 0
+
+
+def test_the_same_gap_on_few_differing_rows_is_not_a_tie() -> None:
+    # Same 0.1 gap, but the searched candidate is right everywhere the plain one is, plus 4 rows.
+    plain = _scored([1.0] * 20 + [0.0] * 20)
+    other = _scored([1.0] * 24 + [0.0] * 16)
+    order, top, se = _rank([plain, other], "1se")
+    assert (top, order[0]) == (1, 1)
+    assert se[0] == pytest.approx(np.std([0] * 36 + [1] * 4, ddof=1) / np.sqrt(40))
+    assert se[1] == 0.0
+    assert _rank([plain, other], "best")[0] == [1, 0]
+
+
+# -- class prior -----------------------------------------------------------------------------------
+
+
+def _skewed_test(feats: Features, y: np.ndarray, prior: np.ndarray, n: int, seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    labels = np.array([f"c{i}" for i in range(len(prior))])
+    rows = [np.flatnonzero(y == c) for c in labels]
+    pick = np.concatenate(
+        [rng.choice(r, size=int(n * p)) for r, p in zip(rows, prior, strict=True)]
+    )
+    return feats[pick], y[pick]
+
+
+def test_class_prior_shifts_a_trained_choice_and_helps_on_that_mix() -> None:
+    feats, y = _data(shots=30, hidden_signal=0.35, score_signal=0.0, seed=5)
+    train = np.concatenate([np.flatnonzero(y == f"c{c}")[:8] for c in range(3)])
+    prior = np.array([0.8, 0.1, 0.1])
+    plain = AutoDecTClassifier(random_state=0).fit(feats[train], y[train])
+    shifted = AutoDecTClassifier(random_state=0, class_prior={"c0": 8, "c1": 1, "c2": 1}).fit(
+        feats[train], y[train]
+    )
+    assert shifted.best_params_["method"] != "zero_shot"
+    np.testing.assert_allclose(shifted.prior_shift_, np.log(prior) - np.log(1 / 3), rtol=1e-6)
+    assert not plain.prior_shift_.any()
+    rest = np.setdiff1d(np.arange(len(y)), train)
+    test_f, test_y = _skewed_test(feats[rest], y[rest], prior, 400, seed=1)
+    if plain.best_params_ == {**shifted.best_params_, "reason": plain.best_params_["reason"]}:
+        # same choice: the prior is a pure shift of the same scores
+        np.testing.assert_allclose(
+            shifted.decision_function(test_f),
+            plain.decision_function(test_f) + shifted.prior_shift_,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    share = lambda m: float(np.mean(m.predict(test_f) == "c0"))  # noqa: E731
+    assert share(shifted) > share(plain) + 0.1
+    assert shifted.score(test_f, test_y) > plain.score(test_f, test_y) + 0.05
+
+
+def test_class_prior_weights_the_held_out_accuracy() -> None:
+    feats, y = _data(shots=6, seed=6)
+    model = AutoDecTClassifier(random_state=0, class_prior={"c0": 1, "c1": 1, "c2": 2}).fit(
+        feats, y
+    )
+    # plain zero-shot is scored on all rows, weighted by prior / training share
+    zs = ZeroShotClassifier("none").fit(feats)
+    right = zs.predict(feats) == y
+    w = np.where(y == "c2", 1.5, 0.75)
+    acc = dict(zip(model.cv_results_["name"], model.cv_results_["mean_accuracy"], strict=True))
+    assert acc["zero_shot"] == pytest.approx(float(np.mean(right * w)), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("prior", "message"),
+    [
+        ({"c0": 1, "c1": 1}, "missing: ['c2']"),
+        ({"c0": 1, "c1": 1, "c2": 1, "c9": 1}, "unknown: ['c9']"),
+        ({"c0": 1, "c1": 0, "c2": 1}, "positive"),
+    ],
+)
+def test_class_prior_errors_name_the_problem(prior: dict[str, float], message: str) -> None:
+    feats, y = _data(shots=4)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        AutoDecTClassifier(class_prior=prior).fit(feats, y)
+
+
+def test_prior_shift_survives_save_and_load(tmp_path: Path) -> None:
+    feats, y = _data(shots=6, hidden_signal=1.5, score_signal=0.0, seed=1)
+    model = AutoDecTClassifier(random_state=0, class_prior={"c0": 3, "c1": 1, "c2": 1})
+    model.fit(feats, y)
+    assert model.prior_shift_.any()
+    back = AutoDecTClassifier.load(model.save(tmp_path / "m"))
+    np.testing.assert_array_equal(back.prior_shift_, model.prior_shift_)
+    np.testing.assert_allclose(back.decision_function(feats), model.decision_function(feats))

@@ -329,7 +329,7 @@ def test_auto_dect_runs_and_its_chosen_settings_are_in_the_report(
     text = cfg.read_text().replace(
         f"methods = {json.dumps(METHODS)}", 'methods = ["auto_dect", "dect"]'
     )
-    cfg.write_text(text)
+    cfg.write_text(text + '\n[decoder]\nclass_prior = "train"\n')
     assert main(["run", str(cfg)]) == EXIT_OK
     capsys.readouterr()
     (run_id,) = run_ids(tmp_path)
@@ -339,13 +339,32 @@ def test_auto_dect_runs_and_its_chosen_settings_are_in_the_report(
     assert len(auto) == len(SHOTS) * len(SEEDS)
     for r in auto:
         assert r["chosen"]["name"]  # what cross-validation picked, by name
-        if r["shots"] == 1:
-            assert "one example per class" in r["chosen"]["reason"]  # no CV possible: the paper
-            assert r["chosen_cv_accuracy"] is None
-        else:
-            assert 0.0 <= r["chosen_cv_accuracy"] <= 1.0
+        assert 0.0 <= r["chosen_cv_accuracy"] <= 1.0
+        if r["shots"] == 1:  # nothing trained can be checked: the prompt, scored on the shots
+            assert "a class has one example" in r["chosen"]["reason"]
+            assert r["chosen"]["method"] == "zero_shot"
+
     plain = [r for r in report["runs"] if r["method"] == "dect"]
     assert all(r["chosen"] is None for r in plain)
     md = (run_dir / "report.md").read_text()
     assert "Settings chosen by cross-validation" in md
     assert "| DecT, auto (CV) |" in md
+
+
+def test_class_prior_from_the_config_reaches_auto_dect(tmp_path: Path) -> None:
+    from dect_maas._config_file import load_config
+    from dect_maas._experiment import make_estimator
+
+    cfg = write_config(tmp_path, "http://127.0.0.1:1")
+    base = cfg.read_text()
+    labels = ["negative"] * 30 + ["positive"] * 10
+    for setting, expected in [
+        ('"train"', {"negative": 30.0, "positive": 10.0}),
+        ("{ negative = 1, positive = 4 }", {"negative": 1.0, "positive": 4.0}),
+        ('"none"', None),
+    ]:
+        cfg.write_text(base + f"\n[decoder]\nclass_prior = {setting}\n")
+        est = make_estimator("auto_dect", load_config(cfg), labels)
+        assert est.get_params()["class_prior"] == expected, setting
+    cfg.write_text(base + '\n[decoder]\nclass_prior = "test"\n')
+    assert main(["run", str(cfg)]) == EXIT_CONFIG
