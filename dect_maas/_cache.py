@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
@@ -337,9 +338,32 @@ class ResponseCache:
         for key, value in items.items():
             _check_key(key)
             encoded.append((key, _encode_value(value)))
+        if all(len(data) < _MIN_FILE_SIZE for _, data in encoded):
+            try:
+                self._insert_new(encoded)
+                return
+            except sqlite3.IntegrityError:
+                pass  # a key is there already (written meanwhile): replace entries one by one
         with self._cache.transact():
             for key, data in encoded:
                 self._cache.set(key, data)
+
+    def _insert_new(self, encoded: list[tuple[str, bytes]]) -> None:
+        """New entries in one statement, as ``Cache.set`` would store them (raw key, value in
+        the database, no expiry, no tag). diskcache's triggers keep its count and size; an
+        existing key raises IntegrityError (unique index on key, raw) and nothing is written.
+        Per entry this is one INSERT instead of ``set``'s SELECT, INSERT and expiry scan."""
+        now = time.time()
+        rows = [
+            (key, 1, now, None, now, 0, None, 0, diskcache.core.MODE_RAW, None, data)
+            for key, data in encoded
+        ]
+        with self._cache.transact():
+            self._cache._con.executemany(
+                "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count,"
+                " tag, size, mode, filename, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str) or not _is_key(key):

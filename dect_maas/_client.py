@@ -395,7 +395,7 @@ class Client:
             then,
         )
         # The answer was paid for: it is stored and settled even if the caller gives up.
-        outcome, cancelled = await _outlast(asyncio.to_thread(commit))
+        outcome, cancelled = await _outlast(_in_thread(commit))
         if cancelled:
             if isinstance(outcome, Reservation):
                 self._ledger.release(outcome)
@@ -477,7 +477,7 @@ class Client:
             model=adapter.model_for(spec.role),
             endpoint=spec.url,
         )
-        reservation, cancelled = await _outlast(asyncio.to_thread(reserve))
+        reservation, cancelled = await _outlast(_in_thread(reserve))
         if cancelled:
             self._ledger.release(reservation)  # never sent
             raise asyncio.CancelledError()
@@ -923,6 +923,12 @@ def _progress(progress: Progress, total: int) -> Callable[[int], None]:
         callback(done, total)
 
     return call
+
+
+def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """``fn()`` in the loop's default executor, as a future (``asyncio.to_thread`` without the
+    coroutine and the copied context: per-request bookkeeping needs neither)."""
+    return asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 async def _outlast(aw: Awaitable[T]) -> tuple[T, bool]:

@@ -27,6 +27,7 @@ shares a folder the same limits.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -134,6 +135,7 @@ _RECORD_COLUMNS = (
     "latency_s",
     "error",
 )
+_NO_LIMITS = BudgetLimits()
 _SUMS = "COALESCE(SUM(queries), 0), COALESCE(SUM(requests), 0), "
 _SUMS += "COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cost_pico), 0)"
 
@@ -393,7 +395,8 @@ class Ledger:
         """Reserve inside an open transaction; the refusal is returned, nothing reserved."""
         asked = usage.as_ints()
         try:
-            check_limits(self.limits, *_totals(conn), asked)
+            if self.limits != _NO_LIMITS:  # no limit: nothing to check, no totals to sum
+                check_limits(self.limits, *_totals(conn), asked)
         except BudgetExceeded as exc:
             # Before refusing, free what dead processes on this host still hold.
             if not (exc.reserved and self._release_stale_in(conn, None)):
@@ -669,13 +672,21 @@ class Ledger:
     # -- helpers ---------------------------------------------------------------------------
 
     def _complete(self, record: LedgerRecord, run_id: str, **changes: Any) -> LedgerRecord:
-        """Fill in the time and run id when left empty (one ``replace``: it re-validates)."""
+        """Apply ``changes`` (one ``replace``, which re-validates) and fill in the time and run
+        id when left empty (values made here, set on a copy without validating them again)."""
         changes = {k: v for k, v in changes.items() if getattr(record, k) != v}
+        if changes:
+            record = replace(record, **changes)
+        filled = {}
         if not record.time:
-            changes["time"] = _iso(self._clock())
+            filled["time"] = _iso(self._clock())
         if not record.run_id:
-            changes["run_id"] = run_id
-        return replace(record, **changes) if changes else record
+            filled["run_id"] = run_id  # checked when the ledger was opened, or a record's own
+        if filled:
+            record = copy.copy(record)
+            for name, value in filled.items():
+                object.__setattr__(record, name, value)
+        return record
 
     def _new_run_id(self) -> str:
         stamp = datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -777,6 +788,8 @@ def _normalise_time(text: str) -> str:
 
 def _redact(text: str) -> str:
     """Drop query strings and user info from URLs: keys sometimes travel in them."""
+    if "?" not in text and "@" not in text:
+        return text  # neither can be present (the common case: a plain endpoint URL)
     text = _URL_USERINFO.sub(r"\g<scheme>", text)
     text = _URL_QUERY.sub(r"\g<url>", text)
     if "?" in text and "://" not in text and " " not in text:

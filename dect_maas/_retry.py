@@ -199,25 +199,29 @@ class Retrier:
         ceiling = min(p.max_backoff_s, p.initial_backoff_s * 2 ** (attempt_number - 1))
         return self._rng.uniform(0.0, ceiling)
 
-    def _retrying(self, start: float) -> AsyncRetrying:
+    def _stops(self, attempt_number: int, start: float) -> bool:
         p = self.policy
+        return attempt_number >= p.max_attempts or self._clock() - start >= p.max_total_s
+
+    def _wait(self, attempt_number: int, exc: BaseException | None, start: float) -> float:
+        remaining = max(0.0, self.policy.max_total_s - (self._clock() - start))
+        return min(self.wait_s(attempt_number, exc), remaining)
+
+    def _retrying(self, start: float, done: int) -> AsyncRetrying:
+        """Tenacity's loop for the attempts after the first ``done`` (numbers shifted by it)."""
 
         def stop(state: RetryCallState) -> bool:
-            if state.attempt_number >= p.max_attempts:
-                return True
-            return self._clock() - start >= p.max_total_s
+            return self._stops(state.attempt_number + done, start)
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
-            remaining = max(0.0, p.max_total_s - (self._clock() - start))
-            return min(self.wait_s(state.attempt_number, exc), remaining)
+            return self._wait(state.attempt_number + done, exc, start)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            logger.info(
-                "retrying after attempt %d (%s), waiting %.2fs",
-                state.attempt_number,
-                type(exc).__name__,
+            _log_retry(
+                state.attempt_number + done,
+                exc,
                 state.next_action.sleep if state.next_action else 0.0,
             )
 
@@ -231,8 +235,31 @@ class Retrier:
         )
 
     async def call(self, fn: Callable[[], Awaitable[T]], attempts: Attempts) -> T:
-        async for attempt in self._retrying(self._clock()):
+        # The first attempt runs bare (most requests succeed at once and tenacity's machinery
+        # costs ~50 us a call); after a retryable failure, the same decisions (stop, wait, log)
+        # are made for it here, and tenacity runs the attempts that follow.
+        start = self._clock()
+        attempts.count += 1
+        try:
+            return await fn()
+        except Exception as exc:
+            if not is_retryable(exc) or self._stops(1, start):
+                raise
+            first = exc
+        wait = self._wait(1, first, start)
+        _log_retry(1, first, wait)
+        await self._sleep(wait)
+        async for attempt in self._retrying(start, done=1):
             with attempt:
                 attempts.count += 1
                 return await fn()
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+
+def _log_retry(attempt_number: int, exc: BaseException | None, wait: float) -> None:
+    logger.info(
+        "retrying after attempt %d (%s), waiting %.2fs",
+        attempt_number,
+        type(exc).__name__,
+        wait,
+    )

@@ -168,6 +168,26 @@ def test_set_many_writes_all_or_nothing(tmp_path: Path) -> None:
         assert len(cache) == 5
 
 
+def test_set_many_new_and_existing_keys_read_back_through_diskcache_itself(
+    tmp_path: Path,
+) -> None:
+    # New keys take one INSERT; a batch with a key already present is replaced entry by entry.
+    first = {cache_key({"i": i}): {"i": i, "h": np.arange(4, dtype=np.float32)} for i in range(3)}
+    with ResponseCache(CacheConfig(tmp_path)) as cache:
+        cache.set_many(first)
+        key0 = next(iter(first))
+        again = {key0: {"i": 100}, cache_key({"i": 3}): {"i": 3}}
+        cache.set_many(again)
+        assert len(cache) == 4
+        assert cache.get(key0) == {"i": 100}
+        assert cache.get(cache_key({"i": 2}))["i"] == 2
+    # diskcache's own bookkeeping (count and size, kept by its triggers) saw every entry
+    with diskcache.Cache(str(tmp_path)) as raw:
+        assert len(raw) == 5  # four entries and the schema stamp
+        assert raw.volume() > 0
+        assert raw.check() == []
+
+
 def test_keys_must_come_from_cache_key(tmp_path: Path) -> None:
     with ResponseCache(CacheConfig(tmp_path)) as cache:
         for key in ["abc", "Z" * 64, cache_key({}).upper(), "__dect_maas_cache_schema__"]:
