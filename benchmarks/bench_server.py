@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -243,6 +244,12 @@ def run_clients(
     return len(texts) / elapsed, sum(cpu for _, cpu in done) / len(texts)
 
 
+def _http_stack() -> str:
+    """What uvicorn runs on here: httptools + uvloop when installed, else h11 + asyncio."""
+    found = [importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop")]
+    return ("httptools" if found[0] else "h11") + "+" + ("uvloop" if found[1] else "asyncio")
+
+
 def _delta(before: dict[str, Any], after: dict[str, Any], key: str) -> float:
     """A /metrics counter's growth; nan from a server that does not report it."""
     return float(after.get(key, math.nan) - before.get(key, math.nan))
@@ -409,6 +416,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "http_stack": _http_stack(),
         "python": sys.version.split()[0],
         "queries": args.queries,
         "clients": args.clients,

@@ -315,7 +315,10 @@ class Engine:
             return False
         if tuple(got.shape) != (2, 1, plain.shape[-1]):
             return False
-        return bool(torch.allclose(got[:, 0].float(), plain, rtol=1e-3, atol=1e-3))
+        # A wrong gather is off by the logits' own scale; half precision only by rounding.
+        scale = float(plain.abs().max()) + 1.0
+        tol = 1e-3 if got.dtype == torch.float32 else 3e-2 * scale
+        return bool((got[:, 0].float() - plain).abs().max() <= tol)
 
     @torch.inference_mode()
     def score(
