@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -158,6 +159,7 @@ class Client:
         self._retrier = Retrier(retry, sleep=sleep, clock=clock, rng=rng)
         self._limiter = RateLimiter(rate_limit, clock=clock, sleep=sleep)
         self._http: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._bookkeeper = ThreadPoolExecutor(1, thread_name_prefix="dect-maas-bookkeeping")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._labels: dict[str, tuple[int, ...]] = {}
 
@@ -395,7 +397,7 @@ class Client:
             then,
         )
         # The answer was paid for: it is stored and settled even if the caller gives up.
-        outcome, cancelled = await _outlast(_in_thread(commit))
+        outcome, cancelled = await _outlast(self._in_thread(commit))
         if cancelled:
             if isinstance(outcome, Reservation):
                 self._ledger.release(outcome)
@@ -477,7 +479,7 @@ class Client:
             model=adapter.model_for(spec.role),
             endpoint=spec.url,
         )
-        reservation, cancelled = await _outlast(_in_thread(reserve))
+        reservation, cancelled = await _outlast(self._in_thread(reserve))
         if cancelled:
             self._ledger.release(reservation)  # never sent
             raise asyncio.CancelledError()
@@ -779,7 +781,17 @@ class Client:
         self._http.clear()
         self._close_stores()
 
+    def _in_thread(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn()`` on the client's one bookkeeping thread, as a future.
+
+        One thread for every cache write and ledger transaction of this client: they queue in
+        order instead of contending for SQLite's write locks (whose busy handler sleeps) and for
+        the GIL, and each costs a future rather than ``asyncio.to_thread``'s task and context.
+        """
+        return asyncio.get_running_loop().run_in_executor(self._bookkeeper, fn)
+
     def _close_stores(self) -> None:
+        self._bookkeeper.shutdown(wait=True)
         if self._owns_cache and self._cache is not None:
             self._cache.close()
         if self._owns_ledger:
@@ -923,12 +935,6 @@ def _progress(progress: Progress, total: int) -> Callable[[int], None]:
         callback(done, total)
 
     return call
-
-
-def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
-    """``fn()`` in the loop's default executor, as a future (``asyncio.to_thread`` without the
-    coroutine and the copied context: per-request bookkeeping needs neither)."""
-    return asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 async def _outlast(aw: Awaitable[T]) -> tuple[T, bool]:
