@@ -159,7 +159,7 @@ class Client:
         self._retrier = Retrier(retry, sleep=sleep, clock=clock, rng=rng)
         self._limiter = RateLimiter(rate_limit, clock=clock, sleep=sleep)
         self._http: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
-        self._bookkeeper = ThreadPoolExecutor(1, thread_name_prefix="dect-maas-bookkeeping")
+        self._bookkeeper: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._labels: dict[str, tuple[int, ...]] = {}
 
@@ -788,10 +788,14 @@ class Client:
         order instead of contending for SQLite's write locks (whose busy handler sleeps) and for
         the GIL, and each costs a future rather than ``asyncio.to_thread``'s task and context.
         """
+        if self._bookkeeper is None:  # first use, or used again after close()
+            self._bookkeeper = ThreadPoolExecutor(1, thread_name_prefix="dect-maas-bookkeeping")
         return asyncio.get_running_loop().run_in_executor(self._bookkeeper, fn)
 
     def _close_stores(self) -> None:
-        self._bookkeeper.shutdown(wait=True)
+        if self._bookkeeper is not None:
+            self._bookkeeper.shutdown(wait=True)
+            self._bookkeeper = None
         if self._owns_cache and self._cache is not None:
             self._cache.close()
         if self._owns_ledger:

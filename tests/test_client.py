@@ -414,6 +414,18 @@ def test_a_failure_stops_new_sends_while_the_request_in_flight_is_settled(
     assert reserved == Usage()
 
 
+def test_a_closed_client_can_be_used_again(tmp_path: Path) -> None:
+    provider = MockProvider()
+    client = make(provider, tmp_path)
+    first = client.features(TASK, TEXTS[:4])
+    client.close()
+    again = client.features(TASK, [*TEXTS[:4], "one more"])  # stores and threads reopen
+    client.close()
+    assert again.scores is not None
+    np.testing.assert_allclose(again.scores[:4], first.scores)
+    assert provider.sent()[-1]["inputs"] == ["one more Overall, it was"]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(), min_size=1, max_size=8))
 def test_fast_example_keys_equal_cache_key(texts: list[str]) -> None:
