@@ -102,6 +102,12 @@ class _Plan:
     specs: list[RequestSpec]
 
 
+# A queue of max_concurrency full requests on a CPU model server can take minutes to drain, and a
+# read timeout re-sends (and, on a paid API, may re-pay) work the server is still doing: wait as
+# long as the OpenAI SDK does for an answer, but not for a connection.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
 class Client:
     """Turns a Task and texts into Features through one adapter, paying for each query once.
 
@@ -127,7 +133,7 @@ class Client:
         run_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         api_key_env: str | None = None,
-        timeout: httpx.Timeout | float = 60.0,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         rng: Random | None = None,

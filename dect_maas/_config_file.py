@@ -90,7 +90,7 @@ class ProviderSection(_Section):
     max_prompts_per_request: int | None = Field(default=None, ge=1)
     price_per_million_input_tokens: float | None = Field(default=None, ge=0)
     price_per_request: float | None = Field(default=None, ge=0)
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0)
     max_concurrency: int = Field(default=4, ge=1)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)

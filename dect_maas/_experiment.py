@@ -23,6 +23,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import numpy as np
 
 from ._config_file import ExperimentConfig, ProviderSection, load_config, merge
@@ -628,7 +629,8 @@ def build_client(config: ExperimentConfig, run_id: str) -> Any:
         max_concurrency=p.max_concurrency,
         run_id=run_id,
         api_key_env=p.api_key_env,
-        timeout=p.timeout_s,
+        # a read may take minutes on a busy model server; a dead host should not
+        timeout=httpx.Timeout(p.timeout_s, connect=min(10.0, p.timeout_s)),
     )
 
 
