@@ -245,7 +245,7 @@ def run_demo(
 ) -> int:
     """The ``dect-maas demo`` command; prints the table on stdout, progress on stderr."""
     from ._experiment import Experiment
-    from ._report import format_table, usage_lines
+    from ._report import summary_lines
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -261,11 +261,6 @@ def run_demo(
             url, home, shots=shots or (1, 4, 16), seeds=seeds or (0, 1, 2), test_limit=test_limit
         )
         result = Experiment(cfg).run(progress=progress, on_event=say)
-    print(format_table(result, markdown=False))
-    print()
-    for line in usage_lines(result):
-        print(line)
-    if result.output_dir is not None:
-        print(f"report: {result.output_dir / 'report.md'}")
+    print("\n".join(summary_lines(result)))
     say(f"demo finished in {time.perf_counter() - t0:.1f} s (server start and stop included)")
     return 0

@@ -101,6 +101,14 @@ def usage_lines(result: ExperimentResult) -> list[str]:
     return lines
 
 
+def summary_lines(result: ExperimentResult) -> list[str]:
+    """What `dect-maas run` and the demo print after a run: the table, the costs, the report."""
+    lines = [format_table(result, markdown=False), "", *usage_lines(result)]
+    if result.output_dir is not None:
+        lines.append(f"report: {result.output_dir / 'report.md'}")
+    return lines
+
+
 def render_markdown(
     result: ExperimentResult, *, plots: dict[str, Path] | None = None, note: str | None = None
 ) -> str:

@@ -195,19 +195,14 @@ def exit_code_for(exc: BaseException) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ._experiment import Experiment
-    from ._report import format_table, usage_lines
+    from ._report import summary_lines
 
     exp = Experiment.from_config(args.config, run_id=args.run_id)
     result = exp.run(progress=args.progress, on_event=_info)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return EXIT_OK
-    print(format_table(result, markdown=False))
-    print()
-    for line in usage_lines(result):
-        print(line)
-    if result.output_dir is not None:
-        print(f"report: {result.output_dir / 'report.md'}")
+    print("\n".join(summary_lines(result)))
     return EXIT_OK
 
 
