@@ -548,7 +548,6 @@ class AutoDecTClassifier(FeatureClassifier):
         reason: str,
     ) -> AutoDecTClassifier:
         order, top, gap_se = _rank(results, self.selection)
-        acc = [r.accuracy for r in results]
         best = cands[order[0]]
         rank = np.empty(len(cands), dtype=np.int64)
         rank[order] = np.arange(1, len(cands) + 1)
@@ -564,7 +563,8 @@ class AutoDecTClassifier(FeatureClassifier):
         if self.selection == "1se":
             reason += (
                 ": the first candidate whose accuracy gap to the best "
-                f"({cands[top].name}, {acc[top]:.3f}) is within one standard error of that gap"
+                f"({cands[top].name}, {results[top].accuracy:.3f}) is within one standard "
+                "error of that gap"
             )
         else:
             reason += ": the highest accuracy"

@@ -105,7 +105,8 @@ class _Plan:
 # A queue of max_concurrency full requests on a CPU model server can take minutes to drain, and a
 # read timeout re-sends (and, on a paid API, may re-pay) work the server is still doing: wait as
 # long as the OpenAI SDK does for an answer, but not for a connection.
-DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+CONNECT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=CONNECT_TIMEOUT_S)
 
 
 class Client:

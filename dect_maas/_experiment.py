@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from os import PathLike
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 import numpy as np
@@ -496,7 +496,7 @@ def make_estimator(
 
 
 def _class_prior(
-    setting: str | dict[str, float], train_labels: Sequence[str]
+    setting: Literal["none", "train"] | dict[str, float], train_labels: Sequence[str]
 ) -> dict[str, float] | None:
     if setting == "none":
         return None
@@ -504,7 +504,7 @@ def _class_prior(
         if not train_labels:
             raise ConfigError('decoder.class_prior = "train" needs the training labels')
         return {str(k): float(v) for k, v in Counter(train_labels).items()}
-    return dict(setting) if isinstance(setting, dict) else None
+    return dict(setting)
 
 
 def _usable_methods(wanted: Sequence[str], f: Features) -> tuple[list[str], dict[str, str]]:
@@ -613,7 +613,7 @@ def build_client(config: ExperimentConfig, run_id: str) -> Any:
     """A Client for the config's provider with its cache, ledger, budget, rate limit, retries."""
     from ._budget import BudgetLimits
     from ._cache import CacheConfig
-    from ._client import Client
+    from ._client import CONNECT_TIMEOUT_S, Client
     from ._config import RateLimit, RetryPolicy
 
     p = config.provider
@@ -630,7 +630,7 @@ def build_client(config: ExperimentConfig, run_id: str) -> Any:
         run_id=run_id,
         api_key_env=p.api_key_env,
         # a read may take minutes on a busy model server; a dead host should not
-        timeout=httpx.Timeout(p.timeout_s, connect=min(10.0, p.timeout_s)),
+        timeout=httpx.Timeout(p.timeout_s, connect=min(CONNECT_TIMEOUT_S, p.timeout_s)),
     )
 
 
