@@ -129,6 +129,19 @@ class _QuietServer(ThreadingHTTPServer):
         pass
 
 
+@contextmanager
+def serve(server: ThreadingHTTPServer) -> Iterator[str]:
+    """Serve ``server`` (bound to a loopback port) in a thread; yield its base URL."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 class FaultServer:
     """FakeModel on a real loopback socket; ``rate`` of the requests get one of ``faults``."""
 
@@ -226,11 +239,5 @@ class FaultServer:
     def run(self) -> Iterator[str]:
         httpd = _QuietServer(("127.0.0.1", 0), self.handler())
         httpd.daemon_threads = True
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}"
-        finally:
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5)
+        with serve(httpd) as url:
+            yield url

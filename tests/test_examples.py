@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +27,7 @@ from dect_maas._config_file import load_config
 
 pytest.importorskip("dect_maas_server")
 from dect_maas_server.testing import make_tiny_model, run_server
+from faultserver import serve
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.toml"))
@@ -185,15 +185,8 @@ class _TEIStandIn(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def tei_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _TEIStandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve(ThreadingHTTPServer(("127.0.0.1", 0), _TEIStandIn)) as url:
+        yield url
 
 
 def test_embeddings_only_example_against_a_tei_stand_in(tmp_path: Path, tei_url: str) -> None:
