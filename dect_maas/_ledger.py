@@ -40,7 +40,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -229,6 +229,17 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class Settlement:
+    """One ``settle`` for ``Ledger.settle_many``: a request's reservation, what it actually
+    used, its record, and optionally a next request's usage to reserve."""
+
+    reservation: Reservation
+    actual: Usage
+    record: LedgerRecord
+    then_reserve: Usage | None = None
+
+
+@dataclass(frozen=True)
 class Balance:
     """Spent and reserved totals read in one snapshot."""
 
@@ -382,12 +393,19 @@ class Ledger:
         ``provider``/``model``/``endpoint`` are kept only to describe the request if its
         process dies before settling.
         """
-        usage.validate("reserved usage")
-        with self._transaction() as conn:
-            outcome = self._reserve_in(conn, usage, provider, model, endpoint)
+        outcome = self.try_reserve(usage, provider=provider, model=model, endpoint=endpoint)
         if isinstance(outcome, BudgetExceeded):
             raise outcome
         return outcome
+
+    def try_reserve(
+        self, usage: Usage, *, provider: str = "", model: str = "", endpoint: str = ""
+    ) -> Reservation | BudgetExceeded:
+        """``reserve``, with the refusal returned instead of raised: for a caller that reserves
+        ahead and asks again later (a refusal beside requests still in flight may not last)."""
+        usage.validate("reserved usage")
+        with self._transaction() as conn:
+            return self._reserve_in(conn, usage, provider, model, endpoint)
 
     def _reserve_in(
         self, conn: sqlite3.Connection, usage: Usage, provider: str, model: str, endpoint: str
@@ -441,41 +459,63 @@ class Ledger:
         ``BudgetExceeded`` refusal (returned, not raised: the settlement stands either way).
         One transaction instead of two per request when requests follow one another.
         """
-        actual.validate("actual usage")
-        if then_reserve is not None:
-            then_reserve.validate("reserved usage")
-        if record.cache != "miss":
-            raise ConfigError("settle records a request sent to the provider: cache must be 'miss'")
-        record = self._complete(
-            record,
-            reservation.run_id,
-            queries=actual.queries,
-            input_tokens=actual.input_tokens,
-            cost_usd=actual.cost_usd,
-        )
-        outcome = self._close_reservation(
-            reservation,
-            actual,
-            record,
-            then_reserve=then_reserve,
-        )
-        over = [
-            name
-            for name, a, r in zip(
-                ("queries", "requests", "input_tokens", "cost_usd"),
-                actual.as_ints(),
-                reservation.usage.as_ints(),
-                strict=True,
+        return self.settle_many([Settlement(reservation, actual, record, then_reserve)])[0]
+
+    def settle_many(
+        self, settlements: Sequence[Settlement]
+    ) -> list[Reservation | BudgetExceeded | None]:
+        """Several ``settle`` calls in one transaction: all of them stand, or none.
+
+        Every request is settled first; then each ``then_reserve`` is reserved in order, so
+        each reservation sees every settlement. One outcome per settlement, as ``settle``'s.
+        """
+        closing = []
+        for s in settlements:
+            s.actual.validate("actual usage")
+            if s.then_reserve is not None:
+                s.then_reserve.validate("reserved usage")
+            if s.record.cache != "miss":
+                raise ConfigError(
+                    "settle records a request sent to the provider: cache must be 'miss'"
+                )
+            record = self._complete(
+                s.record,
+                s.reservation.run_id,
+                queries=s.actual.queries,
+                input_tokens=s.actual.input_tokens,
+                cost_usd=s.actual.cost_usd,
             )
-            if a > r
-        ]
-        if over:
-            logger.warning(
-                "request %s used more than it reserved (%s); recorded as spent",
-                record.request_id,
-                ", ".join(over),
-            )
-        return outcome
+            closing.append((s, record))
+        outcomes: list[Reservation | BudgetExceeded | None] = []
+        with self._transaction() as conn:
+            for s, record in closing:
+                self._close_in(conn, s.reservation, s.actual, record)
+            for s, record in closing:
+                outcomes.append(
+                    None
+                    if s.then_reserve is None
+                    else self._reserve_in(
+                        conn, s.then_reserve, record.provider, record.model, record.endpoint
+                    )
+                )
+        for s, record in closing:
+            over = [
+                name
+                for name, a, r in zip(
+                    ("queries", "requests", "input_tokens", "cost_usd"),
+                    s.actual.as_ints(),
+                    s.reservation.usage.as_ints(),
+                    strict=True,
+                )
+                if a > r
+            ]
+            if over:
+                logger.warning(
+                    "request %s used more than it reserved (%s); recorded as spent",
+                    record.request_id,
+                    ", ".join(over),
+                )
+        return outcomes
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation whose request was never sent: no record, nothing spent.
@@ -501,44 +541,38 @@ class Ledger:
         self._close_reservation(reservation, billed, record)
 
     def _close_reservation(
-        self,
-        reservation: Reservation,
-        spent: Usage,
-        record: LedgerRecord,
-        *,
-        then_reserve: Usage | None = None,
-    ) -> Reservation | BudgetExceeded | None:
+        self, reservation: Reservation, spent: Usage, record: LedgerRecord
+    ) -> None:
         if not record.time or not record.run_id:
             record = self._complete(record, reservation.run_id)
         with self._transaction() as conn:
-            deleted = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
-            if deleted.rowcount != 1:
-                # Rare path (a scan): closed before, released as stale, or from another folder.
-                statuses = {
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT status FROM records WHERE reservation_id = ?", (reservation.id,)
-                    )
-                }
-                if not statuses:
-                    raise ConfigError(
-                        f"reservation {reservation.id} is not in the ledger at {self.directory}"
-                    )
-                if statuses != {"abandoned"}:
-                    raise ConfigError(
-                        f"reservation {reservation.id} was already settled or refunded"
-                    )
-                logger.warning(
-                    "reservation %s was released as stale before it closed; recording it now",
-                    reservation.id,
+            self._close_in(conn, reservation, spent, record)
+
+    def _close_in(
+        self, conn: sqlite3.Connection, reservation: Reservation, spent: Usage, record: LedgerRecord
+    ) -> None:
+        """Inside an open transaction: the reservation goes, ``spent`` and ``record`` stay."""
+        deleted = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+        if deleted.rowcount != 1:
+            # Rare path (a scan): closed before, released as stale, or from another folder.
+            statuses = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT status FROM records WHERE reservation_id = ?", (reservation.id,)
                 )
-            _add_spent(conn, reservation.run_id, spent)
-            _insert_record(conn, record, reservation.id)
-            if then_reserve is None:
-                return None
-            return self._reserve_in(
-                conn, then_reserve, record.provider, record.model, record.endpoint
+            }
+            if not statuses:
+                raise ConfigError(
+                    f"reservation {reservation.id} is not in the ledger at {self.directory}"
+                )
+            if statuses != {"abandoned"}:
+                raise ConfigError(f"reservation {reservation.id} was already settled or refunded")
+            logger.warning(
+                "reservation %s was released as stale before it closed; recording it now",
+                reservation.id,
             )
+        _add_spent(conn, reservation.run_id, spent)
+        _insert_record(conn, record, reservation.id)
 
     def record_hits(self, n: int, *, provider: str, model: str, endpoint: str) -> None:
         """Count ``n`` examples answered from the cache: one record, zero cost, no budget use."""
