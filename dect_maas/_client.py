@@ -1,22 +1,25 @@
 """The client: the only place in dect-maas that touches the network.
 
-One request, top to bottom (``Client._send``): the cache was looked up for every example first (hits
-are counted, never billed) -> the request's worst case was reserved in the ledger
-(``BudgetExceeded`` before anything leaves) -> acquire the rate limiter -> send, retrying per
-``RetryPolicy`` -> parse -> write the cache -> settle the ledger to the actual usage (refund it if
-anything failed).
+One request, top to bottom (``Client._send_all`` and ``Client._call``): the cache was looked up for
+every example first (hits are counted, never billed) -> the request's worst case was reserved in
+the ledger (``BudgetExceeded`` before anything leaves) -> acquire the rate limiter -> send,
+retrying per ``RetryPolicy`` -> parse -> write the cache -> settle the ledger to the actual usage
+(refund it if anything failed).
 
-Requests go out through ``max_concurrency`` workers. When a worker's request is settled, the same
-ledger transaction reserves its next request, so requests in a row cost one thread hop and two
-short transactions (cache write, ledger) each; the budget still sees every request's worst case
-before it leaves.
+Requests go out through ``max_concurrency`` workers. Each worker holds reservations for its next
+``AHEAD`` requests and hands every answer to the client's bookkeeping thread
+(``_bookkeeper.Bookkeeper``), which writes it to the cache and settles it in a ledger transaction
+that also reserves one more request. So the next request leaves at once, a slow disk does not
+hold up the network, and answers that queue up are written together; the budget still sees
+every request's worst case before it leaves.
 
 Units. A *query* is one example's forward pass on one endpoint (the paper's unit, what providers
 bill); a *request* is one HTTP call carrying one or more queries. When scores and vectors come from
 two endpoints, an example costs two queries. A *hit* is an example answered from the cache.
 
 The core is async (``afeatures``); ``features`` is a plain synchronous call that runs it on a loop
-the client owns. Blocking cache and ledger calls run in a thread (``asyncio.to_thread``).
+the client owns. Blocking cache and ledger calls run in a thread: the bookkeeping thread for
+everything a request writes, ``asyncio.to_thread`` for reads.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,6 +43,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
+from ._bookkeeper import Bookkeeper
 from ._budget import BudgetLimits, Usage
 from ._cache import CacheConfig, ResponseCache, cache_key
 from ._config import Credentials, RateLimit, RetryPolicy
@@ -52,7 +56,7 @@ from ._exceptions import (
     warn,
 )
 from ._features import FeatureMeta, Features
-from ._ledger import Ledger, LedgerRecord, Reservation
+from ._ledger import Ledger, LedgerRecord, Reservation, Settlement
 from ._ratelimit import RateLimiter
 from ._retry import Attempts, Retrier, TruncatedResponse, error_for_status, map_httpx_error
 from ._task import Task
@@ -100,6 +104,35 @@ class _Plan:
     found: dict[str, Record]
     misses: list[Prompt]  # one per distinct key, first occurrence
     specs: list[RequestSpec]
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A request's parsed answer, paid for, until it is stored and settled."""
+
+    spec: RequestSpec
+    keys: list[str]
+    records: list[Record]
+    reservation: Reservation
+    attempts: int
+    latency_s: float
+
+
+Outcome = Reservation | BudgetExceeded | None  # a commit's or a reservation's
+
+# Reservations a worker holds beyond its request in flight. Two keep a worker from waiting on
+# a bookkeeping thread that is one answer behind (starved of the GIL while the event loop runs
+# httpx); more would only hold more of a tight budget for requests not yet sent.
+AHEAD = 2
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """An answer for the bookkeeping thread, with the next request's usage to reserve."""
+
+    adapter: Adapter
+    answer: _Answer
+    then: Usage | None
 
 
 # A queue of max_concurrency full requests on a CPU model server can take minutes to drain, and a
@@ -166,7 +199,7 @@ class Client:
         self._retrier = Retrier(retry, sleep=sleep, clock=clock, rng=rng)
         self._limiter = RateLimiter(rate_limit, clock=clock, sleep=sleep)
         self._http: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
-        self._bookkeeper: ThreadPoolExecutor | None = None
+        self._bookkeeper: Bookkeeper[_Commit, Outcome] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._labels: dict[str, tuple[int, ...]] = {}
 
@@ -307,9 +340,14 @@ class Client:
     async def _send_all(self, adapter: Adapter, plan: _Plan, report: Callable[[int], None]) -> None:
         """Send a plan's requests through ``max_concurrency`` workers, one request each at a time.
 
-        When a worker's request is settled, the same ledger transaction reserves its next one
-        (``Ledger.settle(then_reserve=...)``): requests in a row cost one thread hop and two small
-        transactions (cache, ledger) each, and every request is still reserved before it leaves.
+        Bookkeeping stays off each worker's path. A worker holds reservations for its next
+        ``AHEAD`` requests; each answer goes to the bookkeeping thread, whose transaction that
+        settles it also reserves one more request, and the worker sends its next request at
+        once. So every request's worst case is reserved before it leaves, and a worker holds at
+        most ``AHEAD + 1`` reservations.
+
+        A reservation refused beside this worker's requests in flight is asked again once they
+        are settled: only then is the refusal the caller's ``BudgetExceeded``.
         """
         if not plan.specs:
             return
@@ -318,29 +356,65 @@ class Client:
         queue = deque(plan.specs)
         failed: list[Exception] = []
 
+        def take() -> RequestSpec | None:
+            # another request of this call failed: send nothing more
+            return queue.popleft() if queue and not failed else None
+
         async def worker() -> None:
-            held: list[Reservation] = []  # the next request's reservation, until it is sent
-
-            def take() -> RequestSpec | None:
-                # another request of this call failed: send nothing more
-                return queue.popleft() if queue and not failed else None
-
             spec = take()
+            if spec is None:
+                return
+            ready: Reservation | None = await self._reserve(adapter, spec)  # spec's, until sent
+            window: deque[tuple[RequestSpec, Future[Outcome]]] = deque()  # reservations coming
+            for _ in range(AHEAD):
+                if (s := take()) is not None:
+                    window.append((s, self._reserve_ahead(adapter, s)))
+            tail: list[Future[Outcome]] = []  # commits that reserve nothing
+            refused: deque[RequestSpec] = deque()
             try:
-                if spec is not None:
-                    held.append(await self._reserve(adapter, spec))
-                while spec is not None and not failed:
+                while spec is not None and ready is not None and not failed:
                     keys = [key_of[i] for i in spec.indices]
-                    records, spec, refused = await self._send(adapter, spec, keys, held, take)
-                    plan.found.update(zip(keys, records, strict=True))
+                    sent, ready = ready, None
+                    answer = await self._call(adapter, spec, keys, sent)  # refunded if it fails
+                    plan.found.update(zip(keys, answer.records, strict=True))
                     report(sum(uses[k] for k in keys))  # a text given twice is answered twice
-                    if refused is not None:
-                        raise refused
+                    nxt = take()
+                    stored = self._commit(adapter, answer, nxt)
+                    if nxt is not None:
+                        window.append((nxt, stored))
+                    else:
+                        tail.append(stored)
+                    spec = None
+                    while window and ready is None:
+                        spec, coming = window.popleft()
+                        got, cancelled = await _outlast(coming)
+                        if isinstance(got, Reservation):
+                            ready = got
+                        elif isinstance(got, BudgetExceeded):
+                            refused.append(spec)
+                        if cancelled:
+                            raise asyncio.CancelledError()
+                    if ready is None and refused:
+                        # refused beside this worker's requests in flight: settle them, ask again
+                        for stored in tail:
+                            await _outlast(stored)
+                        tail.clear()
+                        spec = refused.popleft()
+                        ready = await self._reserve(adapter, spec)  # raises BudgetExceeded
             except Exception as exc:
                 failed.append(exc)
             finally:
-                for reservation in held:  # reserved, never sent
-                    self._ledger.release(reservation)
+                # answers still being stored, reservations never sent
+                for coming in [f for _, f in window] + tail:
+                    try:
+                        got, _ = await _outlast(coming)
+                    except Exception as exc:
+                        failed.append(exc)
+                    else:
+                        if isinstance(got, Reservation):
+                            self._ledger.release(got)
+                if ready is not None:
+                    self._ledger.release(ready)
 
         await _run_all([worker() for _ in range(min(self._max_concurrency, len(plan.specs)))])
         if failed:
@@ -349,21 +423,12 @@ class Client:
             # re-run pays only for what was never sent.
             raise failed[0]
 
-    async def _send(
-        self,
-        adapter: Adapter,
-        spec: RequestSpec,
-        keys: list[str],
-        held: list[Reservation],
-        take: Callable[[], RequestSpec | None],
-    ) -> tuple[list[Record], RequestSpec | None, BudgetExceeded | None]:
-        """(reserved already) -> rate limit + send with retries -> parse -> store -> settle and
-        reserve the next request ``take()`` gives (or refund this one if anything failed).
-
-        Returns the records, the next request (its reservation now in ``held``) and the refusal
-        if the budget would not take it.
-        """
-        reservation = held.pop()
+    async def _call(
+        self, adapter: Adapter, spec: RequestSpec, keys: list[str], reservation: Reservation
+    ) -> _Answer:
+        """(reserved already) -> rate limit + send with retries -> parse. On failure the
+        reservation is refunded (the failure recorded) before the error propagates; an answer
+        is the caller's to store and settle (``_commit``)."""
         model = adapter.model_for(spec.role)
         attempts = Attempts()
         started = self._clock()
@@ -390,92 +455,77 @@ class Client:
             )
             raise
         latency = max(0.0, self._clock() - started)
-        nxt = take()
-        then = _worst(adapter, nxt) if nxt is not None else None
-        commit = partial(
-            self._store_and_settle,
-            adapter,
-            spec,
-            keys,
-            records,
-            reservation,
-            attempts.count,
-            latency,
-            then,
-        )
-        # The answer was paid for: it is stored and settled even if the caller gives up.
-        outcome, cancelled = await _outlast(self._in_thread(commit))
-        if cancelled:
-            if isinstance(outcome, Reservation):
-                self._ledger.release(outcome)
-            raise asyncio.CancelledError()
-        if isinstance(outcome, Reservation):
-            held.append(outcome)
-            return records, nxt, None
-        return records, None, outcome
+        return _Answer(spec, keys, records, reservation, attempts.count, latency)
 
-    def _store_and_settle(
-        self,
-        adapter: Adapter,
-        spec: RequestSpec,
-        keys: list[str],
-        records: list[Record],
-        reservation: Reservation,
-        attempts: int,
-        latency: float,
-        then: Usage | None,
-    ) -> Reservation | BudgetExceeded | None:
-        """In a worker thread: the cache write, then the ledger (the answer is stored before it
-        is accounted as paid, so a crash in between never loses a paid answer)."""
+    def _reserve_ahead(self, adapter: Adapter, spec: RequestSpec) -> Future[Outcome]:
+        """Reserve ``spec`` on the bookkeeping thread, refused or not, without waiting."""
+        reserve = partial(
+            self._ledger.try_reserve,
+            _worst(adapter, spec),
+            provider=adapter.provider,
+            model=adapter.model_for(spec.role),
+            endpoint=spec.url,
+        )
+        return self._in_thread(reserve)
+
+    def _commit(
+        self, adapter: Adapter, answer: _Answer, then: RequestSpec | None
+    ) -> Future[Outcome]:
+        """Store and settle ``answer`` on the bookkeeping thread, reserving ``then`` in the
+        same ledger transaction; the answer was paid for, so callers outlast this future."""
+        usage = _worst(adapter, then) if then is not None else None
+        return self._keeper().commit(_Commit(adapter, answer, usage))
+
+    def _write(self, commits: list[_Commit]) -> list[Outcome]:
+        """On the bookkeeping thread, for answers queued together: one cache write, then one
+        ledger transaction (an answer is stored before it is accounted as paid, so a crash in
+        between never loses a paid answer)."""
         try:
             if self._cache is not None:
-                self._cache.set_many(dict(zip(keys, records, strict=True)))
+                records: dict[str, Record] = {}
+                for c in commits:
+                    records.update(zip(c.answer.keys, c.answer.records, strict=True))
+                self._cache.set_many(records)
         except BaseException:
-            self._settle(adapter, spec, records, reservation, attempts, latency, None)  # billed
-            raise
-        return self._settle(adapter, spec, records, reservation, attempts, latency, then)
+            self._ledger.settle_many([self._settlement(c, reserve=False) for c in commits])
+            raise  # billed all the same
+        settlements = [self._settlement(c) for c in commits]
+        outcomes = self._ledger.settle_many(settlements)
+        for c, settled in zip(commits, settlements, strict=True):
+            logger.info(
+                "%s %s: %d quer%s, %d tokens, %d attempt(s), %.3fs",
+                c.adapter.provider,
+                c.answer.spec.describe(),
+                settled.actual.queries,
+                "y" if settled.actual.queries == 1 else "ies",
+                settled.actual.input_tokens,
+                c.answer.attempts,
+                c.answer.latency_s,
+            )
+        return outcomes
 
-    def _settle(
-        self,
-        adapter: Adapter,
-        spec: RequestSpec,
-        records: list[Record],
-        reservation: Reservation,
-        attempts: int,
-        latency: float,
-        then: Usage | None,
-    ) -> Reservation | BudgetExceeded | None:
+    def _settlement(self, c: _Commit, *, reserve: bool = True) -> Settlement:
+        spec, records = c.answer.spec, c.answer.records
         tokens = [t for r in records if isinstance(t := r.get("t"), int)]
         n_tokens = sum(tokens) if len(tokens) == len(records) else spec.input_tokens
         actual = Usage(
             queries=len(spec.indices),
             requests=1,
             input_tokens=n_tokens,
-            cost_usd=adapter.prices.cost(requests=1, input_tokens=n_tokens),
+            cost_usd=c.adapter.prices.cost(requests=1, input_tokens=n_tokens),
         )
         done = LedgerRecord(
-            provider=adapter.provider,
-            model=adapter.model_for(spec.role),
+            provider=c.adapter.provider,
+            model=c.adapter.model_for(spec.role),
             endpoint=spec.url,
             queries=actual.queries,
             input_tokens=actual.input_tokens,
             cost_usd=actual.cost_usd,
-            attempts=attempts,
+            attempts=c.answer.attempts,
             status="ok",
-            latency_s=latency,
+            latency_s=c.answer.latency_s,
         )
-        outcome = self._ledger.settle(reservation, actual, done, then_reserve=then)
-        logger.info(
-            "%s %s: %d quer%s, %d tokens, %d attempt(s), %.3fs",
-            adapter.provider,
-            spec.describe(),
-            actual.queries,
-            "y" if actual.queries == 1 else "ies",
-            n_tokens,
-            attempts,
-            latency,
-        )
-        return outcome
+        return Settlement(c.answer.reservation, actual, done, c.then if reserve else None)
 
     async def _reserve(self, adapter: Adapter, spec: RequestSpec) -> Reservation:
         """Reserve in a thread; if cancelled meanwhile, wait for it and give it back."""
@@ -788,20 +838,23 @@ class Client:
         self._http.clear()
         self._close_stores()
 
-    def _in_thread(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """``fn()`` on the client's one bookkeeping thread, as a future.
+    def _in_thread(self, fn: Callable[[], T]) -> Future[T]:
+        """``fn()`` on the client's bookkeeping thread, in order with its commits; await it
+        with ``_outlast``."""
+        return self._keeper().submit(fn)
 
-        One thread for every cache write and ledger transaction of this client: they queue in
-        order instead of contending for SQLite's write locks (whose busy handler sleeps) and for
-        the GIL, and each costs a future rather than ``asyncio.to_thread``'s task and context.
-        """
+    def _keeper(self) -> Bookkeeper[_Commit, Outcome]:
         if self._bookkeeper is None:  # first use, or used again after close()
-            self._bookkeeper = ThreadPoolExecutor(1, thread_name_prefix="dect-maas-bookkeeping")
-        return asyncio.get_running_loop().run_in_executor(self._bookkeeper, fn)
+            self._bookkeeper = Bookkeeper(self._write, self._orphan)
+        return self._bookkeeper
+
+    def _orphan(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Reservation):  # reserved for a caller that is gone
+            self._ledger.release(outcome)
 
     def _close_stores(self) -> None:
         if self._bookkeeper is not None:
-            self._bookkeeper.shutdown(wait=True)
+            self._bookkeeper.close()
             self._bookkeeper = None
         if self._owns_cache and self._cache is not None:
             self._cache.close()
@@ -948,10 +1001,14 @@ def _progress(progress: Progress, total: int) -> Callable[[int], None]:
     return call
 
 
-async def _outlast(aw: Awaitable[T]) -> tuple[T, bool]:
+async def _outlast(aw: Awaitable[T] | Future[T]) -> tuple[T, bool]:
     """Await ``aw`` to its end even through cancellations (bookkeeping in a thread must not be
     abandoned half-way); return its result and whether the caller was cancelled meanwhile.
     Cancelled, a failure of ``aw`` becomes the CancelledError."""
+    if isinstance(aw, Future):
+        if aw.done():  # finished while a request was in flight: no task, no wake-up
+            return aw.result(), False
+        aw = asyncio.wrap_future(aw)
     task = asyncio.ensure_future(aw)
     cancelled = False
     while True:

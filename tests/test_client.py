@@ -7,6 +7,8 @@ model hashes its inputs), so every number below is checked against what the prov
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,8 @@ from dect_maas import (
     Task,
 )
 from dect_maas._budget import BudgetLimits, Usage
-from dect_maas._cache import CacheConfig
-from dect_maas._client import Client
+from dect_maas._cache import CacheConfig, ResponseCache
+from dect_maas._client import AHEAD, Client
 from dect_maas._config import RateLimit, RetryPolicy
 from dect_maas.adapters import LocalAdapter
 
@@ -412,6 +414,93 @@ def test_a_failure_stops_new_sends_while_the_request_in_flight_is_settled(
     assert [b["inputs"][0][:2] for b in provider.sent()] == ["t0", "t1"]
     assert sorted(statuses) == ["error", "ok"]
     assert reserved == Usage()
+
+
+class SlowDisk(ResponseCache):
+    """A real cache on a slow disk: every write waits 30 ms (an fsync, a network file system)."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        super().__init__(config)
+        self.writes: list[int] = []
+
+    def set_many(self, items: Mapping[str, Mapping[str, Any]]) -> None:
+        time.sleep(0.03)
+        self.writes.append(len(items))
+        super().set_many(items)
+
+
+def test_requests_go_on_while_answers_are_written_and_writes_catch_up_in_batches(
+    tmp_path: Path,
+) -> None:
+    provider = MockProvider()
+    held: list[int] = []  # reservations held as each request arrives
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/features":
+            held.append(client.ledger.reserved().requests)
+        return provider(request)
+
+    cache = SlowDisk(CacheConfig(tmp_path / "cache"))
+    client = Client(
+        LocalAdapter("http://fake", max_inputs_per_request=1),
+        cache=cache,
+        ledger=tmp_path / "ledger",
+        transport=httpx.MockTransport(handler),
+        max_concurrency=1,
+    )
+    texts = [f"t{i}" for i in range(12)]
+    with client:
+        feats = client.features(TASK, texts)
+        summary = client.ledger.summary()
+        reserved = client.ledger.reserved()
+    answers = len(provider.sent())
+    assert answers == 13  # 12 texts and the content-free query
+    # one worker: the request in flight and up to AHEAD more, reserved ahead
+    assert max(held) == AHEAD + 1
+    # the worker did not wait for each write: answers queued behind a slow one went in together
+    assert sum(cache.writes) == answers
+    assert len(cache.writes) < answers
+    assert (summary.queries_paid, reserved) == (answers, Usage())
+    assert feats.scores is not None
+    np.testing.assert_allclose(feats.scores, expected(texts), atol=1e-5)
+    with make(MockProvider(), tmp_path, batch=1) as again:  # all of them were stored
+        again.features(TASK, texts)
+        assert again.ledger.summary(again.ledger.run_id).queries_paid == 0
+
+
+def test_a_request_refused_beside_those_reserved_ahead_is_asked_again_once_they_are_settled(
+    tmp_path: Path,
+) -> None:
+    # Each request reserves its worst case (22 input tokens: a byte each, plus 4) and uses 5.
+    # 60 tokens hold two worst cases, not three: the second request reserved ahead is refused
+    # at first, then granted once the requests before it are settled. The run fits the
+    # budget, so it must not fail.
+    provider = MockProvider()
+    held: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/features":
+            held.append(client.ledger.reserved().requests)
+        return provider(request)
+
+    client = Client(
+        LocalAdapter("http://fake", max_inputs_per_request=1),
+        cache=CacheConfig(tmp_path / "cache"),
+        ledger=tmp_path / "ledger",
+        transport=httpx.MockTransport(handler),
+        budget=BudgetLimits(max_input_tokens=60),
+        max_concurrency=1,
+    )
+    texts = [f"t{i}" for i in range(6)]
+    with client:
+        feats = client.features(TASK, texts)
+        spent, reserved = client.ledger.spent(), client.ledger.reserved()
+    assert len(provider.sent()) == 7
+    assert max(held) == 2  # the budget, not AHEAD, bounded the window
+    assert spent.input_tokens <= 60
+    assert reserved == Usage()
+    assert feats.scores is not None
+    np.testing.assert_allclose(feats.scores, expected(texts), atol=1e-5)
 
 
 def test_a_closed_client_can_be_used_again(tmp_path: Path) -> None:
