@@ -3,9 +3,14 @@
 1. cache hits: ``client.features`` on N examples that are all cached (576-float vectors, like
    SmolLM2-135M), end to end through the client. Target >= 20,000 examples/s.
 2. overhead per request: one example per request, sequential, against a trivial loopback
-   server (http.server answering /v1/features from a hash "model"), through the client (cache
+   server (http.server answering /v1/features from a hash "model"; in a thread of this process,
+   and again in a process of its own, as a real server is), through the client (cache
    look-up, budget reservation, rate limiter, retries, parse, cache write, ledger settle) vs
    bare httpx posting the same bodies. Target <= 1.2x bare httpx's time.
+   With ``--slow-write-ms`` (default 5), the same sequential run with a cache whose every write
+   waits that long (an fsync at a WAL checkpoint, a network file system): requests go on while
+   answers are written and those that queue up are written together, so most of the wait is
+   hidden instead of added to every request.
 3. end to end: ``features()`` on a cold cache against the real local server as a share of that
    server's own throughput, measured in the same run with bare httpx sending the same request
    bodies (same batches, same concurrency; the client's defaults: 64 per request, 8 at a time).
@@ -27,9 +32,12 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from faultserver import FakeModel, FaultServer, MockProvider  # noqa: E402
 
 from dect_maas import CacheConfig, Client, LocalAdapter, Task  # noqa: E402
+from dect_maas._cache import ResponseCache  # noqa: E402
 
 TASK = Task("{text} Overall, it was {mask}", {"negative": "bad", "positive": "great"})
 
@@ -95,11 +104,40 @@ async def _direct(url: str, bodies: list[dict[str, Any]], conc: int) -> float:
         return time.perf_counter() - t0
 
 
-def bench_overhead(n: int, tmp: Path, conc: int, reps: int) -> dict[str, Any]:
+@contextmanager
+def _trivial_server(own_process: bool) -> Iterator[str]:
+    """The hash-model server on loopback: a thread of this process, or a process of its own
+    (as a real server is; then it does not share this process's GIL with the client)."""
+    if not own_process:
+        with FaultServer(rate=0.0).run() as url:
+            yield url
+        return
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "faultserver.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def bench_overhead(
+    n: int,
+    tmp: Path,
+    conc: int,
+    reps: int,
+    slow_write_s: float = 0.0,
+    server_process: bool = False,
+) -> dict[str, Any]:
     """One example per request, ``conc`` requests at a time, client vs bare httpx."""
     texts = [f"overhead text {i} at {conc}" for i in range(n)]
-    server = FaultServer(rate=0.0)
-    with server.run() as url:
+    with _trivial_server(server_process) as url:
         adapter = LocalAdapter(url, max_inputs_per_request=1)
         with Client(adapter, cache=CacheConfig(tmp / "oh-cache"), ledger=tmp / "oh-ledger") as c:
             labels = c.features(TASK, ["warm-up"]).meta.label_token_ids
@@ -117,9 +155,10 @@ def bench_overhead(n: int, tmp: Path, conc: int, reps: int) -> dict[str, Any]:
         bare, client_times = [], []
         for rep in range(reps):  # interleaved: both sides see the same machine load
             bare.append(asyncio.run(_direct(url, bodies, conc)))
+            cache = SlowWrites(CacheConfig(tmp / f"oh-cache-{conc}-{rep}"), slow_write_s)
             with Client(
                 adapter,
-                cache=CacheConfig(tmp / f"oh-cache-{conc}-{rep}"),
+                cache=cache,
                 ledger=tmp / f"oh-ledger-{conc}-{rep}",
                 max_concurrency=conc,
             ) as fresh:
@@ -142,8 +181,22 @@ def bench_overhead(n: int, tmp: Path, conc: int, reps: int) -> dict[str, Any]:
         "ratio": round(per_client / per_bare, 3),
         "target_ratio_at_most": 1.2,
         "meets_target": per_client / per_bare <= 1.2,
-        "server": "http.server ThreadingHTTPServer on loopback, hash model (tests/faultserver.py)",
-    }
+        "server": "http.server ThreadingHTTPServer on loopback, hash model (tests/faultserver.py), "
+        + ("in its own process" if server_process else "in a thread of this process"),
+    } | ({"each_cache_write_waits_ms": slow_write_s * 1000} if slow_write_s else {})
+
+
+class SlowWrites(ResponseCache):
+    """A real cache whose every write first waits ``delay_s`` (a slow disk)."""
+
+    def __init__(self, config: CacheConfig, delay_s: float) -> None:
+        super().__init__(config)
+        self.delay_s = delay_s
+
+    def set_many(self, items: Mapping[str, Mapping[str, Any]]) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        super().set_many(items)
 
 
 def bench_bookkeeping(n: int, tmp: Path) -> dict[str, Any]:
@@ -153,7 +206,7 @@ def bench_bookkeeping(n: int, tmp: Path) -> dict[str, Any]:
     import numpy as np
 
     from dect_maas import Ledger, LedgerRecord, Usage
-    from dect_maas._cache import ResponseCache, cache_key
+    from dect_maas._cache import cache_key
     from dect_maas._ledger import Reservation
 
     cache = ResponseCache(CacheConfig(tmp / "bk-cache"))
@@ -289,6 +342,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="the client's default batch")
     parser.add_argument("--concurrency", type=int, default=8, help="the client's default")
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median)")
+    parser.add_argument(
+        "--slow-write-ms", type=float, default=5.0, help="cache write delay for the slow-disk run"
+    )
     parser.add_argument("--only-e2e", action="store_true", help="skip the other benchmarks")
     parser.add_argument("--skip-e2e", action="store_true")
     args = parser.parse_args()
@@ -302,9 +358,16 @@ def main() -> None:
             out["overhead_per_request_sequential"] = bench_overhead(
                 args.requests, tmp, 1, args.reps
             )
+            out["overhead_per_request_sequential_server_process"] = bench_overhead(
+                args.requests, tmp, 1, args.reps, server_process=True
+            )
             out["overhead_per_request_concurrent"] = bench_overhead(
                 args.requests, tmp, args.concurrency, args.reps
             )
+            if args.slow_write_ms:
+                out["overhead_per_request_sequential_slow_disk"] = bench_overhead(
+                    args.requests // 3, tmp, 1, 3, args.slow_write_ms / 1000
+                )
         if not args.skip_e2e:
             n = args.e2e or (2048 if args.e2e_model == "tiny" else 512)
             out["end_to_end_local_server"] = bench_e2e(

@@ -241,3 +241,11 @@ class FaultServer:
         httpd.daemon_threads = True
         with serve(httpd) as url:
             yield url
+
+
+if __name__ == "__main__":  # a clean server in its own process: prints its URL, stops at EOF
+    import sys
+
+    with FaultServer(rate=0.0).run() as base_url:
+        print(base_url, flush=True)
+        sys.stdin.read()
