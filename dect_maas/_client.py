@@ -368,7 +368,7 @@ class Client:
             window: deque[tuple[RequestSpec, Future[Outcome]]] = deque()  # reservations coming
             for _ in range(AHEAD):
                 if (s := take()) is not None:
-                    window.append((s, self._reserve_ahead(adapter, s)))
+                    window.append((s, self._try_reserve(adapter, s)))
             tail: list[Future[Outcome]] = []  # commits that reserve nothing
             refused: deque[RequestSpec] = deque()
             try:
@@ -457,7 +457,7 @@ class Client:
         latency = max(0.0, self._clock() - started)
         return _Answer(spec, keys, records, reservation, attempts.count, latency)
 
-    def _reserve_ahead(self, adapter: Adapter, spec: RequestSpec) -> Future[Outcome]:
+    def _try_reserve(self, adapter: Adapter, spec: RequestSpec) -> Future[Outcome]:
         """Reserve ``spec`` on the bookkeeping thread, refused or not, without waiting."""
         reserve = partial(
             self._ledger.try_reserve,
@@ -528,19 +528,18 @@ class Client:
         return Settlement(c.answer.reservation, actual, done, c.then if reserve else None)
 
     async def _reserve(self, adapter: Adapter, spec: RequestSpec) -> Reservation:
-        """Reserve in a thread; if cancelled meanwhile, wait for it and give it back."""
-        reserve = partial(
-            self._ledger.reserve,
-            _worst(adapter, spec),
-            provider=adapter.provider,
-            model=adapter.model_for(spec.role),
-            endpoint=spec.url,
-        )
-        reservation, cancelled = await _outlast(self._in_thread(reserve))
+        """Reserve and wait; a refusal is raised. If cancelled meanwhile, wait for the
+        reservation and give it back."""
+        outcome, cancelled = await _outlast(self._try_reserve(adapter, spec))
         if cancelled:
-            self._ledger.release(reservation)  # never sent
+            if isinstance(outcome, Reservation):
+                self._ledger.release(outcome)  # never sent
             raise asyncio.CancelledError()
-        return reservation
+        if isinstance(outcome, BudgetExceeded):
+            raise outcome
+        if outcome is None:  # try_reserve reserves or refuses
+            raise RuntimeError("the ledger neither reserved nor refused")
+        return outcome
 
     async def _attempt(self, adapter: Adapter, spec: RequestSpec) -> list[Record]:
         """One try: rate limit, HTTP, status and body checks, parse. Raises our errors only."""
