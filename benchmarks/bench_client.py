@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,10 +46,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from faultserver import FakeModel, FaultServer, MockProvider  # noqa: E402
+from faultserver import FakeModel, FaultServer, MockProvider, SlowCache  # noqa: E402
 
 from dect_maas import CacheConfig, Client, LocalAdapter, Task  # noqa: E402
-from dect_maas._cache import ResponseCache  # noqa: E402
 
 TASK = Task("{text} Overall, it was {mask}", {"negative": "bad", "positive": "great"})
 
@@ -159,7 +158,7 @@ def bench_overhead(
             c0 = time.process_time()
             bare.append(asyncio.run(_direct(url, bodies, conc)))
             bare_cpu.append(time.process_time() - c0)
-            cache = SlowWrites(CacheConfig(tmp / f"oh-cache-{conc}-{rep}"), slow_write_s)
+            cache = SlowCache(CacheConfig(tmp / f"oh-cache-{conc}-{rep}"), slow_write_s)
             with Client(
                 adapter,
                 cache=cache,
@@ -220,19 +219,6 @@ def _thread_cpu_clock(client: Client) -> int:
     return time.pthread_getcpuclockid(thread.ident)
 
 
-class SlowWrites(ResponseCache):
-    """A real cache whose every write first waits ``delay_s`` (a slow disk)."""
-
-    def __init__(self, config: CacheConfig, delay_s: float) -> None:
-        super().__init__(config)
-        self.delay_s = delay_s
-
-    def set_many(self, items: Mapping[str, Mapping[str, Any]]) -> None:
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        super().set_many(items)
-
-
 def bench_bookkeeping(n: int, tmp: Path) -> dict[str, Any]:
     """What the client adds to each request in a row, timed alone: the cache write, the ledger
     transaction that settles it and reserves the next request, and the one thread hop that
@@ -240,7 +226,7 @@ def bench_bookkeeping(n: int, tmp: Path) -> dict[str, Any]:
     import numpy as np
 
     from dect_maas import Ledger, LedgerRecord, Usage
-    from dect_maas._cache import cache_key
+    from dect_maas._cache import ResponseCache, cache_key
     from dect_maas._ledger import Reservation
 
     cache = ResponseCache(CacheConfig(tmp / "bk-cache"))

@@ -17,13 +17,15 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import numpy as np
+
+from dect_maas._cache import CacheConfig, ResponseCache
 
 FAULTS = ("429", "500", "503", "slow", "drop", "truncate")
 DIM = 8
@@ -241,6 +243,22 @@ class FaultServer:
         httpd.daemon_threads = True
         with serve(httpd) as url:
             yield url
+
+
+class SlowCache(ResponseCache):
+    """A real cache on a slow disk: every write first waits ``delay_s`` (an fsync at a WAL
+    checkpoint, a network file system); ``writes`` counts the entries of each write."""
+
+    def __init__(self, config: CacheConfig, delay_s: float) -> None:
+        super().__init__(config)
+        self.delay_s = delay_s
+        self.writes: list[int] = []
+
+    def set_many(self, items: Mapping[str, Mapping[str, Any]]) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self.writes.append(len(items))
+        super().set_many(items)
 
 
 if __name__ == "__main__":  # a clean server in its own process: prints its URL, stops at EOF

@@ -7,15 +7,13 @@ model hashes its inputs), so every number below is checked against what the prov
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from faultserver import FakeModel, MockProvider
+from faultserver import FakeModel, MockProvider, SlowCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +26,7 @@ from dect_maas import (
     Task,
 )
 from dect_maas._budget import BudgetLimits, Usage
-from dect_maas._cache import CacheConfig, ResponseCache
+from dect_maas._cache import CacheConfig
 from dect_maas._client import AHEAD, Client
 from dect_maas._config import RateLimit, RetryPolicy
 from dect_maas.adapters import LocalAdapter
@@ -45,13 +43,11 @@ def expected(texts: list[str], words: tuple[str, ...] = (" bad", " awful", " gre
 
 
 def make(provider: MockProvider, tmp_path: Path, *, batch: int = 3, **kwargs: Any) -> Client:
+    """A client on ``provider`` (or on ``transport=`` given) with a cache and ledger in tmp."""
     kwargs.setdefault("ledger", tmp_path / "ledger")
-    return Client(
-        LocalAdapter("http://fake", max_inputs_per_request=batch),
-        cache=CacheConfig(tmp_path / "cache"),
-        transport=provider.transport(),
-        **kwargs,
-    )
+    kwargs.setdefault("cache", CacheConfig(tmp_path / "cache"))
+    kwargs.setdefault("transport", provider.transport())
+    return Client(LocalAdapter("http://fake", max_inputs_per_request=batch), **kwargs)
 
 
 def test_features_are_the_providers_in_order_with_content_free(tmp_path: Path) -> None:
@@ -177,10 +173,10 @@ def test_a_refusal_keeps_what_was_in_flight_and_a_rerun_pays_only_the_rest(
         await asyncio.sleep(0.05)  # several requests are in flight when the limit is hit
         return answer
 
-    with Client(
-        LocalAdapter("http://fake", max_inputs_per_request=1),
-        cache=CacheConfig(tmp_path / "cache"),
-        ledger=tmp_path / "ledger",
+    with make(
+        provider,
+        tmp_path,
+        batch=1,
         transport=httpx.MockTransport(slow),
         budget=BudgetLimits(max_queries=20),
         max_concurrency=8,
@@ -343,10 +339,10 @@ def test_cancelling_a_run_leaves_every_sent_request_on_the_ledger_and_nothing_re
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    with Client(
-        LocalAdapter("http://fake", max_inputs_per_request=1),
-        cache=CacheConfig(tmp_path / "cache"),
-        ledger=tmp_path / "ledger",
+    with make(
+        provider,
+        tmp_path,
+        batch=1,
         transport=httpx.MockTransport(slow),
         max_concurrency=4,
     ) as client:
@@ -400,10 +396,10 @@ def test_a_failure_stops_new_sends_while_the_request_in_flight_is_settled(
                 return httpx.Response(400, json={"error": {"message": "bad input"}})
         return answer
 
-    with Client(
-        LocalAdapter("http://fake", max_inputs_per_request=1),
-        cache=CacheConfig(tmp_path / "cache"),
-        ledger=tmp_path / "ledger",
+    with make(
+        provider,
+        tmp_path,
+        batch=1,
         transport=httpx.MockTransport(handler),
         max_concurrency=2,
     ) as client:
@@ -414,19 +410,6 @@ def test_a_failure_stops_new_sends_while_the_request_in_flight_is_settled(
     assert [b["inputs"][0][:2] for b in provider.sent()] == ["t0", "t1"]
     assert sorted(statuses) == ["error", "ok"]
     assert reserved == Usage()
-
-
-class SlowDisk(ResponseCache):
-    """A real cache on a slow disk: every write waits 30 ms (an fsync, a network file system)."""
-
-    def __init__(self, config: CacheConfig) -> None:
-        super().__init__(config)
-        self.writes: list[int] = []
-
-    def set_many(self, items: Mapping[str, Mapping[str, Any]]) -> None:
-        time.sleep(0.03)
-        self.writes.append(len(items))
-        super().set_many(items)
 
 
 def test_requests_go_on_while_answers_are_written_and_writes_catch_up_in_batches(
@@ -440,11 +423,12 @@ def test_requests_go_on_while_answers_are_written_and_writes_catch_up_in_batches
             held.append(client.ledger.reserved().requests)
         return provider(request)
 
-    cache = SlowDisk(CacheConfig(tmp_path / "cache"))
-    client = Client(
-        LocalAdapter("http://fake", max_inputs_per_request=1),
+    cache = SlowCache(CacheConfig(tmp_path / "cache"), 0.03)  # a 30 ms write
+    client = make(
+        provider,
+        tmp_path,
+        batch=1,
         cache=cache,
-        ledger=tmp_path / "ledger",
         transport=httpx.MockTransport(handler),
         max_concurrency=1,
     )
@@ -483,10 +467,10 @@ def test_a_request_refused_beside_those_reserved_ahead_is_asked_again_once_they_
             held.append(client.ledger.reserved().requests)
         return provider(request)
 
-    client = Client(
-        LocalAdapter("http://fake", max_inputs_per_request=1),
-        cache=CacheConfig(tmp_path / "cache"),
-        ledger=tmp_path / "ledger",
+    client = make(
+        provider,
+        tmp_path,
+        batch=1,
         transport=httpx.MockTransport(handler),
         budget=BudgetLimits(max_input_tokens=60),
         max_concurrency=1,
