@@ -2,11 +2,15 @@
 
 1. cache hits: ``client.features`` on N examples that are all cached (576-float vectors, like
    SmolLM2-135M), end to end through the client. Target >= 20,000 examples/s.
-2. overhead per request: one example per request, sequential, against a trivial loopback
-   server (http.server answering /v1/features from a hash "model"; in a thread of this process,
-   and again in a process of its own, as a real server is), through the client (cache
-   look-up, budget reservation, rate limiter, retries, parse, cache write, ledger settle) vs
-   bare httpx posting the same bodies. Target <= 1.2x bare httpx's time.
+2. overhead per request: one example per request, sequential (and 8 at a time), against a
+   trivial loopback server (http.server answering /v1/features from a hash "model"; in a thread
+   of this process, and again in a process of its own, as a real server is), through the
+   client (cache look-up, budget reservation, rate limiter, retries, parse, cache write, ledger
+   settle) vs
+   bare httpx posting the same bodies through as many workers as the client has. Target <= 1.2x
+   bare httpx's time. As a diagnosis, the sequential run against the server process is repeated
+   with the client's cache and ledger writes skipped (``_NoWrites``, never a configuration): the
+   gap between the two runs is what writing each answer durably costs.
    With ``--slow-write-ms`` (default 5), the same sequential run with a cache whose every write
    waits that long (an fsync at a WAL checkpoint, a network file system): requests go on while
    answers are written and those that queue up are written together, so most of the wait is
@@ -36,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from faultserver import FakeModel, FaultServer, MockProvider, SlowCache  # noqa: E402
 
 from dect_maas import CacheConfig, Client, LocalAdapter, Task  # noqa: E402
+from dect_maas._ledger import Reservation  # noqa: E402
 
 TASK = Task("{text} Overall, it was {mask}", {"negative": "bad", "positive": "great"})
 
@@ -81,15 +87,15 @@ def bench_hits(n: int, tmp: Path) -> dict[str, Any]:
 
 
 async def _direct(url: str, bodies: list[dict[str, Any]], conc: int) -> float:
-    """Bare httpx: post ``bodies`` to /v1/features, ``conc`` at a time, encoded as the client
-    encodes them; seconds for all. The long timeout matches the client's: a slow model must not
-    turn into retries on either side."""
-    gate = asyncio.Semaphore(conc)
+    """Bare httpx: post ``bodies`` to /v1/features through ``conc`` workers (as the client
+    sends), encoded as the client encodes them; seconds for all. The long timeout matches the
+    client's: a slow model must not turn into retries on either side."""
     limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    todo = iter(bodies)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
 
-        async def one(body: dict[str, Any]) -> None:
-            async with gate:
+        async def worker() -> None:
+            for body in todo:
                 r = await http.post(
                     f"{url}/v1/features",
                     content=json.dumps(body, separators=(",", ":")),
@@ -99,7 +105,7 @@ async def _direct(url: str, bodies: list[dict[str, Any]], conc: int) -> float:
                 json.loads(r.content)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(b) for b in bodies))
+        await asyncio.gather(*(worker() for _ in range(min(conc, len(bodies)))))
         return time.perf_counter() - t0
 
 
@@ -126,6 +132,18 @@ def _trivial_server(own_process: bool) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+class _NoWrites(Client):
+    """Diagnosis only, never a configuration: the bookkeeping thread writes nothing (no cache
+    entry, no settlement) and hands back made-up reservations, so the run shows what everything
+    else in the client costs (the event loop's work, the thread hand-offs)."""
+
+    def _write(self, commits: list[Any]) -> list[Any]:
+        return [
+            None if c.then is None else Reservation(id=uuid.uuid4().hex, usage=c.then, run_id="x")
+            for c in commits
+        ]
+
+
 def bench_overhead(
     n: int,
     tmp: Path,
@@ -133,8 +151,10 @@ def bench_overhead(
     reps: int,
     slow_write_s: float = 0.0,
     server_process: bool = False,
+    writes: bool = True,
 ) -> dict[str, Any]:
-    """One example per request, ``conc`` requests at a time, client vs bare httpx."""
+    """One example per request, ``conc`` requests at a time, client vs bare httpx.
+    ``writes=False``: the client's cache and ledger writes skipped (``_NoWrites``)."""
     texts = [f"overhead text {i} at {conc}" for i in range(n)]
     with _trivial_server(server_process) as url:
         adapter = LocalAdapter(url, max_inputs_per_request=1)
@@ -158,11 +178,11 @@ def bench_overhead(
             c0 = time.process_time()
             bare.append(asyncio.run(_direct(url, bodies, conc)))
             bare_cpu.append(time.process_time() - c0)
-            cache = SlowCache(CacheConfig(tmp / f"oh-cache-{conc}-{rep}"), slow_write_s)
-            with Client(
+            cache = SlowCache(CacheConfig(tmp / f"oh-cache-{conc}-{rep}-{writes}"), slow_write_s)
+            with (Client if writes else _NoWrites)(
                 adapter,
                 cache=cache,
-                ledger=tmp / f"oh-ledger-{conc}-{rep}",
+                ledger=tmp / f"oh-ledger-{conc}-{rep}-{writes}",
                 max_concurrency=conc,
             ) as fresh:
                 fresh.features(TASK, ["warm-up"])
@@ -186,9 +206,14 @@ def bench_overhead(
     if server_process:  # then this process's CPU is the client side's alone
         cpu_client = statistics.median(client_cpu) / (n + 1)
         cpu_bare = statistics.median(bare_cpu) / n
+        cpu_keeper = statistics.median(keeper_cpu) / (n + 1)
         cpu |= {
             "bare_httpx_cpu_ms_per_request": round(cpu_bare * 1000, 3),
             "client_cpu_ms_per_request": round(cpu_client * 1000, 3),
+            # the event loop's share: httpx, retries, rate limiter, parsing, hand-offs
+            "client_cpu_outside_bookkeeping_thread_ms_per_request": round(
+                (cpu_client - cpu_keeper) * 1000, 3
+            ),
             "cpu_ratio": round(cpu_client / cpu_bare, 3),
         }
     where = "in its own process" if server_process else "in a thread of this process"
@@ -209,6 +234,7 @@ def bench_overhead(
         }
         | cpu
         | ({"each_cache_write_waits_ms": slow_write_s * 1000} if slow_write_s else {})
+        | ({} if writes else {"diagnosis": "cache and ledger writes skipped (_NoWrites)"})
     )
 
 
@@ -227,7 +253,6 @@ def bench_bookkeeping(n: int, tmp: Path) -> dict[str, Any]:
 
     from dect_maas import Ledger, LedgerRecord, Usage
     from dect_maas._cache import ResponseCache, cache_key
-    from dect_maas._ledger import Reservation
 
     cache = ResponseCache(CacheConfig(tmp / "bk-cache"))
     ledger = Ledger(tmp / "bk-ledger")
@@ -380,6 +405,9 @@ def main() -> None:
             )
             out["overhead_per_request_sequential_server_process"] = bench_overhead(
                 args.requests, tmp, 1, args.reps, server_process=True
+            )
+            out["overhead_per_request_sequential_server_process_no_writes"] = bench_overhead(
+                args.requests, tmp, 1, args.reps, server_process=True, writes=False
             )
             out["overhead_per_request_concurrent"] = bench_overhead(
                 args.requests, tmp, args.concurrency, args.reps
