@@ -10,7 +10,10 @@
    bare httpx posting the same bodies through as many workers as the client has. Target <= 1.2x
    bare httpx's time. As a diagnosis, the sequential run against the server process is repeated
    with the client's cache and ledger writes skipped (``_NoWrites``, never a configuration): the
-   gap between the two runs is what writing each answer durably costs.
+   gap between the two runs is what writing each answer durably costs. With ``--service-ms``
+   (default 2), the sequential run again against a server that takes that long per request
+   before answering (as the cheapest model's forward pass would): the client's writes then
+   overlap the server's work.
    With ``--slow-write-ms`` (default 5), the same sequential run with a cache whose every write
    waits that long (an fsync at a WAL checkpoint, a network file system): requests go on while
    answers are written and those that queue up are written together, so most of the wait is
@@ -110,13 +113,21 @@ async def _direct(url: str, bodies: list[dict[str, Any]], conc: int) -> float:
 
 
 @contextmanager
-def _trivial_server(own_process: bool) -> Iterator[str]:
+def _trivial_server(own_process: bool, service_s: float = 0.0) -> Iterator[str]:
     """The hash-model server on loopback: a thread of this process, or a process of its own
-    (as a real server is; then it does not share this process's GIL with the client)."""
+    (as a real server is; then it does not share this process's GIL with the client).
+    ``service_s`` (in a thread only): every /v1/features answer waits that long first, as a
+    model's forward pass would, with the GIL released."""
     if not own_process:
-        with FaultServer(rate=0.0).run() as url:
+        server = (
+            FaultServer(rate=1.0, faults=("slow",), slow_s=service_s, paths=("/v1/features",))
+            if service_s
+            else FaultServer(rate=0.0)
+        )
+        with server.run() as url:
             yield url
         return
+    assert not service_s, "a service time is only simulated in a thread"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "faultserver.py")],
         stdin=subprocess.PIPE,
@@ -152,11 +163,13 @@ def bench_overhead(
     slow_write_s: float = 0.0,
     server_process: bool = False,
     writes: bool = True,
+    service_s: float = 0.0,
 ) -> dict[str, Any]:
     """One example per request, ``conc`` requests at a time, client vs bare httpx.
-    ``writes=False``: the client's cache and ledger writes skipped (``_NoWrites``)."""
+    ``writes=False``: the client's cache and ledger writes skipped (``_NoWrites``);
+    ``service_s``: the server takes that long per request."""
     texts = [f"overhead text {i} at {conc}" for i in range(n)]
-    with _trivial_server(server_process) as url:
+    with _trivial_server(server_process, service_s) as url:
         adapter = LocalAdapter(url, max_inputs_per_request=1)
         with Client(adapter, cache=CacheConfig(tmp / "oh-cache"), ledger=tmp / "oh-ledger") as c:
             labels = c.features(TASK, ["warm-up"]).meta.label_token_ids
@@ -235,6 +248,7 @@ def bench_overhead(
         | cpu
         | ({"each_cache_write_waits_ms": slow_write_s * 1000} if slow_write_s else {})
         | ({} if writes else {"diagnosis": "cache and ledger writes skipped (_NoWrites)"})
+        | ({"server_service_ms": service_s * 1000} if service_s else {})
     )
 
 
@@ -390,6 +404,12 @@ def main() -> None:
     parser.add_argument(
         "--slow-write-ms", type=float, default=5.0, help="cache write delay for the slow-disk run"
     )
+    parser.add_argument(
+        "--service-ms",
+        type=float,
+        default=2.0,
+        help="server time per request for the sequential run against a working server (0: skip)",
+    )
     parser.add_argument("--only-e2e", action="store_true", help="skip the other benchmarks")
     parser.add_argument("--skip-e2e", action="store_true")
     args = parser.parse_args()
@@ -409,6 +429,10 @@ def main() -> None:
             out["overhead_per_request_sequential_server_process_no_writes"] = bench_overhead(
                 args.requests, tmp, 1, args.reps, server_process=True, writes=False
             )
+            if args.service_ms:
+                out["overhead_per_request_sequential_server_service_time"] = bench_overhead(
+                    args.requests, tmp, 1, args.reps, service_s=args.service_ms / 1000
+                )
             out["overhead_per_request_concurrent"] = bench_overhead(
                 args.requests, tmp, args.concurrency, args.reps
             )
