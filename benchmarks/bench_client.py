@@ -2,18 +2,16 @@
 
 1. cache hits: ``client.features`` on N examples that are all cached (576-float vectors, like
    SmolLM2-135M), end to end through the client. Target >= 20,000 examples/s.
-2. overhead per request: one example per request, sequential (and 8 at a time), against a
-   trivial loopback server (http.server answering /v1/features from a hash "model"; in a thread
-   of this process, and again in a process of its own, as a real server is), through the
-   client (cache look-up, budget reservation, rate limiter, retries, parse, cache write, ledger
-   settle) vs
-   bare httpx posting the same bodies through as many workers as the client has. Target <= 1.2x
-   bare httpx's time. As a diagnosis, the sequential run against the server process is repeated
-   with the client's cache and ledger writes skipped (``_NoWrites``, never a configuration): the
-   gap between the two runs is what writing each answer durably costs. With ``--service-ms``
-   (default 2), the sequential run again against a server that takes that long per request
-   before answering (as the cheapest model's forward pass would): the client's writes then
-   overlap the server's work.
+2. overhead per request: one example per request, sequential (and 8 at a time), against a trivial
+   loopback server (http.server answering /v1/features from a hash "model"; in a thread of this
+   process, and again in a process of its own, as a real server is), through the client (cache
+   look-up, budget reservation, rate limiter, retries, parse, cache write, ledger settle) vs bare
+   httpx posting the same bodies through as many workers as the client has. Target <= 1.2x bare
+   httpx's time. As a diagnosis, the sequential run against the server process is repeated with the
+   client's cache and ledger writes skipped (``_NoWrites``, never a configuration): the gap between
+   the two runs is what writing each answer durably costs. With ``--service-ms`` (default 2), the
+   sequential run again against a server that takes that long per request before answering (as the
+   cheapest model's forward pass would): the client's writes then overlap the server's work.
    With ``--slow-write-ms`` (default 5), the same sequential run with a cache whose every write
    waits that long (an fsync at a WAL checkpoint, a network file system): requests go on while
    answers are written and those that queue up are written together, so most of the wait is
