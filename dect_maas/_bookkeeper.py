@@ -1,4 +1,4 @@
-"""The client's bookkeeping thread: every cache write and ledger transaction, in order.
+"""The client's bookkeeping thread: its requests' cache writes and ledger transactions, in order.
 
 One thread per client, so writes queue instead of contending for SQLite's write locks (whose busy
 handler sleeps) and for the GIL. Commits (answers to store and settle) that pile up while the

@@ -19,7 +19,8 @@ two endpoints, an example costs two queries. A *hit* is an example answered from
 
 The core is async (``afeatures``); ``features`` is a plain synchronous call that runs it on a loop
 the client owns. Blocking cache and ledger calls run in a thread: the bookkeeping thread for
-everything a request writes, ``asyncio.to_thread`` for reads.
+everything a request writes, ``asyncio.to_thread`` for reads and for the few writes made before
+any request leaves (the discovery answer, label-word ids, the count of cache hits).
 """
 
 from __future__ import annotations
@@ -466,7 +467,7 @@ class Client:
             model=adapter.model_for(spec.role),
             endpoint=spec.url,
         )
-        return self._in_thread(reserve)
+        return self._keeper().submit(reserve)  # in order with the commits; await with _outlast
 
     def _commit(
         self, adapter: Adapter, answer: _Answer, then: RequestSpec | None
@@ -836,11 +837,6 @@ class Client:
             self._loop.close()
         self._http.clear()
         self._close_stores()
-
-    def _in_thread(self, fn: Callable[[], T]) -> Future[T]:
-        """``fn()`` on the client's bookkeeping thread, in order with its commits; await it
-        with ``_outlast``."""
-        return self._keeper().submit(fn)
 
     def _keeper(self) -> Bookkeeper[_Commit, Outcome]:
         if self._bookkeeper is None:  # first use, or used again after close()
