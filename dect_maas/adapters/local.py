@@ -28,6 +28,7 @@ from ._base import (
     RequestSpec,
     Role,
     check_causal,
+    check_urls,
     chunks,
     decode_vector,
     encode_vector,
@@ -65,6 +66,9 @@ class LocalAdapter:
     name: ClassVar[str] = "local"
     version: ClassVar[str] = "1"
     provider: ClassVar[str] = "local"
+
+    def __post_init__(self) -> None:
+        check_urls(self)
 
     @property
     def effective_kind(self) -> Literal["masked", "causal"]:
