@@ -115,22 +115,26 @@ class AppState:
             if not 0 <= t < vocab:
                 raise ApiError(422, f"{what} {t} is outside the vocabulary (size {vocab})")
 
-    def check_label_ids(self, n_inputs: int, ids: list[int]) -> None:
-        """The label-id caps, checked before anything is tokenized or queued."""
+    def check_label_ids(
+        self, n_inputs: int, ids: list[int], field: str = "label_token_ids"
+    ) -> None:
+        """The label-id caps, then the vocabulary, before anything is tokenized or queued."""
+        self.check_label_count(n_inputs, len(ids), field)
+        self.check_ids(ids, f"{field} entry")
+
+    def check_label_count(self, n_inputs: int, n_ids: int, field: str) -> None:
         lim = self.limits
-        if len(ids) > lim.max_label_token_ids:
+        if n_ids > lim.max_label_token_ids:
+            raise ApiError(
+                413, f"{n_ids} {field} per input; the limit is {lim.max_label_token_ids}"
+            )
+        if n_inputs * n_ids > lim.max_scores_per_request:
             raise ApiError(
                 413,
-                f"{len(ids)} label_token_ids per input; the limit is {lim.max_label_token_ids}",
+                f"{n_inputs} inputs x {n_ids} {field} = {n_inputs * n_ids} scores in one "
+                f"request; the limit is {lim.max_scores_per_request}: send fewer inputs per "
+                "request",
             )
-        if n_inputs * len(ids) > lim.max_scores_per_request:
-            raise ApiError(
-                413,
-                f"{n_inputs} inputs x {len(ids)} label_token_ids = {n_inputs * len(ids)} scores "
-                f"in one request; the limit is {lim.max_scores_per_request}: send fewer inputs "
-                "per request",
-            )
-        self.check_ids(ids, "label token id")
 
     def queue_full(self, exc: QueueFull) -> ApiError:
         return ApiError(

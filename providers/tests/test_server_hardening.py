@@ -91,6 +91,28 @@ def test_label_id_caps_are_advertised_and_enforced(hardened: str) -> None:
         assert [len(d["token_logits"]) for d in resp.json()["data"]] == [8, 8, 8, 8]
 
 
+def test_fill_mask_targets_are_capped_like_label_ids(hardened: str) -> None:
+    words = ["good", "bad", "great", "awful", "fine", "poor", "nice", "dull", "fun"]
+    with httpx.Client(base_url=hardened, timeout=30) as client:
+        body = {"inputs": "It was <mask>.", "parameters": {"targets": words}}
+        assert _error(client.post("/fill-mask", json=body), 413) == (
+            "9 targets per input; the limit is 8"
+        )
+        body = {"inputs": "It was <mask>.", "parameters": {"targets": words[:8]}}
+        assert client.post("/fill-mask", json=body).status_code == 200
+
+
+def test_completions_logprob_token_ids_are_capped(causal: httpx.Client) -> None:
+    # The default server: 1024 ids per input.
+    body = {"prompt": "It was", "max_tokens": 1, "logprobs": 1}
+    msg = _error(
+        causal.post("/v1/completions", json={**body, "logprob_token_ids": [5] * 1025}), 413
+    )
+    assert msg == "1025 logprob_token_ids per input; the limit is 1024"
+    resp = causal.post("/v1/completions", json={**body, "logprob_token_ids": [5, 9]})
+    assert resp.status_code == 200
+
+
 def test_a_huge_label_id_list_is_refused_without_stalling_others(hardened: str) -> None:
     # The attack: ~1.8 MB of label ids. Refused after parsing, before any forward pass.
     ids = [1000 + i % 900 for i in range(300_000)]  # valid ids, so only the count is wrong

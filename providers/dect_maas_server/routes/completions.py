@@ -51,7 +51,6 @@ def register(app: FastAPI, state: AppState) -> None:
                 raise ApiError(400, "logprob_token_ids requires logprobs to be set")
             if max_tokens == 0:
                 raise ApiError(400, "logprob_token_ids needs a generated position (max_tokens 1)")
-            state.check_ids(listed, "logprob_token_ids entry")
         prompts: list[str | list[int]]
         p = req.prompt
         if isinstance(p, str):
@@ -63,6 +62,8 @@ def register(app: FastAPI, state: AppState) -> None:
         if not prompts:
             raise ApiError(422, "prompt is empty")
         state.check_count(len(prompts))
+        if listed:
+            state.check_label_ids(len(prompts), listed, "logprob_token_ids")
         try:
             encoded = [
                 engine.encode(x, i) if isinstance(x, str) else engine.encode_ids(list(x), i)

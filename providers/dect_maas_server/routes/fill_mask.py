@@ -29,6 +29,7 @@ def register(app: FastAPI, state: AppState) -> None:
         target_ids: list[int] | None = None
         if targets is not None:
             words = [targets] if isinstance(targets, str) else list(targets)
+            state.check_label_count(len(texts), len(words), "targets")
             target_ids = []
             for w in words:
                 pieces = list(engine.tokenizer(w, add_special_tokens=False)["input_ids"])
