@@ -115,7 +115,7 @@ def test_completions_logprob_token_ids_are_capped(causal: httpx.Client) -> None:
 
 def test_a_huge_label_id_list_is_refused_without_stalling_others(hardened: str) -> None:
     # The attack: ~1.8 MB of label ids. Refused after parsing, before any forward pass.
-    ids = [1000 + i % 900 for i in range(300_000)]  # valid ids, so only the count is wrong
+    ids = [100 + i % 900 for i in range(360_000)]  # in the vocabulary: only the count is wrong
     huge = {"inputs": ["It was <mask>."] * 16, "label_token_ids": ids}
     payload = json.dumps(huge).encode()
     assert len(payload) > 1_500_000

@@ -1,15 +1,19 @@
-"""Legitimate requests during a flood of idle partial-header connections, with and without the
-server's connection guard (``dect_maas_server/protocol.py``).
+"""Legitimate requests while hostile clients hit the server, with and without its defences.
+
+``flood``: a flood of idle partial-header connections, with and without the connection guard
+(``dect_maas_server/protocol.py``). ``huge_label_ids``: one ~1.8 MB request listing 360,000 label
+ids for 16 inputs, with the label-id caps (default flags) and without them (caps set past it).
 
 The server runs a tiny random masked LM under a file-descriptor limit of ``--fd-limit`` (the
 issue's machine had 20,000; a small limit shows the same failure with fewer sockets). The flood
 opens ``--flood`` connections that each send half a request line and wait; then ``--requests``
 legitimate ``/v1/features`` requests are sent one by one, each on a fresh connection, with a
-``--timeout`` second timeout. Prints one JSON object: per mode (``guarded``; ``unguarded``,
-uvicorn's own protocol as before), the legitimate requests' success count and latency
-(median, max) before and during the flood, and the server's connection counters.
+``--timeout`` second timeout. For the huge request, one client sends 1-input requests one after
+another while it is answered. Prints one JSON object: per mode, the legitimate requests' success
+count and latency (median, max), the server's connection counters, and the huge request's
+status, response size and time.
 
-    python benchmarks/bench_server_flood.py [--flood 3000] [--fd-limit 1024] [--requests 20]
+    python benchmarks/bench_server_hostile.py [--flood 3000] [--fd-limit 1024] [--requests 20]
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ sys.exit(main(sys.argv[3:]))
 
 
 @contextmanager
-def server(model: Path, mode: str, fd_limit: int) -> Iterator[str]:
+def server(model: Path, mode: str, fd_limit: int, *flags: str) -> Iterator[str]:
     cmd = [
         sys.executable,
         "-c",
@@ -67,6 +71,7 @@ def server(model: Path, mode: str, fd_limit: int) -> Iterator[str]:
         "1",
         "--max-wait-ms",
         "1",
+        *flags,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
@@ -157,6 +162,53 @@ def run_mode(model: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
+def huge_label_ids(model: Path, capped: bool, args: argparse.Namespace) -> dict[str, Any]:
+    ids = [100 + i % 900 for i in range(360_000)]  # all in the tiny model's vocabulary
+    payload = json.dumps({"inputs": ["It was <mask>."] * 16, "label_token_ids": ids}).encode()
+    flags = (
+        ()
+        if capped
+        else ("--max-label-token-ids", "1000000", "--max-scores-per-request", "10000000")
+    )
+    with server(model, "guarded", args.fd_limit, *flags) as url:
+        alone = legit(url, args.requests, 60.0)
+        answer: dict[str, Any] = {}
+
+        def send() -> None:
+            t0 = time.perf_counter()
+            resp = httpx.post(
+                f"{url}/v1/features",
+                content=payload,
+                headers={"Content-Type": "application/json"},
+                timeout=600,
+            )
+            answer.update(
+                status=resp.status_code,
+                response_bytes=len(resp.content),
+                seconds=round(time.perf_counter() - t0, 3),
+            )
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        time.sleep(0.05)
+        during: list[float] = []
+        with httpx.Client(base_url=url, timeout=600) as client:
+            while thread.is_alive() or len(during) < 3:
+                t0 = time.perf_counter()
+                client.post("/v1/features", json=BODY)
+                during.append(time.perf_counter() - t0)
+        thread.join()
+    return {
+        "request_bytes": len(payload),
+        "huge_request": answer,
+        "legit_alone": alone,
+        # one keep-alive client, one request after another while the huge one is answered
+        "legit_during_median_s": round(statistics.median(during), 4),
+        "legit_during_max_s": round(max(during), 4),
+        "legit_during_n": len(during),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--flood", type=int, default=3000)
@@ -164,10 +216,18 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=20)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--modes", nargs="+", default=["guarded", "unguarded"])
+    p.add_argument("--skip-huge", action="store_true", help="only the flood")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model("masked", Path(tmp) / "tiny")
-        results = {mode: run_mode(model, mode, args) for mode in args.modes}
+        results: dict[str, Any] = {
+            "flood": {mode: run_mode(model, mode, args) for mode in args.modes}
+        }
+        if not args.skip_huge:
+            results["huge_label_ids"] = {
+                "capped": huge_label_ids(model, True, args),
+                "uncapped": huge_label_ids(model, False, args),
+            }
     print(
         json.dumps(
             {
