@@ -258,3 +258,25 @@ def test_legit_requests_are_served_during_a_flood_of_partial_heads(hardened: str
     # Served as fast as without the flood, give or take a busy shared machine.
     assert statistics.median(latencies) < max(0.5, 10 * statistics.median(warm))
     assert max(latencies) < 2.0
+
+
+def test_the_connection_cap_stays_below_the_file_descriptor_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import resource
+
+    from dect_maas_server.cli import _connection_cap
+
+    def refuse(*_: object) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 256))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert _connection_cap(1024) == 192  # 64 descriptors kept for files, the socket and logs
+    assert "using 192" in caplog.text
+    assert _connection_cap(100) == 100
+    raised: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 65536))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, limits: raised.append(limits))
+    assert _connection_cap(4096) == 4096  # the soft limit was raised to the hard one first
+    assert raised == [(65536, 65536)]
