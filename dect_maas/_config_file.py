@@ -20,8 +20,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ._data import read_text
 from ._exceptions import ConfigError
 from ._task import Task
+from ._urls import mask_url, url_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,6 +122,9 @@ class ProviderSection(_Section):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        problem = url_problem(v) if v is not None else None
+        if problem is not None:
+            raise ValueError(f"{mask_url(v or '')} {problem}")  # masked: it may hold a key
         return v.rstrip("/") if v is not None else v
 
 
@@ -295,12 +300,9 @@ def load_config(
     ``{"provider": {"base_url": "http://127.0.0.1:9000"}}``.
     """
     p = Path(path)
-    try:
-        raw_text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from None
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    raw_text = read_text(p, "config file")
     suffix = p.suffix.lower()
     data: Any
     if suffix == ".toml":

@@ -8,6 +8,7 @@ so anything with that shape works.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy.typing as npt
 
 from ._exceptions import ConfigError
 
-__all__ = ["Examples", "load_examples", "sample_k_shot"]
+__all__ = ["Examples", "load_examples", "read_text", "sample_k_shot"]
 
 Label = str | int
 
@@ -232,8 +233,31 @@ def sample_k_shot(
 # -- readers and field access ---------------------------------------------------------------------
 
 
+def read_text(p: Path, what: str = "file") -> str:
+    """The file as text; invalid UTF-8 is a :class:`ConfigError` naming the line and column.
+
+    A UTF-8 byte-order mark (as spreadsheet programs write) is dropped, so it does not become part
+    of the first column's name.
+    """
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such {what}") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the {what} ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{p}, line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
+            f"save the {what} as UTF-8"
+        ) from None
+
+
 def _read_jsonl(p: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with p.open(encoding="utf-8") as fh:
+    with io.StringIO(read_text(p, "data file"), newline=None) as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -249,7 +273,7 @@ def _read_jsonl(p: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 
 def _read_csv(p: Path, delimiter: str) -> Iterable[tuple[int, dict[str, Any]]]:
-    with p.open(encoding="utf-8", newline="") as fh:
+    with io.StringIO(read_text(p, "data file"), newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         if not reader.fieldnames:
             raise ConfigError(f"{p}: empty file, no header row")

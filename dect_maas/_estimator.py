@@ -29,7 +29,7 @@ from ._decoder import (
     train_decoder,
 )
 from ._exceptions import ConfigError, FeaturesError, NotFittedError
-from ._features import Features
+from ._features import Features, npz_problem
 
 __all__ = ["DecTClassifier"]
 
@@ -153,7 +153,7 @@ class FeatureClassifier:
                 header = json.loads(str(data["header_json"]))
                 arrays = {k: data[k] for k in data.files if k != "header_json"}
         except (OSError, KeyError, ValueError) as exc:
-            raise ConfigError(f"{p}: not a dect-maas model file ({exc})") from exc
+            raise ConfigError(f"{p}: not a dect-maas model file ({npz_problem(exc)})") from exc
         if not isinstance(header, dict):
             raise ConfigError(f"{p}: not a dect-maas model file (bad header)")
         if header.get("format_version") != FORMAT_VERSION:

@@ -286,7 +286,7 @@ class Features:
         except (OSError, KeyError, ValueError) as exc:
             if isinstance(exc, FeaturesError):
                 raise
-            raise FeaturesError(f"{p}: not a dect-maas features file ({exc})") from exc
+            raise FeaturesError(f"{p}: not a dect-maas features file ({npz_problem(exc)})") from exc
         return cls(
             got.get("scores"), got.get("hidden"), got.get("censored"), got.get("content_free"), meta
         )
@@ -337,3 +337,20 @@ def _float_array(name: str, value: npt.ArrayLike, *, ndim: int) -> npt.NDArray[n
             f"{name} has {int((~finite).sum())} non-finite value(s) (NaN or inf), first at {where}"
         )
     return out
+
+
+def npz_problem(exc: BaseException) -> str:
+    """Why ``np.load(..., allow_pickle=False)`` failed, in our words.
+
+    numpy's own message for a pickled file advises loading it "unsafely using allow_pickle";
+    quoting that to a user who was handed a hostile file would be the wrong advice.
+    """
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]!r} array in it" if exc.args else "an array is missing"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if "pickle" in str(exc):
+        return "not an .npz archive of plain arrays; dect-maas never unpickles a file"
+    return "not an .npz archive written by dect-maas"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from datetime import datetime, timezone
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config_file import ExperimentConfig, load_config
+from ._data import read_text
 from ._exceptions import ConfigError
 
 __all__ = ["config_for_model", "predict_file", "read_texts"]
@@ -40,11 +42,11 @@ def read_texts(
         raise ConfigError(f"{path}: input file not found")
     rows: list[dict[str, Any]]
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
+        with io.StringIO(read_text(path, "input file"), newline="") as fh:
             rows = [dict(r) for r in csv.DictReader(fh)]
     else:
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(path, "input file").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -77,10 +79,10 @@ def predict_file(
     if not model_path.exists():
         raise ConfigError(f"{model_path}: model file not found")
     cfg = config_for_model(model_path, config_path)
-    model = DecTClassifier.load(model_path)
     rows, texts, texts_b = read_texts(
         input_path, text_field or cfg.data.text_field, cfg.data.text_b_field
     )
+    model = DecTClassifier.load(model_path)
     run_id = f"predict-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     client = build_client(cfg, run_id)
     try:

@@ -182,6 +182,7 @@ def _normalise_label_words(raw: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     if len(items) < 2:
         raise TaskError(f"a task needs at least two classes, got {len(items)}")
     seen: set[str] = set()
+    owner: dict[str, str] = {}  # label word -> its class
     out = []
     for cls, words in items:
         if not isinstance(cls, str) or not cls.strip():
@@ -201,5 +202,17 @@ def _normalise_label_words(raw: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
         for w in ws:
             if not isinstance(w, str) or not w.strip():
                 raise TaskError(f"class {cls!r} has an empty label word {w!r}")
+            # A word scored for two classes would give both the same evidence: the decoder could
+            # not tell them apart by it, and which class "owns" the score would be arbitrary.
+            if w in owner:
+                where = (
+                    f"twice for {cls!r}"
+                    if owner[w] == cls
+                    else f"for both {owner[w]!r} and {cls!r}"
+                )
+                raise TaskError(
+                    f"label word {w!r} is given {where}; each word may name one class once"
+                )
+            owner[w] = cls
         out.append((cls, ws))
     return tuple(out)

@@ -8,6 +8,7 @@ Exit codes (stable; scripts may rely on them):
     3  a budget limit would be exceeded (nothing over the limit was sent)
     4  the provider failed (network, HTTP status, malformed answer) after retries
     130 interrupted (Ctrl-C)
+    141 stdout was closed by its reader (``dect-maas estimate cfg.toml | head -1``); nothing printed
 
 Errors are printed as one line on stderr; ``--verbose`` adds the traceback and debug logging.
 """
@@ -23,7 +24,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from ._exceptions import (
     BudgetExceeded,
@@ -41,6 +42,7 @@ EXIT_CONFIG = 2
 EXIT_BUDGET = 3
 EXIT_PROVIDER = 4
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
 
 SERVER_INSTALL_HINT = (
     "the local server package is not installed: run `pip install -e ./providers` in a dect-maas "
@@ -52,10 +54,38 @@ class UsageError(ConfigError):
     """A command-line problem found after argparse (a missing file, conflicting flags)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: an integer from 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; give 0 to 65535")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dect-maas",
         description="Decoder Tuning for models behind an API: query once per example, train a "
         "small decoder locally, account for every query.",
@@ -63,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "4 provider error, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"dect-maas {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "-v", "--verbose", action="store_true", help="debug logging and full tracebacks"
     )
@@ -95,17 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the demo's cache, ledger and reports "
         "(default: $DECT_MAAS_DEMO_DIR or ~/.cache/dect-maas/demo)",
     )
-    p.add_argument("--shots", type=int, nargs="+", default=None, help="default: 1 4 16")
+    p.add_argument("--shots", type=_positive, nargs="+", default=None, help="default: 1 4 16")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
     p.add_argument(
         "--model", default=None, help="a model folder for the server (default: its embedded model)"
     )
     p.add_argument(
-        "--test-limit", type=int, default=None, help="use only the first N test examples"
+        "--test-limit", type=_positive, default=None, help="use only the first N test examples"
     )
     p.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=None,
         help="loopback port for the server (default 47623, a free one if taken; the cache key "
         "covers the server URL, so keep it stable to reuse cached answers)",
@@ -168,7 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "progress", None) is None:
         args.progress = sys.stderr.isatty()
     try:
-        return int(_COMMANDS[args.command](args))
+        code = int(_COMMANDS[args.command](args))
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:
+        # The reader went away (`dect-maas estimate cfg.toml | head -1`): exit quietly, as a
+        # command killed by SIGPIPE does, and keep Python from failing again on its final flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         _error("interrupted; cached answers are kept, re-run to resume", verbose)
         return EXIT_INTERRUPTED

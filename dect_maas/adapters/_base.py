@@ -27,6 +27,7 @@ import numpy as np
 
 from dect_maas._exceptions import MalformedResponse, TaskError, UnsupportedCapability
 from dect_maas._task import Task
+from dect_maas._urls import check_base_url
 
 __all__ = [
     "Adapter",
@@ -36,6 +37,7 @@ __all__ = [
     "Prompt",
     "RequestSpec",
     "Role",
+    "check_urls",
     "decode_vector",
     "encode_vector",
     "estimate_tokens",
@@ -120,6 +122,10 @@ class RequestSpec:
     labels: tuple[Label, ...] = ()
     headers: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The last gate before a URL is sent: every adapter's requests pass here.
+        check_base_url(self.base_url, f"{self.role} endpoint base_url")
+
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/") + self.path
@@ -141,6 +147,14 @@ class RequestSpec:
 
 
 _A = TypeVar("_A")
+
+
+def check_urls(adapter: object) -> None:
+    """Refuse an adapter whose endpoint URLs carry credentials (see ``dect_maas._urls``)."""
+    for name in ("base_url", "embeddings_base_url"):
+        value = getattr(adapter, name, None)
+        if value is not None:
+            check_base_url(value, f"{type(adapter).__name__}.{name}")
 
 
 class NoDiscovery:

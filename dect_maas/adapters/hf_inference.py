@@ -26,6 +26,7 @@ from ._base import (
     Prompt,
     RequestSpec,
     Role,
+    check_urls,
     chunks,
     encode_vector,
     estimate_tokens,
@@ -60,6 +61,9 @@ class HFInferenceAdapter(NoDiscovery):
     name: ClassVar[str] = "hf-inference"
     version: ClassVar[str] = "1"
     provider: ClassVar[str] = "hf-inference"
+
+    def __post_init__(self) -> None:
+        check_urls(self)
 
     @property
     def scores_url(self) -> str:

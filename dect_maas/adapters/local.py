@@ -28,6 +28,7 @@ from ._base import (
     RequestSpec,
     Role,
     check_causal,
+    check_urls,
     chunks,
     decode_vector,
     encode_vector,
@@ -61,10 +62,17 @@ class LocalAdapter:
     label_token_ids: Mapping[str, Sequence[int]] | None = None
     revision: str | None = None
     prices: Prices = field(default_factory=Prices)
+    # The server's caps on label ids per input and on inputs x ids per request (from
+    # /v1/models): requests are cut to fit, so a large label set never meets a 413.
+    max_label_token_ids: int | None = None
+    max_scores_per_request: int | None = None
 
     name: ClassVar[str] = "local"
     version: ClassVar[str] = "1"
     provider: ClassVar[str] = "local"
+
+    def __post_init__(self) -> None:
+        check_urls(self)
 
     @property
     def effective_kind(self) -> Literal["masked", "causal"]:
@@ -115,6 +123,16 @@ class LocalAdapter:
     def build_requests(
         self, role: Role, prompts: Sequence[Prompt], labels: Sequence[Label]
     ) -> list[RequestSpec]:
+        n_labels = len(labels)
+        if self.max_label_token_ids is not None and n_labels > self.max_label_token_ids:
+            raise refuse(
+                self.name,
+                f"{n_labels} label words to score per input; the server takes at most "
+                f"{self.max_label_token_ids} (its --max-label-token-ids)",
+            )
+        per_request = self.max_inputs_per_request
+        if self.max_scores_per_request is not None and n_labels:
+            per_request = max(1, min(per_request, self.max_scores_per_request // n_labels))
         return [
             RequestSpec(
                 role=role,
@@ -126,7 +144,7 @@ class LocalAdapter:
                 input_tokens=sum(estimate_tokens(p.text) for p in part),
                 labels=tuple(labels),
             )
-            for part in chunks(prompts, self.max_inputs_per_request)
+            for part in chunks(prompts, per_request)
         ]
 
     def parse_response(
@@ -221,6 +239,12 @@ class LocalAdapter:
         limit = info.get("max_inputs_per_request")
         fp = info.get("fingerprint")
         name = info.get("id")
+
+        def cap(key: str, current: int | None) -> int | None:
+            value = info.get(key)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            return int(value) if ok else current
+
         return replace(
             self,
             kind=kind,
@@ -230,6 +254,8 @@ class LocalAdapter:
             max_inputs_per_request=min(self.max_inputs_per_request, limit)
             if isinstance(limit, int) and limit > 0
             else self.max_inputs_per_request,
+            max_label_token_ids=cap("max_label_token_ids", self.max_label_token_ids),
+            max_scores_per_request=cap("max_scores_per_request", self.max_scores_per_request),
         )
 
     def hidden_kind(self, role: Role) -> str:

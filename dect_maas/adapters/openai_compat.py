@@ -29,6 +29,7 @@ from ._base import (
     RequestSpec,
     Role,
     check_causal,
+    check_urls,
     chunks,
     encode_vector,
     estimate_tokens,
@@ -84,6 +85,9 @@ class OpenAICompatibleAdapter(NoDiscovery):
 
     name: ClassVar[str] = "openai-compatible"
     version: ClassVar[str] = "1"
+
+    def __post_init__(self) -> None:
+        check_urls(self)
 
     @property
     def vectors(self) -> bool:

@@ -22,6 +22,7 @@ from ._base import (
     Prompt,
     RequestSpec,
     Role,
+    check_urls,
     chunks,
     encode_vector,
     estimate_tokens,
@@ -46,6 +47,9 @@ class TEIAdapter(NoDiscovery):
     name: ClassVar[str] = "tei"
     version: ClassVar[str] = "1"
     provider: ClassVar[str] = "tei"
+
+    def __post_init__(self) -> None:
+        check_urls(self)
 
     def capabilities(self, role: Role) -> Capabilities:
         return Capabilities(

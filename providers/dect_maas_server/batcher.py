@@ -123,6 +123,12 @@ class Metrics:
         self.forward_cpu_seconds = 0.0  # CPU time of the worker thread inside the forward pass
         self.tokenize_cpu_seconds = 0.0  # CPU time of the tokenizer threads
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
+        # Connections, written by the event loop (protocol.py), never by the worker.
+        self.connections_open = 0
+        self.connections_shed = 0  # closed to make room while waiting for a request head
+        self.header_timeouts = 0
+        self.body_timeouts = 0
+        self.headers_too_large = 0
         self.lock = threading.Lock()
 
     def record_batch(self, size: int, seconds: float, cpu_seconds: float = 0.0) -> None:
@@ -161,6 +167,11 @@ class Metrics:
                 "process_cpu_seconds_total": round(time.process_time(), 6),
                 "forward_cpu_seconds_total": round(self.forward_cpu_seconds, 6),
                 "tokenize_cpu_seconds_total": round(self.tokenize_cpu_seconds, 6),
+                "connections_open": self.connections_open,
+                "connections_shed_total": self.connections_shed,
+                "header_timeouts_total": self.header_timeouts,
+                "body_timeouts_total": self.body_timeouts,
+                "headers_too_large_total": self.headers_too_large,
                 "throughput_qps_60s": (recent_q / span) if span > 0 else 0.0,
                 "forward_qps": (self.queries / self.forward_seconds)
                 if self.forward_seconds

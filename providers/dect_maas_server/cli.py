@@ -65,6 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inputs-per-request", type=int, default=256)
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     p.add_argument("--max-logprobs", type=int, default=20, help="cap on completions' logprobs")
+    p.add_argument(
+        "--max-label-token-ids",
+        type=int,
+        default=1024,
+        help="label token ids scored per input in /v1/features, else 413",
+    )
+    p.add_argument(
+        "--max-scores-per-request",
+        type=int,
+        default=65536,
+        help="inputs x label token ids in one /v1/features request, else 413",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection has to send a whole request head (also after a response)",
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds to send a request body"
+    )
+    p.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="request head size")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="open connections; past it the longest-waiting idle one is closed",
+    )
     p.add_argument("--cache-dir", help="where the default model is kept (env DECT_MAAS_CACHE_DIR)")
     p.add_argument("--prepare-only", action="store_true", help="same as the 'prepare' command")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -88,9 +116,15 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         "max_batch_tokens",
         "max_inputs_per_request",
         "max_body_bytes",
+        "max_label_token_ids",
+        "max_scores_per_request",
+        "max_header_bytes",
+        "max_connections",
     ):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not (args.header_timeout > 0 and args.body_timeout > 0):
+        parser.error("--header-timeout and --body-timeout must be positive")
     if args.max_wait_ms < 0 or args.max_logprobs < 0 or args.threads < 0:
         parser.error("--max-wait-ms and --max-logprobs must not be negative")
     if args.max_inputs_per_request > args.max_queue:
@@ -98,6 +132,36 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--max-inputs-per-request must not exceed --max-queue")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+
+
+def _connection_cap(wanted: int) -> int:
+    """``wanted``, or fewer if the process may not open that many files.
+
+    Past its file-descriptor limit the server can accept no one at all, so the cap stays below
+    it (the soft limit is first raised to the hard one); 64 are kept for the model's files, the
+    listening socket and logs.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or wanted <= soft - 64:
+        return wanted
+    cap = max(1, soft - 64)
+    logger.warning(
+        "--max-connections %d is above what the file-descriptor limit (%d) allows; using %d",
+        wanted,
+        soft,
+        cap,
+    )
+    return cap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +207,7 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
 
     from .app import Limits, create_app
     from .engine import load_engine
+    from .protocol import guarded_protocol
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -202,6 +267,17 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
             args.max_wait_ms,
         )
 
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_inputs_per_request=args.max_inputs_per_request,
+        max_logprobs=args.max_logprobs,
+        max_label_token_ids=args.max_label_token_ids,
+        max_scores_per_request=args.max_scores_per_request,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_header_bytes=args.max_header_bytes,
+        max_connections=_connection_cap(args.max_connections),
+    )
     app = create_app(
         engine,
         api_key=api_key,
@@ -209,15 +285,13 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         max_batch_tokens=args.max_batch_tokens,
-        limits=Limits(
-            max_body_bytes=args.max_body_bytes,
-            max_inputs_per_request=args.max_inputs_per_request,
-            max_logprobs=args.max_logprobs,
-        ),
+        limits=limits,
         on_startup=announce,
     )
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(limits, app.metrics),
+        h11_max_incomplete_event_size=limits.max_header_bytes,
         log_config=None,
         log_level="warning",
         access_log=False,
