@@ -96,6 +96,22 @@ class FeatureClassifier:
     def _fitted_scalars(self) -> dict[str, Any]:
         return {}
 
+    # -- scikit-learn interoperability ----------------------------------------------------------
+
+    def __sklearn_tags__(self) -> Any:
+        """What scikit-learn >= 1.6 reads (``is_classifier``, cross-validation, search).
+
+        Imported here because scikit-learn is optional: only sklearn itself calls this.
+        """
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=True),
+            classifier_tags=ClassifierTags(),
+            input_tags=InputTags(two_d_array=False),  # X is Features, sliced by row
+        )
+
     # -- shared behaviour -------------------------------------------------------------------------
 
     def _check_fitted(self) -> None:
@@ -111,7 +127,11 @@ class FeatureClassifier:
         return pred
 
     def predict_proba(self, features: Features) -> npt.NDArray[np.float32]:
-        """Softmax of ``decision_function``; columns follow ``classes_``."""
+        """Softmax of ``decision_function``; columns follow ``classes_``.
+
+        Not calibrated: the decoder is trained for accuracy on a few shots, so these are
+        scores that sum to 1, not probabilities to threshold on.
+        """
         logits = torch.from_numpy(self.decision_function(features))
         return torch.softmax(logits, dim=1).numpy()
 
