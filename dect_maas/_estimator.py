@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +46,6 @@ class FeatureClassifier:
     Subclasses implement ``fit``, ``decision_function``, ``_fitted_arrays`` and ``_set_fitted``.
     """
 
-    _fitted_names: ClassVar[tuple[str, ...]] = ("classes_",)
     classes_: npt.NDArray[Any]
 
     # -- parameters (sklearn's get_params / set_params) -------------------------------------------
@@ -356,15 +355,6 @@ class DecTClassifier(FeatureClassifier):
     ``learn_prototypes``, ``prototype_init`` and ``distance_scale`` are variants outside the paper
     (see ``_decoder.py``); their defaults give the paper's method.
     """
-
-    _fitted_names = (
-        "classes_",
-        "projection_",
-        "prototypes_",
-        "radii_",
-        "prompt_weight_",
-        "calibration_",
-    )
 
     def __init__(
         self,

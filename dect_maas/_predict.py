@@ -11,6 +11,7 @@ from typing import Any
 
 from ._config_file import ExperimentConfig, load_config
 from ._exceptions import ConfigError
+from ._wiring import build_client
 
 __all__ = ["config_for_model", "predict_file", "read_texts"]
 
@@ -72,7 +73,6 @@ def predict_file(
     progress: bool = False,
 ) -> int:
     from . import DecTClassifier
-    from ._experiment import build_client
 
     if not model_path.exists():
         raise ConfigError(f"{model_path}: model file not found")

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ._demo import SERVER_INSTALL_HINT, run_demo
 from ._exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -41,11 +42,6 @@ EXIT_CONFIG = 2
 EXIT_BUDGET = 3
 EXIT_PROVIDER = 4
 EXIT_INTERRUPTED = 130
-
-SERVER_INSTALL_HINT = (
-    "the local server package is not installed: run `pip install -e ./providers` in a dect-maas "
-    "checkout (or `make setup`)"
-)
 
 
 class UsageError(ConfigError):
@@ -247,9 +243,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
                 print(run)
             return EXIT_OK
         if args.action == "summary":
-            from ._experiment import _usage_dict
-
-            summary = _usage_dict(ledger.summary(args.run))
+            summary = ledger.summary(args.run).to_dict()
             if args.json:
                 print(json.dumps(summary, indent=2, default=str))
             else:
@@ -317,8 +311,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
-
     return run_demo(
         output=args.output,
         shots=args.shots,
