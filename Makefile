@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml providers/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so that the library's `torch>=2.3` is already met. A wheel pip
-	# can find without an index (an offline machine's --find-links folder) wins; otherwise
-	# PyTorch's CPU index.
-	$(PY) -m pip install -q --no-index '$(TORCH)' 2>/dev/null \
+	# finds without an index (a local --find-links folder) wins, and torch's own requirements come
+	# with the next line; otherwise PyTorch's CPU index, which also serves those requirements.
+	$(PY) -m pip install -q --no-index --no-deps '$(TORCH)' 2>/dev/null \
 	  || $(PY) -m pip install -q --index-url $(TORCH_INDEX) '$(TORCH)'
 	$(PY) -m pip install -q -e '.[dev,plots]' -e './providers[dev]'
 	touch $(STAMP)
