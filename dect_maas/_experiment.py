@@ -22,11 +22,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from ._config_file import ExperimentConfig, load_config, merge
+from ._data import load_split, sample_k_shot  # sample_k_shot: OpenPrompt's sampler
 from ._exceptions import ConfigError
 from ._features import Features
+from ._metrics import accuracy, macro_f1
 from ._report import ExperimentResult, MethodRun, QueryPlan
 from ._report import write_report as _write_report
 from ._task import Task
@@ -142,7 +142,6 @@ class Experiment:
 
     def plan(self) -> QueryPlan:
         """Draw every k-shot set first, so that their union is queried once."""
-        from . import sample_k_shot  # OpenPrompt's sampler: per-label shuffle, first k
 
         train, test = self.data()
         indices: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -195,7 +194,6 @@ class Experiment:
         on_event: Callable[[str], None] | None = None,
     ) -> ExperimentResult:
         """Query (paying only for what the cache lacks), train every method, evaluate, report."""
-        from . import accuracy, macro_f1
 
         say = on_event or (lambda msg: logger.info("%s", msg))
         t0 = time.perf_counter()
@@ -321,70 +319,26 @@ def _save_model(est: Any, out_dir: Path, method: str, shots: int, seed: int) -> 
 
 
 def _load_split(config: ExperimentConfig, which: str, task: Task) -> _Split:
-    from . import load_examples
-
     src = config.data.train if which == "train" else config.data.test
     d = config.data
-    where = f"data.{which} ({src.describe()})"
-    if src.path is not None:
-        if not src.path.exists():
-            raise ConfigError(f"{where}: file not found")
-        ex = load_examples(
-            src.path,
-            text_field=d.text_field,
-            label_field=d.label_field,
-            text_b_field=d.text_b_field,
-            id_field=d.id_field,
-        )
-    else:
-        ex = _load_hf(config, which)
-    texts = [str(t) for t in ex.texts]
-    texts_b = None if ex.texts_b is None else [str(t) for t in ex.texts_b]
-    ids = None if ex.ids is None else [str(i) for i in ex.ids]
-    labels = [_class_name(lab, task, where) for lab in ex.labels]
-    if src.limit is not None:
-        texts, labels = texts[: src.limit], labels[: src.limit]
-        texts_b = None if texts_b is None else texts_b[: src.limit]
-        ids = None if ids is None else ids[: src.limit]
-    if not texts:
-        raise ConfigError(f"{where}: no examples")
-    return _Split(texts=texts, texts_b=texts_b, labels=labels, ids=ids)
-
-
-def _load_hf(config: ExperimentConfig, which: str) -> Any:
-    from . import Examples
-
-    src = config.data.train if which == "train" else config.data.test
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            f"data.{which}.hf_dataset needs the Hugging Face `datasets` package "
-            "(pip install datasets), or give a JSONL/CSV path"
-        ) from None
-    ds = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split)
-    d = config.data
-    return Examples.from_hf_dataset(
-        ds,
+    ex = load_split(
+        src.path,
+        hf_dataset=src.hf_dataset,
+        hf_config=src.hf_config,
+        split=src.split,
         text_field=d.text_field,
         label_field=d.label_field,
         text_b_field=d.text_b_field,
         id_field=d.id_field,
+        classes=task.classes,
+        limit=src.limit,
+        where=f"data.{which} ({src.describe()})",
     )
-
-
-def _class_name(label: Any, task: Task, where: str) -> str:
-    classes = task.classes
-    if isinstance(label, str) and label in classes:
-        return label
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-        if 0 <= int(label) < len(classes):
-            return classes[int(label)]
-    elif isinstance(label, str) and label.isdigit() and int(label) < len(classes):
-        return classes[int(label)]
-    raise ConfigError(
-        f"{where}: label {label!r} is not one of the task's classes {list(classes)} "
-        "(nor a class index)"
+    return _Split(
+        texts=list(ex.texts),
+        texts_b=None if ex.texts_b is None else list(ex.texts_b),
+        labels=[str(label) for label in ex.labels],
+        ids=None if ex.ids is None else list(ex.ids),
     )
 
 

@@ -243,3 +243,22 @@ def test_k_shot_errors():
         sample_k_shot(["a"], 0, 0)
     with pytest.raises(ConfigError, match="seed must be an int"):
         sample_k_shot(["a"], 1, None)  # type: ignore[arg-type]
+
+
+# -- one split of an experiment -------------------------------------------------------------------
+
+
+def test_load_split_maps_labels_to_class_names_and_keeps_the_first_limit(tmp_path):
+    from dect_maas._data import load_split
+
+    p = tmp_path / "s.jsonl"
+    rows = [{"t": "a", "y": 1}, {"t": "b", "y": "neg"}, {"t": "c", "y": "0"}, {"t": "d", "y": 2}]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    fields = {"text_field": "t", "label_field": "y", "classes": ("neg", "pos")}
+    three = load_split(p, **fields, limit=3, where="data.train (s.jsonl)")
+    assert three.texts == ("a", "b", "c")
+    assert three.labels == ("pos", "neg", "neg")  # an index, a name, a string of digits
+    with pytest.raises(ConfigError, match=r"^data\.test \(s\.jsonl\): label 2 is not one of the"):
+        load_split(p, **fields, where="data.test (s.jsonl)")
+    with pytest.raises(ConfigError, match=r"^data\.train \(gone\): file not found$"):
+        load_split(tmp_path / "gone.jsonl", **fields, where="data.train (gone)")
