@@ -72,7 +72,7 @@ def predict_file(
     output: Path | None = None,
     progress: bool = False,
 ) -> int:
-    from . import DecTClassifier
+    from ._estimator import DecTClassifier  # torch, only when a model is applied
 
     if not model_path.exists():
         raise ConfigError(f"{model_path}: model file not found")

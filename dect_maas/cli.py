@@ -33,6 +33,7 @@ from ._exceptions import (
     ProviderError,
     UnsupportedCapability,
 )
+from ._ledger import Ledger
 
 __all__ = ["EXIT_BUDGET", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_OK", "EXIT_PROVIDER", "main"]
 
@@ -225,8 +226,6 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
-    from . import Ledger
-
     directory = args.ledger_dir
     if directory is None and args.config is not None:
         from ._config_file import load_config
