@@ -50,7 +50,9 @@ from dect_maas import (
     sample_k_shot,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# movies_binary_*: `python examples/fetch_movies.py` writes them here (public data, cached). The
+# 5-way movie and drug-review files are not public downloads: pass their folder with --data-dir.
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "movies_full"
 SENTIMENT = "{text} In summary, it was {mask}"
 
 # Chosen on the train files only (see the module docstring and the README on AutoDecT).
@@ -161,11 +163,12 @@ def run_set(
     seeds: list[int],
     eval_on: str = "test",
     dev_size: int = 1000,
+    data_dir: Path = DATA,
 ) -> dict[str, Any]:
     spec = TASKS[name]
     task = Task(spec["template"], spec["label_words"], name=name)
-    train = load_examples(DATA / f"{name}_train.jsonl")
-    test = load_examples(DATA / f"{name}_test.jsonl")
+    train = load_examples(data_dir / f"{name}_train.jsonl")
+    test = load_examples(data_dir / f"{name}_test.jsonl")
     counts = {c: sum(1 for v in train.labels if v == c) for c in task.classes}
     prior = {c: float(n) for c, n in counts.items()}
     usable = [k for k in shots if min(counts.values()) >= k]
@@ -293,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         "every shot sample (for designing methods without looking at the test file)",
     )
     ap.add_argument("--dev-size", type=int, default=1000)
+    ap.add_argument(
+        "--data-dir", type=Path, default=DATA, help="folder with the {set}_{train,test}.jsonl files"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: best on a shared machine)"
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.sets:
         results["sets"][name] = run_set(
-            name, source, args.shots, args.seeds, args.eval_on, args.dev_size
+            name, source, args.shots, args.seeds, args.eval_on, args.dev_size, args.data_dir
         )
     results["new_forward_passes"] = source.n_forward
     results["wall_s"] = round(time.time() - t0, 1)

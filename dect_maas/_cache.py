@@ -4,7 +4,8 @@ Keys are sha256 hex digests of canonical JSON (``cache_key``) built by the clien
 that changes an answer, never from a credential. Values are stored as bytes that hold JSON plus
 raw little-endian array buffers (no pickle anywhere: a cache folder shared with others cannot run
 code when read). The store is diskcache (SQLite underneath), opened with eviction off, because every
-entry was paid for; it is safe for several threads and processes at once.
+entry was paid for; it is safe for several threads and processes at once. diskcache is reached
+through its public API only (``get``, ``set``, ``transact``), so any 5.x or later release serves.
 
 Value format (``_encode_value``/``_decode_value``)::
 
@@ -23,7 +24,6 @@ import math
 import os
 import re
 import sqlite3
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
@@ -59,7 +59,6 @@ _DTYPES = frozenset(
 _DTYPE_OBJECTS = {name: np.dtype(name) for name in _DTYPES}
 # Values up to this size live inside SQLite rather than in one file each: faster bulk reads.
 _MIN_FILE_SIZE = 2**20
-_SQL_CHUNK = 500  # keys per SELECT ... IN (...), below SQLite's host-parameter limit
 
 # Names (compared lower-case, "-" read as "_") that may hold a credential. A key-part mapping that
 # uses one is refused, so a secret can never be hashed into (or leak through) a cache key. In
@@ -299,31 +298,20 @@ class ResponseCache:
     def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The stored values for those of ``keys`` that are present (absent keys are left out).
 
-        Reads in chunks of several hundred keys per SQL statement; this is the path for
-        cache hits in bulk.
+        The path for cache hits in bulk; each key is asked once, duplicates or not.
         """
         _check_keys(keys)
         return _decode_many(self._fetch_raw_many(list(dict.fromkeys(keys))))
 
     def _fetch_raw_many(self, keys: list[str]) -> dict[str, bytes]:
+        # diskcache's public get, one key at a time: with eviction off a read is one indexed
+        # SELECT and writes nothing (benchmarks/bench_cache.py: well above 20,000 examples/s).
+        get = self._cache.get
         out: dict[str, bytes] = {}
-        # One SELECT per chunk on diskcache's own connection (columns of its documented schema);
-        # values kept in files (mode binary, value NULL) are read through diskcache itself.
-        sql = self._cache._sql
-        for start in range(0, len(keys), _SQL_CHUNK):
-            chunk = keys[start : start + _SQL_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows = sql(
-                f"SELECT key, mode, value FROM Cache WHERE raw = 1 AND key IN ({marks})",
-                chunk,
-            ).fetchall()
-            for key, mode, value in rows:
-                if mode == diskcache.core.MODE_RAW and value is not None:
-                    out[key] = bytes(value)
-                else:
-                    raw = self._cache.get(key)
-                    if raw is not None:
-                        out[key] = raw
+        for key in keys:
+            raw = get(key)
+            if raw is not None:
+                out[key] = raw
         return out
 
     def set(self, key: str, value: Mapping[str, Any]) -> None:
@@ -338,32 +326,9 @@ class ResponseCache:
         for key, value in items.items():
             _check_key(key)
             encoded.append((key, _encode_value(value)))
-        if all(len(data) < _MIN_FILE_SIZE for _, data in encoded):
-            try:
-                self._insert_new(encoded)
-                return
-            except sqlite3.IntegrityError:
-                pass  # a key is there already (written meanwhile): replace entries one by one
         with self._cache.transact():
             for key, data in encoded:
                 self._cache.set(key, data)
-
-    def _insert_new(self, encoded: list[tuple[str, bytes]]) -> None:
-        """New entries in one statement, as ``Cache.set`` would store them (raw key, value in
-        the database, no expiry, no tag). diskcache's triggers keep its count and size; an
-        existing key raises IntegrityError (unique index on key, raw) and nothing is written.
-        Per entry this is one INSERT instead of ``set``'s SELECT, INSERT and expiry scan."""
-        now = time.time()
-        rows = [
-            (key, 1, now, None, now, 0, None, 0, diskcache.core.MODE_RAW, None, data)
-            for key, data in encoded
-        ]
-        with self._cache.transact():
-            self._cache._con.executemany(
-                "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count,"
-                " tag, size, mode, filename, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str) or not _is_key(key):

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from ._exceptions import ConfigError
 
-__all__ = ["Examples", "load_examples", "read_text", "sample_k_shot"]
+__all__ = ["Examples", "load_examples", "load_split", "read_text", "sample_k_shot"]
 
 Label = str | int
 
@@ -196,6 +196,80 @@ def load_examples(
     if not len(examples):
         raise ConfigError(f"{p}: no examples in the file")
     return examples
+
+
+def load_split(
+    path: Path | None,
+    *,
+    hf_dataset: str | None = None,
+    hf_config: str | None = None,
+    split: str | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    text_b_field: str | None = None,
+    id_field: str | None = None,
+    classes: Sequence[str],
+    limit: int | None = None,
+    where: str,
+) -> Examples:
+    """One split of an experiment: a JSONL/CSV file, or a Hugging Face dataset (``path`` None).
+
+    Labels become class names (an integer, or a string of digits, is taken as an index into
+    ``classes``); only the first ``limit`` examples are kept. ``where`` starts every error message
+    (e.g. ``"data.train (movies.jsonl)"``), so a config file's reader knows which split is wrong.
+    """
+    if path is not None:
+        if not Path(path).exists():
+            raise ConfigError(f"{where}: file not found")
+        ex = load_examples(
+            path,
+            text_field=text_field,
+            label_field=label_field,
+            text_b_field=text_b_field,
+            id_field=id_field,
+        )
+    else:
+        ex = Examples.from_hf_dataset(
+            _hf_dataset(hf_dataset, hf_config, split, where),
+            text_field=text_field,
+            label_field=label_field,
+            text_b_field=text_b_field,
+            id_field=id_field,
+        )
+    n = len(ex) if limit is None else min(limit, len(ex))
+    if n == 0:
+        raise ConfigError(f"{where}: no examples")
+    return Examples(
+        texts=tuple(str(t) for t in ex.texts[:n]),
+        labels=tuple(_split_label(lab, classes, where) for lab in ex.labels[:n]),
+        texts_b=None if ex.texts_b is None else tuple(str(t) for t in ex.texts_b[:n]),
+        ids=None if ex.ids is None else tuple(str(i) for i in ex.ids[:n]),
+    )
+
+
+def _hf_dataset(name: str | None, config: str | None, split: str | None, where: str) -> Any:
+    try:
+        import datasets  # optional: only configs that name a Hugging Face dataset need it
+    except ImportError:
+        raise ConfigError(
+            f"{where}: hf_dataset needs the Hugging Face `datasets` package "
+            "(pip install datasets), or give a JSONL/CSV path"
+        ) from None
+    return datasets.load_dataset(name, config, split=split)
+
+
+def _split_label(label: Any, classes: Sequence[str], where: str) -> str:
+    if isinstance(label, str) and label in classes:
+        return label
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if 0 <= int(label) < len(classes):
+            return classes[int(label)]
+    elif isinstance(label, str) and label.isdigit() and int(label) < len(classes):
+        return classes[int(label)]
+    raise ConfigError(
+        f"{where}: label {label!r} is not one of the task's classes {list(classes)} "
+        "(nor a class index)"
+    )
 
 
 def sample_k_shot(

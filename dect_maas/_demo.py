@@ -36,6 +36,10 @@ DEMO_TEMPLATE = "Review: {text}\nSentiment: {mask}"
 # its first 100 examples, 0.83 against 0.68 for "{text} In summary, it was {mask}" with
 # terrible/great); never on test data.
 DEMO_LABEL_WORDS = {"negative": ["negative"], "positive": ["positive"]}
+SERVER_INSTALL_HINT = (
+    "the local server package is not installed: run `pip install -e ./providers` in a dect-maas "
+    "checkout (or `make setup`)"
+)
 _LISTEN = re.compile(r"listening on (https?://[0-9.]+:\d+)")
 
 
@@ -158,8 +162,6 @@ def local_server(
 ) -> Iterator[str]:
     """Start ``python -m dect_maas_server`` on loopback; yield its base URL; stop it on exit."""
     if importlib.util.find_spec("dect_maas_server") is None:
-        from .cli import SERVER_INSTALL_HINT
-
         raise ConfigError(SERVER_INSTALL_HINT)
     chosen = DEMO_PORT if port is None else port
     if chosen and not _port_free(chosen):

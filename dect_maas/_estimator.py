@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +46,6 @@ class FeatureClassifier:
     Subclasses implement ``fit``, ``decision_function``, ``_fitted_arrays`` and ``_set_fitted``.
     """
 
-    _fitted_names: ClassVar[tuple[str, ...]] = ("classes_",)
     classes_: npt.NDArray[Any]
 
     # -- parameters (sklearn's get_params / set_params) -------------------------------------------
@@ -96,6 +95,22 @@ class FeatureClassifier:
     def _fitted_scalars(self) -> dict[str, Any]:
         return {}
 
+    # -- scikit-learn interoperability ----------------------------------------------------------
+
+    def __sklearn_tags__(self) -> Any:
+        """What scikit-learn >= 1.6 reads (``is_classifier``, cross-validation, search).
+
+        Imported here because scikit-learn is optional: only sklearn itself calls this.
+        """
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=True),
+            classifier_tags=ClassifierTags(),
+            input_tags=InputTags(two_d_array=False),  # X is Features, sliced by row
+        )
+
     # -- shared behaviour -------------------------------------------------------------------------
 
     def _check_fitted(self) -> None:
@@ -111,7 +126,11 @@ class FeatureClassifier:
         return pred
 
     def predict_proba(self, features: Features) -> npt.NDArray[np.float32]:
-        """Softmax of ``decision_function``; columns follow ``classes_``."""
+        """Softmax of ``decision_function``; columns follow ``classes_``.
+
+        Not calibrated: the decoder is trained for accuracy on a few shots, so these are
+        scores that sum to 1, not probabilities to threshold on.
+        """
         logits = torch.from_numpy(self.decision_function(features))
         return torch.softmax(logits, dim=1).numpy()
 
@@ -336,15 +355,6 @@ class DecTClassifier(FeatureClassifier):
     ``learn_prototypes``, ``prototype_init`` and ``distance_scale`` are variants outside the paper
     (see ``_decoder.py``); their defaults give the paper's method.
     """
-
-    _fitted_names = (
-        "classes_",
-        "projection_",
-        "prototypes_",
-        "radii_",
-        "prompt_weight_",
-        "calibration_",
-    )
 
     def __init__(
         self,

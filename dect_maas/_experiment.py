@@ -14,22 +14,23 @@ import os
 import platform
 import secrets
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-import httpx
-import numpy as np
-
-from ._config_file import ExperimentConfig, ProviderSection, load_config, merge
+from ._config_file import ExperimentConfig, load_config, merge
+from ._data import load_split, sample_k_shot  # sample_k_shot: OpenPrompt's sampler
 from ._exceptions import ConfigError
 from ._features import Features
+from ._metrics import accuracy, macro_f1
+from ._report import ExperimentResult, MethodRun, QueryPlan
+from ._report import write_report as _write_report
 from ._task import Task
+from ._wiring import build_client, make_estimator
 
 __all__ = ["Experiment", "ExperimentEstimate", "ExperimentResult", "MethodRun", "QueryPlan"]
 
@@ -39,58 +40,6 @@ logger = logging.getLogger("dect_maas.experiment")
 class _Estimator(Protocol):
     def fit(self, features: Features, y: Sequence[Any]) -> Any: ...
     def predict(self, features: Features) -> Any: ...
-
-
-# -- results --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MethodRun:
-    """One method trained on one k-shot set (shots, seed) and evaluated on the whole test set."""
-
-    method: str
-    shots: int
-    seed: int
-    accuracy: float
-    macro_f1: float
-    fit_seconds: float
-    predict_seconds: float
-    n_train: int
-    model_file: str | None = None
-    # AutoDecT only: the settings cross-validation chose and their CV accuracy
-    chosen: Mapping[str, Any] | None = None
-    chosen_cv_accuracy: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "shots": self.shots,
-            "seed": self.seed,
-            "accuracy": self.accuracy,
-            "macro_f1": self.macro_f1,
-            "fit_seconds": self.fit_seconds,
-            "predict_seconds": self.predict_seconds,
-            "n_train": self.n_train,
-            "model_file": self.model_file,
-            "chosen": None if self.chosen is None else dict(self.chosen),
-            "chosen_cv_accuracy": self.chosen_cv_accuracy,
-        }
-
-
-@dataclass(frozen=True)
-class QueryPlan:
-    """What a run needs from the provider, before anything is sent."""
-
-    n_test: int
-    n_train_pool: int
-    n_train_union: int
-    train_indices: Mapping[tuple[int, int], tuple[int, ...]]  # (shots, seed) -> pool indices
-    union: tuple[int, ...]  # sorted pool indices queried
-
-    @property
-    def n_examples(self) -> int:
-        """Examples queried: test + the training union (the content-free prompt comes on top)."""
-        return self.n_test + self.n_train_union
 
 
 @dataclass(frozen=True)
@@ -123,112 +72,6 @@ class ExperimentEstimate:
         }
 
 
-@dataclass
-class ExperimentResult:
-    """Everything a report needs; ``output_dir`` is the run's folder once written."""
-
-    run_id: str
-    config: ExperimentConfig
-    runs: list[MethodRun]
-    plan: QueryPlan
-    usage: dict[str, Any]
-    model: str
-    model_fingerprint: str | None
-    classes: tuple[str, ...]
-    wall_seconds: float
-    query_seconds: float
-    started_at: str
-    versions: dict[str, str]
-    skipped: dict[str, str] = field(default_factory=dict)
-    output_dir: Path | None = None
-
-    @property
-    def methods(self) -> list[str]:
-        seen: list[str] = []
-        for r in self.runs:
-            if r.method not in seen:
-                seen.append(r.method)
-        return seen
-
-    @property
-    def shots(self) -> list[int]:
-        return sorted({r.shots for r in self.runs})
-
-    def select(self, method: str, shots: int) -> list[MethodRun]:
-        return [r for r in self.runs if r.method == method and r.shots == shots]
-
-    def accuracy(self, method: str, shots: int) -> tuple[float, float]:
-        """Mean and sample standard deviation (ddof=1; 0 for one seed) of accuracy over seeds."""
-        from . import mean_std
-
-        accs = [r.accuracy for r in self.select(method, shots)]
-        if not accs:
-            raise KeyError((method, shots))
-        return mean_std(accs)
-
-    def table(self, *, markdown: bool = False) -> str:
-        """Accuracy mean ± std per method and shot count, as printed by the CLI."""
-        from ._report import format_table
-
-        return format_table(self, markdown=markdown)
-
-    def cost_summary(self) -> str:
-        """Queries paid, cache hits, requests, tokens, cost and wall time, one per line."""
-        from ._report import usage_lines
-
-        return "\n".join(usage_lines(self))
-
-    @property
-    def queries_paid(self) -> int:
-        return int(self.usage.get("queries_paid", 0))
-
-    @property
-    def cache_hits(self) -> int:
-        return int(self.usage.get("cache_hits", 0))
-
-    @property
-    def cost_usd(self) -> float:
-        return float(self.usage.get("cost_usd", 0.0))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "started_at": self.started_at,
-            "config": self.config.to_public_dict(),
-            "versions": self.versions,
-            "model": self.model,
-            "model_fingerprint": self.model_fingerprint,
-            "classes": list(self.classes),
-            "plan": {
-                "n_test": self.plan.n_test,
-                "n_train_pool": self.plan.n_train_pool,
-                "n_train_union": self.plan.n_train_union,
-                "train_indices": {
-                    f"{k}shot-seed{s}": list(idx) for (k, s), idx in self.plan.train_indices.items()
-                },
-            },
-            "usage": self.usage,
-            "wall_seconds": self.wall_seconds,
-            "query_seconds": self.query_seconds,
-            "skipped_methods": self.skipped,
-            "runs": [r.to_dict() for r in self.runs],
-            "summary": [
-                {
-                    "method": m,
-                    "shots": k,
-                    "accuracy_mean": self.accuracy(m, k)[0],
-                    "accuracy_std": self.accuracy(m, k)[1],
-                    "macro_f1_mean": float(np.mean([r.macro_f1 for r in self.select(m, k)])),
-                    "fit_seconds_mean": float(np.mean([r.fit_seconds for r in self.select(m, k)])),
-                    "n_seeds": len(self.select(m, k)),
-                }
-                for m in self.methods
-                for k in self.shots
-                if self.select(m, k)
-            ],
-        }
-
-
 # -- the runner -----------------------------------------------------------------------------------
 
 
@@ -238,9 +81,6 @@ class _Split:
     texts_b: list[str] | None
     labels: list[str]
     ids: list[str] | None
-
-
-ProgressFactory = Callable[..., Any]
 
 
 class Experiment:
@@ -302,7 +142,6 @@ class Experiment:
 
     def plan(self) -> QueryPlan:
         """Draw every k-shot set first, so that their union is queried once."""
-        from . import sample_k_shot  # OpenPrompt's sampler: per-label shuffle, first k
 
         train, test = self.data()
         indices: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -355,7 +194,6 @@ class Experiment:
         on_event: Callable[[str], None] | None = None,
     ) -> ExperimentResult:
         """Query (paying only for what the cache lacks), train every method, evaluate, report."""
-        from . import accuracy, macro_f1
 
         say = on_event or (lambda msg: logger.info("%s", msg))
         t0 = time.perf_counter()
@@ -375,7 +213,7 @@ class Experiment:
             tq = time.perf_counter()
             all_f = client.features(task, texts, texts_b=texts_b, progress=progress)
             query_seconds = time.perf_counter() - tq
-            usage = _usage_dict(client.ledger.summary(self.run_id))
+            usage = client.ledger.summary(self.run_id).to_dict()
         finally:
             client.close()
         test_f = all_f[: plan.n_test]
@@ -438,9 +276,7 @@ class Experiment:
             skipped=skipped,
         )
         if out_dir is not None:
-            from ._report import write_report as _write
-
-            _write(result, out_dir)
+            _write_report(result, out_dir)
             result.output_dir = out_dir
         return result
 
@@ -449,62 +285,6 @@ class Experiment:
 
 _NEEDS_SCORES = frozenset({"zero_shot", "calibrated_zero_shot"})
 _NEEDS_HIDDEN = frozenset({"dect", "prototype", "linear_probe"})  # auto_dect adapts to either
-
-
-def make_estimator(
-    method: str, config: ExperimentConfig, train_labels: Sequence[str] = ()
-) -> _Estimator:
-    """The one table from method names to estimators.
-
-    ``train_labels`` are the whole training file's labels, for ``decoder.class_prior = "train"``.
-    """
-    from . import (
-        AutoDecTClassifier,
-        DecTClassifier,
-        LinearProbeClassifier,
-        PrototypeClassifier,
-        ZeroShotClassifier,
-    )
-
-    d = config.decoder
-    decoder_args: dict[str, Any] = {
-        "projection_dim": d.projection_dim,
-        "n_steps": d.n_steps,
-        "lr": d.lr,
-        "normalize": d.normalize,
-        "random_state": d.random_state,
-    }
-    cal = "auto" if d.calibration == "none" else d.calibration
-    factories: dict[str, Callable[[], _Estimator]] = {
-        "dect": lambda: DecTClassifier(
-            prompt_weight=d.prompt_weight, calibration=d.calibration, **decoder_args
-        ),
-        "auto_dect": lambda: AutoDecTClassifier(
-            projection_dim=d.projection_dim,
-            random_state=d.random_state,
-            class_prior=_class_prior(d.class_prior, train_labels),
-        ),
-        "zero_shot": lambda: ZeroShotClassifier(calibration="none"),
-        "calibrated_zero_shot": lambda: ZeroShotClassifier(calibration=cal),
-        "prototype": lambda: PrototypeClassifier(**decoder_args),
-        "linear_probe": lambda: LinearProbeClassifier(),
-    }
-    try:
-        return factories[method]()
-    except KeyError:
-        raise ConfigError(f"unknown method {method!r}; choose from {sorted(factories)}") from None
-
-
-def _class_prior(
-    setting: Literal["none", "train"] | dict[str, float], train_labels: Sequence[str]
-) -> dict[str, float] | None:
-    if setting == "none":
-        return None
-    if setting == "train":
-        if not train_labels:
-            raise ConfigError('decoder.class_prior = "train" needs the training labels')
-        return {str(k): float(v) for k, v in Counter(train_labels).items()}
-    return dict(setting)
 
 
 def _usable_methods(wanted: Sequence[str], f: Features) -> tuple[list[str], dict[str, str]]:
@@ -539,166 +319,27 @@ def _save_model(est: Any, out_dir: Path, method: str, shots: int, seed: int) -> 
 
 
 def _load_split(config: ExperimentConfig, which: str, task: Task) -> _Split:
-    from . import load_examples
-
     src = config.data.train if which == "train" else config.data.test
     d = config.data
-    where = f"data.{which} ({src.describe()})"
-    if src.path is not None:
-        if not src.path.exists():
-            raise ConfigError(f"{where}: file not found")
-        ex = load_examples(
-            src.path,
-            text_field=d.text_field,
-            label_field=d.label_field,
-            text_b_field=d.text_b_field,
-            id_field=d.id_field,
-        )
-    else:
-        ex = _load_hf(config, which)
-    texts = [str(t) for t in ex.texts]
-    texts_b = None if ex.texts_b is None else [str(t) for t in ex.texts_b]
-    ids = None if ex.ids is None else [str(i) for i in ex.ids]
-    labels = [_class_name(lab, task, where) for lab in ex.labels]
-    if src.limit is not None:
-        texts, labels = texts[: src.limit], labels[: src.limit]
-        texts_b = None if texts_b is None else texts_b[: src.limit]
-        ids = None if ids is None else ids[: src.limit]
-    if not texts:
-        raise ConfigError(f"{where}: no examples")
-    return _Split(texts=texts, texts_b=texts_b, labels=labels, ids=ids)
-
-
-def _load_hf(config: ExperimentConfig, which: str) -> Any:
-    from . import Examples
-
-    src = config.data.train if which == "train" else config.data.test
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            f"data.{which}.hf_dataset needs the Hugging Face `datasets` package "
-            "(pip install datasets), or give a JSONL/CSV path"
-        ) from None
-    ds = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split)
-    d = config.data
-    return Examples.from_hf_dataset(
-        ds,
+    ex = load_split(
+        src.path,
+        hf_dataset=src.hf_dataset,
+        hf_config=src.hf_config,
+        split=src.split,
         text_field=d.text_field,
         label_field=d.label_field,
         text_b_field=d.text_b_field,
         id_field=d.id_field,
+        classes=task.classes,
+        limit=src.limit,
+        where=f"data.{which} ({src.describe()})",
     )
-
-
-def _class_name(label: Any, task: Task, where: str) -> str:
-    classes = task.classes
-    if isinstance(label, str) and label in classes:
-        return label
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-        if 0 <= int(label) < len(classes):
-            return classes[int(label)]
-    elif isinstance(label, str) and label.isdigit() and int(label) < len(classes):
-        return classes[int(label)]
-    raise ConfigError(
-        f"{where}: label {label!r} is not one of the task's classes {list(classes)} "
-        "(nor a class index)"
+    return _Split(
+        texts=list(ex.texts),
+        texts_b=None if ex.texts_b is None else list(ex.texts_b),
+        labels=[str(label) for label in ex.labels],
+        ids=None if ex.ids is None else list(ex.ids),
     )
-
-
-# -- client and bookkeeping -----------------------------------------------------------------------
-
-
-def build_client(config: ExperimentConfig, run_id: str) -> Any:
-    """A Client for the config's provider with its cache, ledger, budget, rate limit, retries."""
-    from ._budget import BudgetLimits
-    from ._cache import CacheConfig
-    from ._client import CONNECT_TIMEOUT_S, Client
-    from ._config import RateLimit, RetryPolicy
-
-    p = config.provider
-    return Client(
-        make_adapter(p),
-        cache=CacheConfig(config.cache_dir),
-        ledger=config.ledger_dir,
-        budget=BudgetLimits(**config.budget.model_dump()),
-        rate_limit=RateLimit(
-            requests_per_minute=p.requests_per_minute, tokens_per_minute=p.tokens_per_minute
-        ),
-        retry=RetryPolicy(max_attempts=p.max_attempts),
-        max_concurrency=p.max_concurrency,
-        run_id=run_id,
-        api_key_env=p.api_key_env,
-        # a read may take minutes on a busy model server; a dead host should not
-        timeout=httpx.Timeout(p.timeout_s, connect=min(CONNECT_TIMEOUT_S, p.timeout_s)),
-    )
-
-
-def make_adapter(p: ProviderSection) -> Any:
-    """The one table from the provider section to an adapter."""
-    from .adapters import (
-        HFInferenceAdapter,
-        LocalAdapter,
-        OpenAICompatibleAdapter,
-        Prices,
-        TEIAdapter,
-    )
-
-    prices = Prices(
-        per_million_input_tokens=p.price_per_million_input_tokens or 0.0,
-        per_request=p.price_per_request or 0.0,
-    )
-    opt: dict[str, Any] = {}
-    if p.label_token_ids is not None:
-        if p.kind not in ("local", "openai"):
-            raise ConfigError(
-                f"provider.label_token_ids: the {p.kind} provider takes no token ids "
-                "(hf_inference scores label words by their text, tei gives no scores); remove it"
-            )
-        opt["label_token_ids"] = {k: tuple(v) for k, v in p.label_token_ids.items()}
-    if p.pooling is not None and p.kind in ("openai", "hf_inference"):
-        opt["pooling"] = p.pooling
-    if p.kind == "local":
-        assert p.base_url is not None  # validated by ProviderSection
-        if p.max_prompts_per_request is not None:
-            opt["max_inputs_per_request"] = p.max_prompts_per_request
-        if p.mask_token is not None:
-            opt["mask_token"] = p.mask_token
-        return LocalAdapter(base_url=p.base_url, model=p.model or "local", prices=prices, **opt)
-    if p.kind == "openai":
-        assert p.base_url is not None
-        assert p.model is not None
-        if p.top_k is not None:
-            opt["top_logprobs"] = p.top_k
-        if p.max_prompts_per_request is not None:
-            opt["max_prompts_per_request"] = p.max_prompts_per_request
-        if p.tokenize_api is not None:
-            opt["tokenize_api"] = p.tokenize_api
-        return OpenAICompatibleAdapter(
-            base_url=p.base_url,
-            model=p.model,
-            exact_token_ids=p.exact_token_ids,
-            embeddings_model=p.embeddings_model,
-            embeddings_base_url=p.embeddings_base_url,
-            prices=prices,
-            **opt,
-        )
-    if p.kind == "hf_inference":
-        assert p.model is not None
-        if p.mask_token is not None:
-            opt["mask_token"] = p.mask_token
-        return HFInferenceAdapter(
-            model=p.model,
-            base_url=p.base_url,
-            embeddings_model=p.embeddings_model,
-            embeddings_base_url=p.embeddings_base_url,
-            prices=prices,
-            **opt,
-        )
-    assert p.base_url is not None
-    if p.max_prompts_per_request is not None:
-        opt["max_inputs_per_request"] = p.max_prompts_per_request
-    return TEIAdapter(base_url=p.base_url, model=p.model or "tei", prices=prices, **opt)
 
 
 def _all_inputs(plan: QueryPlan, train: _Split, test: _Split) -> tuple[list[str], list[str] | None]:
@@ -707,23 +348,6 @@ def _all_inputs(plan: QueryPlan, train: _Split, test: _Split) -> tuple[list[str]
     if test.texts_b is None or train.texts_b is None:
         return texts, None
     return texts, [*test.texts_b, *(train.texts_b[i] for i in plan.union)]
-
-
-def _usage_dict(summary: Any) -> dict[str, Any]:
-    """The ledger's per-run summary as plain JSON values."""
-    if summary is None:
-        return {}
-    if hasattr(summary, "to_dict"):
-        raw = summary.to_dict()
-    elif hasattr(summary, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        raw = asdict(summary)
-    elif isinstance(summary, Mapping):
-        raw = dict(summary)
-    else:
-        raw = dict(vars(summary))
-    return {str(k): v for k, v in raw.items()}
 
 
 def _fingerprint(f: Features) -> str | None:

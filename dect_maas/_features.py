@@ -162,6 +162,16 @@ class Features:
         return int(arr.shape[0])
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, C + D)``: rows, and the columns of ``[scores | hidden]`` side by side.
+
+        Having a shape makes scikit-learn slice Features by row (``features[rows, ...]``)
+        rather than one example at a time.
+        """
+        columns = sum(a.shape[1] for a in (self.scores, self.hidden) if a is not None)
+        return len(self), int(columns)
+
+    @property
     def n_classes(self) -> int | None:
         if self.scores is not None:
             return int(self.scores.shape[1])
@@ -184,7 +194,21 @@ class Features:
 
     # -- subsetting and stacking -------------------------------------------------------------------
 
-    def __getitem__(self, index: int | slice | Sequence[int] | npt.NDArray[Any]) -> Features:
+    def __getitem__(
+        self, index: int | slice | Sequence[int] | npt.NDArray[Any] | tuple[Any, ...]
+    ) -> Features:
+        """The examples at ``index`` (int, slice, integer array or mask), as Features.
+
+        ``features[rows, ...]`` and ``features[rows, :]`` (how scikit-learn indexes anything with
+        a shape) select rows too; selecting columns is refused.
+        """
+        if isinstance(index, tuple):
+            rest = index[1] if len(index) == 2 else None
+            if not (rest is Ellipsis or (isinstance(rest, slice) and rest == slice(None))):
+                raise FeaturesError(
+                    "Features select rows only: use features[rows] or features[rows, ...]"
+                )
+            index = index[0]
         idx: Any = index
         if isinstance(index, (int, np.integer)):
             idx = [int(index)]

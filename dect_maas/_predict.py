@@ -13,6 +13,7 @@ from typing import Any
 from ._config_file import ExperimentConfig, load_config
 from ._data import read_text
 from ._exceptions import ConfigError
+from ._wiring import build_client
 
 __all__ = ["config_for_model", "predict_file", "read_texts"]
 
@@ -73,8 +74,7 @@ def predict_file(
     output: Path | None = None,
     progress: bool = False,
 ) -> int:
-    from . import DecTClassifier
-    from ._experiment import build_client
+    from ._estimator import DecTClassifier  # torch, only when a model is applied
 
     if not model_path.exists():
         raise ConfigError(f"{model_path}: model file not found")

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from ._experiment import ExperimentResult
+from ._config_file import ExperimentConfig
+from ._metrics import mean_std
 
-__all__ = ["format_table", "render_markdown", "write_report"]
+__all__ = [
+    "ExperimentResult",
+    "MethodRun",
+    "QueryPlan",
+    "format_table",
+    "render_markdown",
+    "write_report",
+]
 
 PLOTS_MISSING = "plots skipped: matplotlib is not installed (pip install 'dect-maas[plots]')"
 _ZERO_SHOT = ("zero_shot", "calibrated_zero_shot")
@@ -29,6 +38,161 @@ _LABELS = {
     "prototype": "prototype only (λ=0)",
     "linear_probe": "linear probe",
 }
+
+
+# -- what a run produced ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method trained on one k-shot set (shots, seed) and evaluated on the whole test set."""
+
+    method: str
+    shots: int
+    seed: int
+    accuracy: float
+    macro_f1: float
+    fit_seconds: float
+    predict_seconds: float
+    n_train: int
+    model_file: str | None = None
+    # AutoDecT only: the settings cross-validation chose and their CV accuracy
+    chosen: Mapping[str, Any] | None = None
+    chosen_cv_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "shots": self.shots,
+            "seed": self.seed,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "fit_seconds": self.fit_seconds,
+            "predict_seconds": self.predict_seconds,
+            "n_train": self.n_train,
+            "model_file": self.model_file,
+            "chosen": None if self.chosen is None else dict(self.chosen),
+            "chosen_cv_accuracy": self.chosen_cv_accuracy,
+        }
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """What a run needs from the provider, before anything is sent."""
+
+    n_test: int
+    n_train_pool: int
+    n_train_union: int
+    train_indices: Mapping[tuple[int, int], tuple[int, ...]]  # (shots, seed) -> pool indices
+    union: tuple[int, ...]  # sorted pool indices queried
+
+    @property
+    def n_examples(self) -> int:
+        """Examples queried: test + the training union (the content-free prompt comes on top)."""
+        return self.n_test + self.n_train_union
+
+
+@dataclass
+class ExperimentResult:
+    """Everything a report needs; ``output_dir`` is the run's folder once written."""
+
+    run_id: str
+    config: ExperimentConfig
+    runs: list[MethodRun]
+    plan: QueryPlan
+    usage: dict[str, Any]
+    model: str
+    model_fingerprint: str | None
+    classes: tuple[str, ...]
+    wall_seconds: float
+    query_seconds: float
+    started_at: str
+    versions: dict[str, str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    output_dir: Path | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        seen: list[str] = []
+        for r in self.runs:
+            if r.method not in seen:
+                seen.append(r.method)
+        return seen
+
+    @property
+    def shots(self) -> list[int]:
+        return sorted({r.shots for r in self.runs})
+
+    def select(self, method: str, shots: int) -> list[MethodRun]:
+        return [r for r in self.runs if r.method == method and r.shots == shots]
+
+    def accuracy(self, method: str, shots: int) -> tuple[float, float]:
+        """Mean and sample standard deviation (ddof=1; 0 for one seed) of accuracy over seeds."""
+        accs = [r.accuracy for r in self.select(method, shots)]
+        if not accs:
+            raise KeyError((method, shots))
+        return mean_std(accs)
+
+    def table(self, *, markdown: bool = False) -> str:
+        """Accuracy mean ± std per method and shot count, as printed by the CLI."""
+        return format_table(self, markdown=markdown)
+
+    def cost_summary(self) -> str:
+        """Queries paid, cache hits, requests, tokens, cost and wall time, one per line."""
+        return "\n".join(usage_lines(self))
+
+    @property
+    def queries_paid(self) -> int:
+        return int(self.usage.get("queries_paid", 0))
+
+    @property
+    def cache_hits(self) -> int:
+        return int(self.usage.get("cache_hits", 0))
+
+    @property
+    def cost_usd(self) -> float:
+        return float(self.usage.get("cost_usd", 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "started_at": self.started_at,
+            "config": self.config.to_public_dict(),
+            "versions": self.versions,
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "classes": list(self.classes),
+            "plan": {
+                "n_test": self.plan.n_test,
+                "n_train_pool": self.plan.n_train_pool,
+                "n_train_union": self.plan.n_train_union,
+                "train_indices": {
+                    f"{k}shot-seed{s}": list(idx) for (k, s), idx in self.plan.train_indices.items()
+                },
+            },
+            "usage": self.usage,
+            "wall_seconds": self.wall_seconds,
+            "query_seconds": self.query_seconds,
+            "skipped_methods": self.skipped,
+            "runs": [r.to_dict() for r in self.runs],
+            "summary": [
+                {
+                    "method": m,
+                    "shots": k,
+                    "accuracy_mean": self.accuracy(m, k)[0],
+                    "accuracy_std": self.accuracy(m, k)[1],
+                    "macro_f1_mean": float(np.mean([r.macro_f1 for r in self.select(m, k)])),
+                    "fit_seconds_mean": float(np.mean([r.fit_seconds for r in self.select(m, k)])),
+                    "n_seeds": len(self.select(m, k)),
+                }
+                for m in self.methods
+                for k in self.shots
+                if self.select(m, k)
+            ],
+        }
+
+
+# -- writing it down ------------------------------------------------------------------------------
 
 
 def write_report(result: ExperimentResult, out_dir: Path) -> dict[str, Path]:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from ._demo import SERVER_INSTALL_HINT, run_demo
 from ._exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -33,6 +34,7 @@ from ._exceptions import (
     ProviderError,
     UnsupportedCapability,
 )
+from ._ledger import Ledger
 
 __all__ = ["EXIT_BUDGET", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_OK", "EXIT_PROVIDER", "main"]
 
@@ -43,11 +45,6 @@ EXIT_BUDGET = 3
 EXIT_PROVIDER = 4
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
-
-SERVER_INSTALL_HINT = (
-    "the local server package is not installed: run `pip install -e ./providers` in a dect-maas "
-    "checkout (or `make setup`)"
-)
 
 
 class UsageError(ConfigError):
@@ -266,8 +263,6 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
-    from . import Ledger
-
     directory = args.ledger_dir
     if directory is None and args.config is not None:
         from ._config_file import load_config
@@ -284,9 +279,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
                 print(run)
             return EXIT_OK
         if args.action == "summary":
-            from ._experiment import _usage_dict
-
-            summary = _usage_dict(ledger.summary(args.run))
+            summary = ledger.summary(args.run).to_dict()
             if args.json:
                 print(json.dumps(summary, indent=2, default=str))
             else:
@@ -354,8 +347,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
-
     return run_demo(
         output=args.output,
         shots=args.shots,

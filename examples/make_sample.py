@@ -2,7 +2,8 @@
 
     python examples/make_sample.py [SOURCE_DIR]
 
-SOURCE_DIR holds movies_binary_{train,test}.jsonl (default: ../shared/data next to the repository).
+SOURCE_DIR holds movies_binary_{train,test}.jsonl (default: examples/data/movies_full, written by
+examples/fetch_movies.py).
 The sample is drawn with a fixed seed: 400 training examples (the pool few-shot sets are drawn from)
 and 400 test examples, each split sampled only from its own file.
 """
@@ -21,7 +22,7 @@ CSV_ROWS = 40
 
 
 def main(argv: list[str]) -> int:
-    source = Path(argv[1]) if len(argv) > 1 else HERE.parent.parent / "shared" / "data"
+    source = Path(argv[1]) if len(argv) > 1 else HERE / "data" / "movies_full"
     out_dir = HERE / "data"
     out_dir.mkdir(exist_ok=True)
     for split, n in SIZES.items():

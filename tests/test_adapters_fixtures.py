@@ -1,4 +1,4 @@
-"""Recorded llama.cpp traffic (../shared/fixtures/llamacpp) replayed through httpx.MockTransport.
+"""Recorded llama.cpp traffic (tests/fixtures/llamacpp) replayed through httpx.MockTransport.
 
 The client talks to the transport exactly as to the real server, so these tests check that the
 OpenAI-compatible adapter parses what llama.cpp really sends, and that the client copes with what
@@ -21,11 +21,9 @@ from dect_maas._config import RetryPolicy
 from dect_maas._retry import error_for_status
 from dect_maas.adapters import OpenAICompatibleAdapter
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "llamacpp"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "llamacpp"
 SCORING, EMBEDDING = "http://llama-scores.test", "http://llama-embed.test"
 TASK = Task("{text} Overall, it was {mask}", {"negative": "terrible", "positive": "great"})
-
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures not present")
 
 
 def load(name: str) -> dict[str, Any]:

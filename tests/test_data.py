@@ -11,21 +11,25 @@ import pytest
 
 from dect_maas import ConfigError, Examples, load_examples, sample_k_shot
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HERE = Path(__file__).resolve().parent
+BUNDLED = HERE.parent / "examples" / "data"  # the movie sample the demo ships with
+DRUGS = HERE / "data" / "drugs_3way_sample.jsonl"  # see tests/data/README.md
 
 
 # -- files ----------------------------------------------------------------------------------------
 
 
-def test_loads_the_shared_jsonl_files():
-    train = load_examples(SHARED / "movies_binary_train.jsonl", id_field="id")
-    assert len(train) == 8070
+def test_loads_the_bundled_jsonl_files():
+    train = load_examples(BUNDLED / "movies_train.jsonl", id_field="id")
+    assert len(train) == 400
     assert set(train.labels) == {"negative", "positive"}
     assert train.ids is not None
-    assert train.ids[0] == "movieReviewSnippets-9979"
-    assert train.texts[0].startswith("At best this is a film for the under 7 crowd.")
-    drugs = load_examples(SHARED / "drugs_3way_test.jsonl")
-    assert len(drugs) == 379
+    assert train.ids[0] == "movieReviewSnippets-7174"
+    assert train.texts[0].startswith(
+        "Audiences can be expected to suspend their disbelief only so far    and"
+    )
+    drugs = load_examples(DRUGS)
+    assert len(drugs) == 100
     assert set(drugs.classes) == {"negative", "neutral", "positive"}
     assert drugs.texts_b is None
 
@@ -212,8 +216,8 @@ def openprompt_restated(labels, k, seed):
     return chosen.tolist()
 
 
-def test_k_shot_matches_openprompt_on_the_shared_data():
-    labels = load_examples(SHARED / "drugs_3way_train.jsonl").labels
+def test_k_shot_matches_openprompt_on_the_bundled_data():
+    labels = load_examples(DRUGS).labels
     for seed in range(5):
         idx = sample_k_shot(labels, 16, seed)
         assert idx.tolist() == openprompt_restated(labels, 16, seed)
@@ -239,3 +243,22 @@ def test_k_shot_errors():
         sample_k_shot(["a"], 0, 0)
     with pytest.raises(ConfigError, match="seed must be an int"):
         sample_k_shot(["a"], 1, None)  # type: ignore[arg-type]
+
+
+# -- one split of an experiment -------------------------------------------------------------------
+
+
+def test_load_split_maps_labels_to_class_names_and_keeps_the_first_limit(tmp_path):
+    from dect_maas._data import load_split
+
+    p = tmp_path / "s.jsonl"
+    rows = [{"t": "a", "y": 1}, {"t": "b", "y": "neg"}, {"t": "c", "y": "0"}, {"t": "d", "y": 2}]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    fields = {"text_field": "t", "label_field": "y", "classes": ("neg", "pos")}
+    three = load_split(p, **fields, limit=3, where="data.train (s.jsonl)")
+    assert three.texts == ("a", "b", "c")
+    assert three.labels == ("pos", "neg", "neg")  # an index, a name, a string of digits
+    with pytest.raises(ConfigError, match=r"^data\.test \(s\.jsonl\): label 2 is not one of the"):
+        load_split(p, **fields, where="data.test (s.jsonl)")
+    with pytest.raises(ConfigError, match=r"^data\.train \(gone\): file not found$"):
+        load_split(tmp_path / "gone.jsonl", **fields, where="data.train (gone)")

@@ -69,22 +69,47 @@ def test_every_example_config_is_valid(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.data.train.path is not None
     assert cfg.data.train.path.is_absolute()
-    if "shared" not in str(cfg.data.train.path):  # the bundled data ships with the repository
+    if "movies_full" not in str(cfg.data.train.path):  # the bundled data ships with the repository
         assert cfg.data.train.path.exists()
         assert cfg.data.test.path is not None
         assert cfg.data.test.path.exists()
     assert cfg.provider.api_key_env is None
 
 
-def test_full_run_config_points_at_the_shared_data() -> None:
+def test_full_run_config_points_at_the_fetched_data() -> None:
     cfg = load_config(EXAMPLES / "movies_full.toml")
-    assert (
-        cfg.data.train.path
-        == (EXAMPLES.parent.parent / "shared" / "data" / "movies_binary_train.jsonl").resolve()
-    )
+    full = EXAMPLES / "data" / "movies_full"
+    assert cfg.data.train.path == (full / "movies_binary_train.jsonl").resolve()
+    assert cfg.data.test.path == (full / "movies_binary_test.jsonl").resolve()
     assert cfg.shots == [1, 4, 16, 64]
     assert cfg.seeds == [0, 1, 2]
     assert cfg.data.test.limit is None
+
+
+def test_full_split_is_fixed_and_disjoint() -> None:
+    split = json.loads((EXAMPLES / "data" / "movies_full_split.json").read_text())
+    assert [len(split["train"]), len(split["test"])] == [8070, 2000]
+    assert len(set(split["train"]) | set(split["test"])) == 10070  # no snippet in both splits
+    lines = (EXAMPLES / "data" / "movies_test.jsonl").read_text(encoding="utf-8").splitlines()
+    bundled = [json.loads(line) for line in lines]
+    test_ids = {f"movieReviewSnippets-{i}" for i in split["test"]}
+    assert {row["id"] for row in bundled} <= test_ids  # the demo's test sample is drawn from test
+
+
+def test_fetch_movies_refuses_a_file_that_is_not_the_pinned_package(tmp_path: Path) -> None:
+    fake = tmp_path / "vaderSentiment-3.3.2.tar.gz"
+    fake.write_bytes(b"not the package")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fetch_movies.py"), "--sdist", str(fake)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"fetch_movies: {fake} is not vaderSentiment-3.3.2.tar.gz " + (
+        "(sha256 differs); delete it and rerun"
+    )
+    assert not (tmp_path / "movies_full").exists()
 
 
 def test_sentiment_local_script(tmp_path: Path, server_url: str) -> None:

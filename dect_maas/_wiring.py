@@ -1,0 +1,167 @@
+"""From a validated experiment config to the objects that do the work: adapter, client, estimator.
+
+Each is one table: ``[provider]`` to an adapter, the provider, budget, cache and ledger sections
+to a ``Client``, a method name to an estimator. Nothing here sends a request or trains a model;
+the runner (``_experiment.py``) and ``dect-maas predict`` call these.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+
+from ._budget import BudgetLimits
+from ._cache import CacheConfig
+from ._client import CONNECT_TIMEOUT_S, Client
+from ._config import RateLimit, RetryPolicy
+from ._config_file import ExperimentConfig, ProviderSection
+from ._exceptions import ConfigError
+from .adapters import (
+    Adapter,
+    HFInferenceAdapter,
+    LocalAdapter,
+    OpenAICompatibleAdapter,
+    Prices,
+    TEIAdapter,
+)
+
+if TYPE_CHECKING:
+    from ._estimator import FeatureClassifier
+
+__all__ = ["build_client", "make_adapter", "make_estimator"]
+
+
+def build_client(config: ExperimentConfig, run_id: str) -> Client:
+    """A Client for the config's provider with its cache, ledger, budget, rate limit, retries."""
+    p = config.provider
+    return Client(
+        make_adapter(p),
+        cache=CacheConfig(config.cache_dir),
+        ledger=config.ledger_dir,
+        budget=BudgetLimits(**config.budget.model_dump()),
+        rate_limit=RateLimit(
+            requests_per_minute=p.requests_per_minute, tokens_per_minute=p.tokens_per_minute
+        ),
+        retry=RetryPolicy(max_attempts=p.max_attempts),
+        max_concurrency=p.max_concurrency,
+        run_id=run_id,
+        api_key_env=p.api_key_env,
+        # a read may take minutes on a busy model server; a dead host should not
+        timeout=httpx.Timeout(p.timeout_s, connect=min(CONNECT_TIMEOUT_S, p.timeout_s)),
+    )
+
+
+def make_adapter(p: ProviderSection) -> Adapter:
+    """The one table from the provider section to an adapter."""
+    prices = Prices(
+        per_million_input_tokens=p.price_per_million_input_tokens or 0.0,
+        per_request=p.price_per_request or 0.0,
+    )
+    opt: dict[str, Any] = {}
+    if p.label_token_ids is not None:
+        if p.kind not in ("local", "openai"):
+            raise ConfigError(
+                f"provider.label_token_ids: the {p.kind} provider takes no token ids "
+                "(hf_inference scores label words by their text, tei gives no scores); remove it"
+            )
+        opt["label_token_ids"] = {k: tuple(v) for k, v in p.label_token_ids.items()}
+    if p.pooling is not None and p.kind in ("openai", "hf_inference"):
+        opt["pooling"] = p.pooling
+    if p.kind == "local":
+        assert p.base_url is not None  # validated by ProviderSection
+        if p.max_prompts_per_request is not None:
+            opt["max_inputs_per_request"] = p.max_prompts_per_request
+        if p.mask_token is not None:
+            opt["mask_token"] = p.mask_token
+        return LocalAdapter(base_url=p.base_url, model=p.model or "local", prices=prices, **opt)
+    if p.kind == "openai":
+        assert p.base_url is not None
+        assert p.model is not None
+        if p.top_k is not None:
+            opt["top_logprobs"] = p.top_k
+        if p.max_prompts_per_request is not None:
+            opt["max_prompts_per_request"] = p.max_prompts_per_request
+        if p.tokenize_api is not None:
+            opt["tokenize_api"] = p.tokenize_api
+        return OpenAICompatibleAdapter(
+            base_url=p.base_url,
+            model=p.model,
+            exact_token_ids=p.exact_token_ids,
+            embeddings_model=p.embeddings_model,
+            embeddings_base_url=p.embeddings_base_url,
+            prices=prices,
+            **opt,
+        )
+    if p.kind == "hf_inference":
+        assert p.model is not None
+        if p.mask_token is not None:
+            opt["mask_token"] = p.mask_token
+        return HFInferenceAdapter(
+            model=p.model,
+            base_url=p.base_url,
+            embeddings_model=p.embeddings_model,
+            embeddings_base_url=p.embeddings_base_url,
+            prices=prices,
+            **opt,
+        )
+    assert p.base_url is not None
+    if p.max_prompts_per_request is not None:
+        opt["max_inputs_per_request"] = p.max_prompts_per_request
+    return TEIAdapter(base_url=p.base_url, model=p.model or "tei", prices=prices, **opt)
+
+
+def make_estimator(
+    method: str, config: ExperimentConfig, train_labels: Sequence[str] = ()
+) -> FeatureClassifier:
+    """The one table from method names to estimators.
+
+    ``train_labels`` are the whole training file's labels, for ``decoder.class_prior = "train"``.
+    """
+    # The one import inside a function: the estimators load torch, which the client, the
+    # ledger and the CLI's dry runs (`dect-maas estimate`) never need.
+    from ._auto import AutoDecTClassifier
+    from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
+    from ._estimator import DecTClassifier
+
+    d = config.decoder
+    decoder_args: dict[str, Any] = {
+        "projection_dim": d.projection_dim,
+        "n_steps": d.n_steps,
+        "lr": d.lr,
+        "normalize": d.normalize,
+        "random_state": d.random_state,
+    }
+    cal = "auto" if d.calibration == "none" else d.calibration
+    factories: dict[str, Callable[[], FeatureClassifier]] = {
+        "dect": lambda: DecTClassifier(
+            prompt_weight=d.prompt_weight, calibration=d.calibration, **decoder_args
+        ),
+        "auto_dect": lambda: AutoDecTClassifier(
+            projection_dim=d.projection_dim,
+            random_state=d.random_state,
+            class_prior=_class_prior(d.class_prior, train_labels),
+        ),
+        "zero_shot": lambda: ZeroShotClassifier(calibration="none"),
+        "calibrated_zero_shot": lambda: ZeroShotClassifier(calibration=cal),
+        "prototype": lambda: PrototypeClassifier(**decoder_args),
+        "linear_probe": lambda: LinearProbeClassifier(),
+    }
+    try:
+        return factories[method]()
+    except KeyError:
+        raise ConfigError(f"unknown method {method!r}; choose from {sorted(factories)}") from None
+
+
+def _class_prior(
+    setting: Literal["none", "train"] | dict[str, float], train_labels: Sequence[str]
+) -> dict[str, float] | None:
+    if setting == "none":
+        return None
+    if setting == "train":
+        if not train_labels:
+            raise ConfigError('decoder.class_prior = "train" needs the training labels')
+        return {str(k): float(v) for k, v in Counter(train_labels).items()}
+    return dict(setting)
