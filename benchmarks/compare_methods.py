@@ -136,7 +136,7 @@ class FeatureSource:
             return self._client.features(task, texts)  # type: ignore[no-any-return]
         from _inprocess_features import CANDIDATE_WORDS, MODEL_TAG
 
-        hidden, cand, cf = self._inproc.extract(task.template, texts, progress=True)
+        hidden, cand, cf, cf_hidden = self._inproc.extract(task.template, texts, progress=True)
         cols = [[CANDIDATE_WORDS.index(w) for w in words] for _, words in task]
         scores = np.stack([cand[:, c].max(1) for c in cols], axis=1)  # (N, C)
         content_free = np.array([cf[c].max() for c in cols], dtype=np.float32)  # (C,)
@@ -148,7 +148,9 @@ class FeatureSource:
             "score_kind": "logprobs",
             "hidden_kind": "last_hidden_state[last prompt token]",
         }
-        return Features(scores, hidden, content_free=content_free, meta=meta)
+        return Features(
+            scores, hidden, content_free=content_free, meta=meta, content_free_hidden=cf_hidden
+        )
 
 
 # -- the comparison -------------------------------------------------------------------------------
