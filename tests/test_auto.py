@@ -317,3 +317,47 @@ def test_prior_shift_survives_save_and_load(tmp_path: Path) -> None:
     back = AutoDecTClassifier.load(model.save(tmp_path / "m"))
     np.testing.assert_array_equal(back.prior_shift_, model.prior_shift_)
     np.testing.assert_allclose(back.decision_function(feats), model.decision_function(feats))
+
+
+# -- the search order ------------------------------------------------------------------------------
+
+
+def test_search_order_starts_with_dect_at_lambda_two_then_the_prompt_by_evidence() -> None:
+    feats, y = _data(shots=6, seed=7)
+    rng = np.random.default_rng(1)
+    feats = feats.with_content_free_hidden(rng.normal(size=16).astype(np.float32))
+    model = AutoDecTClassifier(random_state=0, max_repeats=1).fit(feats, y)
+    names, params = model.cv_results_["name"], model.cv_results_["params"]
+    first = params[0]
+    assert (first["method"], first["prompt_weight"], first["representation"]) == (
+        "dect",
+        2.0,
+        "content_free",
+    )
+    assert (first["lr"], first["n_steps"]) == (0.01, 30)
+    assert sorted(names[1:3]) == ["zero_shot", "zero_shot+calibrated"]
+    acc = model.cv_results_["mean_accuracy"]
+    assert acc[1] >= acc[2]
+    # then DecT from prompt-heavy to the decoder alone, then paper, prototype, probe
+    weights = [p["prompt_weight"] for p in params[3:-3]]
+    assert weights == sorted(weights, reverse=True)
+    assert names[-3:] == ["paper", "prototype", "linear_probe"]
+    # zero-shot x 2, 2 representations x 2 rates x 5 weights x 2 step counts (the anchor is one of
+    # them, moved), paper, prototype, probe
+    assert len(names) == 2 + 2 * 2 * 5 * 2 + 3
+
+
+def test_calibrated_zero_shot_wins_over_plain_when_it_is_better_on_the_shots() -> None:
+    """Plain zero-shot biased towards class 0 (the content-free scores show the same bias):
+    calibration removes it, and the order follows the evidence, not plainness."""
+    feats, y = _data(shots=1, n_classes=4, score_signal=2.0, seed=3)
+    assert feats.scores is not None
+    biased = feats.scores.copy()
+    biased[:, 0] += 6.0
+    cf = np.full(4, -6.0, dtype=np.float32)
+    cf[0] += 6.0
+    f = Features(biased, feats.hidden, content_free=cf, meta=feats.meta)
+    model = AutoDecTClassifier(random_state=0).fit(f, y)
+    assert model.best_params_["name"] == "zero_shot+calibrated"
+    assert model.cv_results_["name"][0] == "zero_shot+calibrated"
+    assert model.cv_results_["mean_accuracy"][0] > model.cv_results_["mean_accuracy"][1]
