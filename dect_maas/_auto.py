@@ -498,7 +498,7 @@ def grid_logits(
     h = torch.from_numpy(features.hidden)  # (N, D)
     w_init, p0 = initial_parameters(h.shape[1], n_classes, projection_dim, seed)  # (d,D), (C,d)
     ref = features.content_free_hidden
-    x = represent(h, None if ref is None else torch.from_numpy(ref), rep)  # (N, D)
+    x = represent(h, None if ref is None else torch.tensor(ref), rep)  # (N, D)
     train = torch.from_numpy(folds)  # (G, N)
     bases = [span_basis(x[row]) for row in train]  # G x (D, r_g)
     rank = max(b.shape[1] for b in bases)

@@ -361,3 +361,15 @@ def test_calibrated_zero_shot_wins_over_plain_when_it_is_better_on_the_shots() -
     assert model.best_params_["name"] == "zero_shot+calibrated"
     assert model.cv_results_["name"][0] == "zero_shot+calibrated"
     assert model.cv_results_["mean_accuracy"][0] > model.cv_results_["mean_accuracy"][1]
+
+
+def test_a_read_only_content_free_vector_is_fine() -> None:
+    """The client's cache can hand back read-only buffers; torch must not warn about them."""
+    feats, y = _data(shots=3)
+    ref = np.zeros(16, dtype=np.float32)
+    ref.setflags(write=False)
+    feats = feats.with_content_free_hidden(ref)
+    assert feats.content_free_hidden is not None
+    assert not feats.content_free_hidden.flags.writeable
+    model = AutoDecTClassifier(random_state=0, max_repeats=1).fit(feats, y)
+    assert "content_free" in " ".join(model.cv_results_["name"])
