@@ -182,8 +182,14 @@ class InProcessExtractor:
 
     def extract(
         self, template: str, texts: Sequence[str], chunk: int = 256, progress: bool = False
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """Hidden ``(N, D)``, candidate log-probs ``(N, W)`` and content-free log-probs ``(W,)``."""
+    ) -> tuple[
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32],
+    ]:
+        """Hidden ``(N, D)``, candidate log-probs ``(N, W)``, and the content-free prompt's
+        log-probs ``(W,)`` and hidden vector ``(D,)``."""
         task = Task(template, {"a": "x", "b": "y"})
         store = self._store(template)
         cf_key = "<content-free>"
@@ -210,4 +216,5 @@ class InProcessExtractor:
         rows = [store[_key(t)] for t in texts]
         hidden = np.stack([r[0] for r in rows]).astype(np.float32)
         cand = np.stack([r[1] for r in rows]).astype(np.float32)
-        return hidden, cand, store[cf_key][1].astype(np.float32)
+        cf = store[cf_key]
+        return hidden, cand, cf[1].astype(np.float32), cf[0].astype(np.float32)

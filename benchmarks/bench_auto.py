@@ -32,6 +32,8 @@ def synthetic(shots: int, n_classes: int, dim: int, seed: int = 0) -> tuple[Feat
         hidden.astype(np.float32),
         content_free=np.full(n_classes, -5.0, dtype=np.float32),
         meta={"score_kind": "logprobs"},
+        # as the client gives it: the search then tries both representations (twice the grid)
+        content_free_hidden=rng.normal(size=dim).astype(np.float32),
     )
     return feats, y.tolist()
 

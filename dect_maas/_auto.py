@@ -1,31 +1,35 @@
 """`AutoDecTClassifier`: DecT that picks its own settings by cross-validation on the training set.
 
-The paper's fixed settings (λ = 1/shot, 30 Adam steps at lr 0.01, frozen random prototypes) do not
-suit every model and task: on a small causal LM, calibrated zero-shot can beat DecT at few shots
-and a linear probe can beat it at many. This estimator scores a grid of DecT settings and the
-plain methods that run on the same features (zero-shot with and without calibration, the
-prototype decoder alone, a linear probe, the paper's DecT) by stratified cross-validation on the
-labelled training features alone - no query is made - and refits the winner on all of them.
+This module is search policy only: which candidates, scored how, chosen by which rule. Every
+candidate is a public estimator with public settings (`Candidate.estimator`), and the winner is
+refitted on all training rows through that estimator's own ``fit``. The searched DecT settings
+are scored in batches by the decoder's one trainer (`dect_maas._decoder.train_members`), doing
+exactly what ``DecTClassifier(basis="span", ...).fit`` does on each fold.
 
-Search (``DEFAULT_GRID``): the prompt weight λ from 0 to values where the prompt dominates, with
-and without calibration; the learning rate; the number of steps (read off one run at
-``STEP_CHECKPOINTS``); two decoders: the paper's (random frozen prototypes) and one whose
-prototypes start at the class means and train along with a learned distance scale.
+Candidates, in the order that breaks ties (see `_rank`):
 
-Speed: every (setting, fold) pair is trained at once by `train_members`, full batch, with a leading
-member dimension on every parameter and one Adam over all of them. Each fold's training vectors
-span at most ``n_train`` of the D dimensions, so the searched decoders work in that span (an
-orthonormal basis of the fold's training vectors): the same function of the training data, a
-``D / n_train`` times smaller matmul, and test vectors lose only the part that no training
-vector has. The refit works in the span of all training vectors, exactly as the folds did; its
-projection is then mapped back to D dimensions, so the fitted model is a plain DecT decoder.
+0. The anchor: DecT with λ = 2 (``ANCHOR_WEIGHT``, in units of calibrated log-probabilities or
+   logits), the content-free representation where the features have it, lr 0.01, 30 steps:
+   DecT's own idea, the prompt's scores plus a learned decoder, with the prompt weighing more.
+   On the development splits it was within a point of the best baseline at 4-16 shots and
+   ahead at 64; every other candidate has to beat it clearly.
+1. Zero-shot, plain and calibrated, the better of the two on the training rows first. The prompt
+   learns nothing from labels, so every training row is a held-out row for it: more evidence
+   than any fold gives.
+2. DecT settings (``DEFAULT_GRID``): the prompt weight λ from prompt-heavy (8) to the decoder alone
+   (0), both representations of the hidden vectors (``"content_free"``, then ``"raw"``), two
+   learning rates, 10 or 30 steps; the prompt scores calibrated or not as zero-shot was better.
+   Ordering prompt-heavy first makes the selection shrink towards the prompt where the evidence
+   is thin and move to the decoder only where held-out rows show it is better.
+3. The paper's DecT (λ = 1/shot), the prototype decoder (λ = 0), a linear probe.
 
-Small sets: with one example per class nothing trained can be held out, but the prompt learns
-nothing from labels, so zero-shot (with and without calibration) is scored on every training
-example and the better one is used (``one_shot="paper"`` uses the paper's DecT instead). With 2-3
-per class each fold holds out one example per class; when there are few examples the fold
-assignment is repeated with new shuffles (up to ``max_repeats`` times) so that every setting is
-judged on more held-out predictions.
+Selection (``selection="1se"``): the first candidate whose accuracy gap to the most accurate one
+is within one standard error of that gap, paired over the same held-out rows. With few rows
+many candidates tie, and the first tied one wins: the prompt, or the most prompt-heavy DecT.
+
+One example per class: nothing trained can be held out. ``one_shot="prompt"`` (default) scores
+the two zero-shot variants on the shots and keeps the better one; ``"paper"`` uses the paper's
+DecT instead, unchecked.
 
 Class mix: k-shot training sets are balanced, so everything trained on them, and calibrated
 zero-shot, assumes balanced classes. ``class_prior`` (the mix expected at prediction time, e.g.
@@ -49,7 +53,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
-from ._decoder import ADAM_BETAS, ADAM_EPS, DecTDecoder, calibrate
+from ._decoder import (
+    Representation,
+    calibrate,
+    initial_parameters,
+    prompt_term,
+    represent,
+    span_basis,
+    train_members,
+)
 from ._estimator import (
     DecTClassifier,
     FeatureClassifier,
@@ -61,10 +73,13 @@ from ._estimator import (
 from ._exceptions import ConfigError
 from ._features import Features
 
-__all__ = ["DEFAULT_GRID", "STEP_CHECKPOINTS", "AutoDecTClassifier", "Candidate", "train_members"]
+__all__ = ["DEFAULT_GRID", "STEP_CHECKPOINTS", "AutoDecTClassifier", "Candidate"]
 
 Method = Literal["zero_shot", "linear_probe", "prototype", "paper", "dect"]
 STEP_CHECKPOINTS: tuple[int, ...] = (10, 30)
+PROMPT_WEIGHTS: tuple[float, ...] = (8.0, 2.0, 0.5, 0.125, 0.0)  # prompt-heavy first
+LEARNING_RATES: tuple[float, ...] = (0.01, 0.05)
+ANCHOR_WEIGHT = 2.0  # λ of the setting tried first: the prompt plus a decoder, prompt-heavy
 _MIN_HELD_OUT = 48  # repeat the folds until about this many held-out predictions per setting
 _TIE_SE = 1.0  # selection="1se": how many standard errors of a gap still count as a tie
 
@@ -73,9 +88,10 @@ _TIE_SE = 1.0  # selection="1se": how many standard errors of a gap still count 
 class Candidate:
     """One setting the search scores. ``method`` says which model; other fields apply to DecT.
 
-    ``"paper"`` is `DecTClassifier` with its defaults (λ = 1/shot), ``"prototype"`` is
-    `PrototypeClassifier` (λ = 0), ``"zero_shot"`` is `ZeroShotClassifier` and ``"linear_probe"``
-    `LinearProbeClassifier`; ``"dect"`` is a searched DecT setting trained in the span basis.
+    ``"paper"`` is `DecTClassifier` with the paper's settings (λ = 1/shot), ``"prototype"``
+    `PrototypeClassifier` (λ = 0), ``"zero_shot"`` `ZeroShotClassifier` and ``"linear_probe"``
+    `LinearProbeClassifier`; ``"dect"`` is `DecTClassifier` with ``basis="span"`` and these
+    settings.
     """
 
     method: Method
@@ -83,7 +99,7 @@ class Candidate:
     prompt_weight: float = 0.0
     lr: float = 0.01
     n_steps: int = 30
-    prototypes: Literal["random", "class_means"] = "random"
+    representation: Representation = "raw"
 
     @property
     def name(self) -> str:
@@ -91,12 +107,46 @@ class Candidate:
             return "zero_shot" + ("+calibrated" if self.calibrate else "")
         if self.method != "dect":
             return self.method
-        cal = "+cal" if self.calibrate else ""
-        proto = "means+scale" if self.prototypes == "class_means" else "random"
-        return f"dect(λ={self.prompt_weight:g}{cal},lr={self.lr:g},steps={self.n_steps},{proto})"
+        cal = "+cal" if self.calibrate and self.prompt_weight else ""
+        rep = ",content_free" if self.representation == "content_free" else ""
+        return f"dect(λ={self.prompt_weight:g}{cal},lr={self.lr:g},steps={self.n_steps}{rep})"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
+
+    def estimator(self, projection_dim: int, seed: int, device: str) -> FeatureClassifier:
+        """The public estimator, unfitted, that this candidate names."""
+        cal = "auto" if self.calibrate else "none"
+        if self.method == "zero_shot":
+            return ZeroShotClassifier(cal)
+        if self.method == "linear_probe":
+            return LinearProbeClassifier()
+        if self.method == "prototype":
+            return PrototypeClassifier(projection_dim, random_state=seed, device=device)
+        return DecTClassifier(
+            projection_dim,
+            prompt_weight=self.prompt_weight,
+            n_steps=self.n_steps,
+            lr=self.lr,
+            calibration=cal,
+            random_state=seed,
+            device=device,
+            representation=self.representation,
+            basis="span" if self.method == "dect" else "full",
+        )
+
+
+def _dect_grid() -> tuple[Candidate, ...]:
+    """The searched DecT settings; ``n_steps`` is filled in from STEP_CHECKPOINTS."""
+    return tuple(
+        Candidate("dect", False, weight, lr, 0, rep)
+        for rep in ("content_free", "raw")
+        for lr in LEARNING_RATES
+        for weight in PROMPT_WEIGHTS
+    )
+
+
+DEFAULT_GRID: tuple[Candidate, ...] = _dect_grid()
 
 
 @dataclass(frozen=True)
@@ -108,134 +158,16 @@ class _Scored:
     per_row: npt.NDArray[np.float64]  # (N,) mean correctness over the folds that held it out
 
 
-def _dect_grid() -> tuple[Candidate, ...]:
-    out = []
-    families: tuple[tuple[Literal["random", "class_means"], tuple[float, ...]], ...] = (
-        ("random", (0.01, 0.05)),
-        ("class_means", (0.05,)),
-    )
-    for prototypes, rates in families:
-        for lr in rates:
-            out.append(Candidate("dect", False, 0.0, lr, 0, prototypes))
-            for weight in (1 / 8, 1 / 2, 2.0):
-                for cal in (True, False):
-                    out.append(Candidate("dect", cal, weight, lr, 0, prototypes))
-    return tuple(out)  # n_steps is filled in from STEP_CHECKPOINTS
+@dataclass(frozen=True)
+class _Fit:
+    """What one ``fit`` call's search works on; passed along instead of kept on the estimator."""
 
-
-DEFAULT_GRID: tuple[Candidate, ...] = _dect_grid()
-
-
-# -- the batched trainer --------------------------------------------------------------------------
-
-
-def train_members(
-    x: Tensor,
-    w0: Tensor,
-    p0: Tensor,
-    base: Tensor,
-    y: Tensor,
-    train: Tensor,
-    *,
-    lr: Tensor,
-    class_means: Tensor,
-    checkpoints: Sequence[int],
-    normalize: bool = True,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Train G x K DecT decoders at once: G groups (folds) of rows, K settings.
-
-    Every member follows `dect_maas._decoder.train_decoder` exactly (same init of the radii,
-    same optional class-mean prototypes with a learned distance scale, same loss and Adam
-    arithmetic); members differ in their training rows (by group), their prompt term and
-    learning rate (by setting). The loss is the sum of the members' losses, so each member's
-    gradient is its own.
-
-    Shapes: ``x`` (G, N, r) vectors in each group's basis; ``w0`` (G, d, r) the initial projection
-    in that basis; ``p0`` (C, d) random prototypes; ``base`` (N, K, C) the weighted prompt term
-    λ_k·s_k; ``y`` (N,) labels; ``train`` (G, N) bool; ``lr`` (K,); ``class_means`` (K,) bool:
-    prototypes start at the class means and train, with a learned distance scale.
-
-    Returns the logits after each checkpoint's number of steps, (T, G, N, K, C), and the final
-    parameters: ``W`` (G, r, K, d), ``P`` (G, K, C, d), ``r`` (G, K, C), ``a`` (G, K) (log scale).
-    """
-    n_groups, n_rows, _ = x.shape
-    n_set, n_classes = base.shape[1], p0.shape[0]
-    d = w0.shape[1]
-    onehot = F.one_hot(y, n_classes).to(x.dtype)  # (N, C)
-    trainf = train.to(x.dtype)  # (G, N)
-    n_train = trainf.sum(1)  # (G,)
-    member = trainf[:, :, None] * onehot[None]  # (G, N, C): row n counts for class c in group g
-    per_class = member.sum(1)  # (G, C)
-    if bool((per_class == 0).any()):
-        raise ConfigError("every fold needs at least one training example of every class")
-
-    with torch.no_grad():
-        u0 = x @ w0.transpose(1, 2)  # (G, N, d), not normalised (§2.5)
-        centre = member.transpose(1, 2) @ u0 / per_class[..., None]  # (G, C, d)
-        dev = (u0[:, :, None, :] - centre[:, None]).norm(dim=-1)  # (G, N, C)
-        radii0 = (dev * member).sum(1) / per_class  # (G, C)
-        u0h = u0 / u0.norm(dim=-1, keepdim=True).clamp_min(1e-30) if normalize else u0
-        means = member.transpose(1, 2) @ u0h / per_class[..., None]  # (G, C, d)
-        cm = class_means.view(1, n_set, 1, 1)
-        protos0 = torch.where(cm, means[:, None], p0[None, None])  # (G, K, C, d)
-
-    w = w0.transpose(1, 2)[:, :, None, :].expand(-1, -1, n_set, -1).contiguous()  # (G, r, K, d)
-    protos = protos0.clone()  # (G, K, C, d)
-    radii = radii0[:, None, :].expand(-1, n_set, -1).contiguous()  # (G, K, C)
-    log_scale = x.new_zeros(n_groups, n_set)  # (G, K)
-    params = [w, protos, radii, log_scale]
-    for p in params:
-        p.requires_grad_(True)
-    masks = [None, class_means.view(1, n_set, 1, 1), None, class_means.view(1, n_set)]
-    lrs = [lr.view(1, 1, n_set, 1), lr.view(1, n_set, 1, 1), lr.view(1, n_set, 1), lr.view(1, -1)]
-    adam_m = [torch.zeros_like(p) for p in params]
-    adam_v = [torch.zeros_like(p) for p in params]
-    beta1, beta2 = ADAM_BETAS
-
-    stops = sorted(set(int(s) for s in checkpoints))
-    saved = []
-    for step in range(stops[-1] + 1):
-        u = (x @ w.view(n_groups, -1, n_set * d)).view(n_groups, n_rows, n_set, d)  # (G,N,K,d)
-        # ‖û − p‖² = ‖û‖² − 2 û·p + ‖p‖² with û = u/‖u‖, written so that no (G, N, K, d)
-        # tensor besides u itself is made: û·p = (u·p)/‖u‖ and ‖û‖² = (‖u‖/‖u‖)²
-        length = torch.linalg.vector_norm(u, dim=-1, keepdim=True)  # (G, N, K, 1)
-        cross = torch.einsum("gnkd,gkcd->gnkc", u, protos)  # (G, N, K, C)
-        if normalize:
-            clamped = length.clamp_min(1e-30)  # (G, N, K, 1)
-            cross = cross / clamped
-            length = length / clamped
-        sq = length * length - 2 * cross + (protos * protos).sum(-1)[:, None]  # (G, N, K, C)
-        dist = sq.clamp_min(1e-12).sqrt()  # (G, N, K, C)
-        logits = base[None] + radii[:, None] - log_scale.exp()[:, None, :, None] * dist
-        if step in stops:
-            saved.append(logits.detach())
-        if step == stops[-1]:
-            break
-        nll = -(torch.log_softmax(logits, dim=-1) * onehot[None, :, None, :]).sum(-1)  # (G,N,K)
-        loss = ((nll * trainf[..., None]).sum(1) / n_train[:, None]).sum()  # ()
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            t = step + 1
-            bc2 = math.sqrt(1 - beta2**t)
-            for p, g, m, v, mask, rate in zip(
-                params, grads, adam_m, adam_v, masks, lrs, strict=True
-            ):
-                if mask is not None:
-                    g = g * mask
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = v.sqrt().div_(bc2).add_(ADAM_EPS)  # torch.optim.Adam's arithmetic
-                p.sub_(torch.div(m, denom, out=denom).mul_(rate / (1 - beta1**t)))
-    final = {"W": w.detach(), "P": protos.detach(), "r": radii.detach(), "a": log_scale.detach()}
-    return torch.stack(saved), final
-
-
-def _span(h: Tensor, rows: Tensor) -> Tensor:
-    """An orthonormal basis (D, r) of the span of ``h[rows]``."""
-    _, sv, vh = torch.linalg.svd(h[rows], full_matrices=False)
-    keep = sv > sv[0] * 1e-6
-    basis: Tensor = vh[keep].T  # (D, r)
-    return basis
+    features: Features
+    labels: npt.NDArray[np.int64]  # (N,)
+    seed: int
+    shift: npt.NDArray[np.float64]  # (C,) log(prior / training share); zeros without a prior
+    row_weights: npt.NDArray[np.float64]  # (N,) prior / training share of each row's class
+    paper_weight: float  # the paper's λ = 1/shot of the whole training set
 
 
 # -- the estimator --------------------------------------------------------------------------------
@@ -257,10 +189,10 @@ class AutoDecTClassifier(FeatureClassifier):
 
     Fitted attributes (plain, JSON-serialisable): ``best_params_`` (the chosen setting; its
     ``"reason"`` says why), ``best_score_`` (its cross-validated accuracy), ``cv_results_``
-    (every candidate's name, settings, accuracy, log-loss and the standard error of its gap to
-    the best, on held-out rows), ``n_splits_``, ``n_repeats_``, ``prior_shift_`` (added to the
-    chosen model's class scores; zeros without a prior). The refitted model is
-    ``best_estimator_``; predictions come from it plus ``prior_shift_``.
+    (every candidate's name, settings, accuracy, log-loss, the standard error of its gap to
+    the best, and its rank, on held-out rows), ``n_splits_``, ``n_repeats_``, ``prior_shift_``
+    (added to the chosen model's class scores; zeros without a prior). The refitted model is
+    ``best_estimator_``, a public estimator; predictions come from it plus ``prior_shift_``.
 
     To reproduce the paper instead, use ``DecTClassifier()`` with its defaults.
     """
@@ -313,36 +245,33 @@ class AutoDecTClassifier(FeatureClassifier):
         self._check_params()
         check_features(features)
         classes, labels, counts = training_labels(features, y)
-        n_classes = len(classes)
         seed = (
             int(np.random.SeedSequence().generate_state(1)[0] >> 1)
             if self.random_state is None
             else int(self.random_state)
         )
+        shift, row_weights = _resolve_prior(self.class_prior, classes, counts, labels)
+        ctx = _Fit(features, labels, seed, shift, row_weights, float(len(classes) / len(labels)))
         self.classes_ = classes
-        self._resolve_prior(counts, labels)
-        self._paper_weight = float(n_classes / len(labels))
-        has_cal = features.scores is not None and features.content_free is not None
-        if features.hidden is None:
-            # nothing to train: the prompt alone, calibrated if that is more accurate here
-            cands = [Candidate("zero_shot", False)] + ([Candidate("zero_shot", True)] * has_cal)
-            results = self._score_fixed(features, labels, cands)
+        prompts = _prompt_candidates(ctx)
+        if features.hidden is None or (counts.min() < 2 and self.one_shot == "prompt" and prompts):
+            # Nothing to train, or nothing trained can be checked on held-out rows; the prompt
+            # learns nothing from labels, so every training example is a held-out row for it.
+            why = (
+                "no hidden vectors"
+                if features.hidden is None
+                else "a class has one example: nothing trained can be checked, so the prompt alone"
+            )
             self.n_splits_, self.n_repeats_ = 0, 0
-            return self._finish(features, labels, cands, results, seed, "no hidden vectors")
-        if counts.min() < 2 and features.scores is not None and self.one_shot == "prompt":
-            # No trained model can be checked on held-out rows, but the prompt learns nothing
-            # from labels, so every training example is a held-out row for it.
-            cands = [Candidate("zero_shot", False)] + ([Candidate("zero_shot", True)] * has_cal)
-            results = self._score_fixed(features, labels, cands)
-            self.n_splits_, self.n_repeats_ = 0, 0
-            why = "a class has one example: nothing trained can be checked, so the prompt alone"
-            return self._finish(features, labels, cands, results, seed, why)
+            cands = _order_prompts(prompts, _score_fixed(ctx, prompts))
+            return self._finish(ctx, cands, _score_fixed(ctx, cands), why)
         if counts.min() < 2:
             self.n_splits_, self.n_repeats_ = 0, 0
             self.cv_results_ = _empty_results()
             self.best_score_ = None
+            has_cal = features.scores is not None and features.content_free is not None
             best = (
-                Candidate("paper", has_cal)
+                Candidate("paper", has_cal, ctx.paper_weight)
                 if features.scores is not None
                 else Candidate("prototype")
             )
@@ -351,13 +280,11 @@ class AutoDecTClassifier(FeatureClassifier):
                 "reason": "one example per class: nothing can be held out, so the paper's "
                 "settings are used",
             }
-            self.best_estimator_ = self._build(best, features, labels, seed)
-            self.prior_shift_ = self._shift.astype(np.float32)
-            return self
+            return self._refit(ctx, best)
 
         folds = self._folds(labels, counts, seed)
-        cands, results = self._cross_validate(features, labels, folds, seed)
-        return self._finish(features, labels, cands, results, seed, "cross-validation")
+        cands, results = self._cross_validate(ctx, folds, prompts)
+        return self._finish(ctx, cands, results, "cross-validation")
 
     # -- cross-validation ---------------------------------------------------------------
 
@@ -379,173 +306,81 @@ class AutoDecTClassifier(FeatureClassifier):
         self.n_splits_, self.n_repeats_ = n_splits, n_repeats
         return np.stack(masks)
 
-    def _candidates(self, features: Features) -> tuple[list[Candidate], list[Candidate]]:
-        has_scores = features.scores is not None
-        has_cal = has_scores and features.content_free is not None
-        plain: list[Candidate] = []
-        if has_scores:
-            plain.append(Candidate("zero_shot", False))
-            if has_cal:
-                plain.append(Candidate("zero_shot", True))
-            plain.append(Candidate("paper", has_cal, self._paper_weight))
-        plain += [Candidate("prototype"), Candidate("linear_probe")]
-        grid = [
-            c
-            for c in DEFAULT_GRID
-            if (has_scores or c.prompt_weight == 0.0) and (has_cal or not c.calibrate)
-        ]
-        return plain, grid
-
     def _cross_validate(
-        self,
-        features: Features,
-        labels: npt.NDArray[np.int64],
-        folds: npt.NDArray[np.bool_],
-        seed: int,
+        self, ctx: _Fit, folds: npt.NDArray[np.bool_], prompts: list[Candidate]
     ) -> tuple[list[Candidate], list[_Scored]]:
-        plain, grid = self._candidates(features)
-        held = ~folds  # (G, N)
-        out_c: list[Candidate] = []
-        out_r: list[_Scored] = []
-        fixed = [c for c in plain if c.method == "zero_shot"]
-        out_c += fixed
-        out_r += self._score_fixed(features, labels, fixed)
-        for cand in (c for c in plain if c.method != "zero_shot"):
-            logits = np.zeros((len(folds), len(labels), len(self.classes_)), dtype=np.float32)
+        features = ctx.features
+        prompts = _order_prompts(prompts, _score_fixed(ctx, prompts))
+        # the searched DecT settings use the prompt in the form zero-shot found better
+        cal = bool(prompts) and prompts[0].calibrate
+        has_cf = features.content_free_hidden is not None
+        grid = [
+            replace(c, calibrate=cal and c.prompt_weight != 0.0)
+            for c in DEFAULT_GRID
+            if (features.scores is not None or c.prompt_weight == 0.0)
+            and (has_cf or c.representation == "raw")
+        ]
+        plain: list[Candidate] = []
+        if features.scores is not None:
+            plain.append(Candidate("paper", cal, ctx.paper_weight))
+        plain += [Candidate("prototype"), Candidate("linear_probe")]
+
+        out_c, out_r = list(prompts), _score_fixed(ctx, prompts)
+        scored = zip(*self._score_grid(ctx, folds, _unique(grid)), strict=True)
+        for c, r in sorted(scored, key=lambda p: _closeness_to_prompt(p[0])):
+            out_c.append(c)
+            out_r.append(r)
+        # DecT's own default, the prompt plus a decoder, goes first: it must lose clearly
+        anchor = Candidate(
+            "dect",
+            cal and features.scores is not None,
+            ANCHOR_WEIGHT if features.scores is not None else 0.0,
+            LEARNING_RATES[0],
+            STEP_CHECKPOINTS[-1],
+            "content_free" if has_cf else "raw",
+        )
+        i = out_c.index(anchor)
+        out_c.insert(0, out_c.pop(i))
+        out_r.insert(0, out_r.pop(i))
+        held = ~folds
+        for cand in plain:
+            n_rows, n_classes = len(ctx.labels), len(self.classes_)
+            logits = np.zeros((len(folds), n_rows, n_classes), dtype=np.float32)
             for g, mask in enumerate(folds):
-                est = self._build(cand, features[mask], labels[mask], seed)
+                est = cand.estimator(int(self.projection_dim), ctx.seed, self.device)
+                est.fit(features[mask], ctx.labels[mask].tolist())
                 logits[g] = est.decision_function(features)
             out_c.append(cand)
-            out_r.append(self._scores(cand, torch.from_numpy(logits), labels, held))
-        if grid:
-            out = self._score_grid(features, labels, folds, grid, seed)
-            out_c += out[0]
-            out_r += out[1]
+            out_r.append(_scores(ctx, cand, torch.from_numpy(logits), held))
         return out_c, out_r
 
-    def _shifted(self, cand: Candidate) -> bool:
-        """Whether a candidate's class scores assume the balance of its training set.
-
-        Everything trained on the labelled examples does, and so does calibrated zero-shot
-        (calibration makes the content-free input uniform); plain zero-shot keeps the model's own
-        prior and is never shifted.
-        """
-        return cand.method != "zero_shot" or cand.calibrate
-
-    def _scores(
-        self,
-        cand: Candidate,
-        logits: Tensor,
-        labels: npt.NDArray[np.int64],
-        held: npt.NDArray[np.bool_],
-    ) -> _Scored:
-        if self._shifted(cand):
-            logits = logits + torch.from_numpy(self._shift).to(logits.dtype)
-        return _held_out_scores(logits, labels, held, self._row_weights)
-
-    def _resolve_prior(self, counts: npt.NDArray[np.int64], labels: npt.NDArray[np.int64]) -> None:
-        """Log-prior shift (C,) and importance weight per training row, from ``class_prior``."""
-        n_classes = len(counts)
-        if self.class_prior is None:
-            self._shift = np.zeros(n_classes)
-            self._row_weights = np.ones(len(labels))
-            return
-        given = dict(self.class_prior)
-        by_name = {str(k): v for k, v in given.items()}
-        names = [str(c) for c in self.classes_.tolist()]
-        unknown = sorted(set(by_name) - set(names))
-        missing = [c for c in names if c not in by_name]
-        if unknown or missing:
-            raise ConfigError(
-                "class_prior must give a frequency for exactly the training classes "
-                f"{names}; unknown: {unknown}, missing: {missing}"
-            )
-        prior = np.array([float(by_name[c]) for c in names])
-        if not np.all(np.isfinite(prior)) or (prior <= 0).any():
-            raise ConfigError(f"class_prior frequencies must be positive numbers, got {given}")
-        prior = prior / prior.sum()
-        freq = counts / counts.sum()
-        self._shift = np.log(prior) - np.log(freq)
-        self._row_weights = (prior / freq)[labels]
-
-    def _score_fixed(
-        self, features: Features, labels: npt.NDArray[np.int64], cands: list[Candidate]
-    ) -> list[_Scored]:
-        """Zero-shot learns nothing from labels, so every training row is a held-out row."""
-        res = []
-        for c in cands:
-            zs = ZeroShotClassifier("auto" if c.calibrate else "none").fit(features)
-            logits = torch.from_numpy(zs.decision_function(features))[None]
-            res.append(self._scores(c, logits, labels, np.ones((1, len(labels)), dtype=bool)))
-        return res
-
-    def _prompt_terms(self, features: Features, grid: Sequence[Candidate]) -> Tensor:
-        """λ_k·s_k for every setting, (N, K, C); s calibrated where the setting says so."""
-        n, c = len(features), len(self.classes_)
-        if features.scores is None:
-            return torch.zeros(n, len(grid), c)
-        raw = torch.from_numpy(features.scores)  # (N, C)
-        cal = raw
-        kind, vector = resolve_calibration(features, "auto")
-        if kind is not None and vector is not None:
-            cal = calibrate(raw, vector, kind)  # (N, C)
-        cols = [(cal if g.calibrate else raw) * g.prompt_weight for g in grid]
-        return torch.stack(cols, dim=1)  # (N, K, C)
-
-    def _init(self, dim: int, seed: int) -> tuple[Tensor, Tensor]:
-        """W and P drawn exactly as `DecTClassifier` draws them for this random_state."""
-        gen = torch.Generator().manual_seed(seed)
-        dec = DecTDecoder(dim, len(self.classes_), int(self.projection_dim), generator=gen)
-        return dec.proj.weight.detach().clone(), dec.prototypes.detach().clone()
-
     def _score_grid(
-        self,
-        features: Features,
-        labels: npt.NDArray[np.int64],
-        folds: npt.NDArray[np.bool_],
-        grid: Sequence[Candidate],
-        seed: int,
+        self, ctx: _Fit, folds: npt.NDArray[np.bool_], grid: Sequence[Candidate]
     ) -> tuple[list[Candidate], list[_Scored]]:
-        assert features.hidden is not None
-        h = torch.from_numpy(features.hidden)  # (N, D)
-        w_init, p0 = self._init(h.shape[1], seed)  # (d, D), (C, d)
-        train = torch.from_numpy(folds)  # (G, N)
-        bases = [_span(h, row) for row in train]  # G x (D, r_g)
-        rank = max(b.shape[1] for b in bases)
-        bases = [F.pad(b, (0, rank - b.shape[1])) for b in bases]  # zero columns never train
-        basis = torch.stack(bases)  # (G, D, r)
-        x = h[None] @ basis  # (G, N, r)
-        w0 = w_init[None] @ basis  # (G, d, r)
-        logits, _ = train_members(
-            x,
-            w0,
-            p0,
-            self._prompt_terms(features, grid),
-            torch.from_numpy(labels),
-            train,
-            lr=torch.tensor([g.lr for g in grid]),
-            class_means=torch.tensor([g.prototypes == "class_means" for g in grid]),
-            checkpoints=STEP_CHECKPOINTS,
-        )  # (T, G, N, K, C)
         held = ~folds
         cands, res = [], []
-        for t, steps in enumerate(STEP_CHECKPOINTS):
-            for k, g in enumerate(grid):
-                cand = replace(g, n_steps=steps)
-                cands.append(cand)
-                res.append(self._scores(cand, logits[t, :, :, k], labels, held))
+        for rep in dict.fromkeys(c.representation for c in grid):
+            members = [c for c in grid if c.representation == rep]
+            logits = grid_logits(
+                ctx.features,
+                ctx.labels,
+                folds,
+                members,
+                ctx.seed,
+                int(self.projection_dim),
+                len(self.classes_),
+            )  # (T, G, N, K, C)
+            for t, steps in enumerate(STEP_CHECKPOINTS):
+                for k, c in enumerate(members):
+                    cand = replace(c, n_steps=steps)
+                    cands.append(cand)
+                    res.append(_scores(ctx, cand, logits[t, :, :, k], held))
         return cands, res
 
     # -- choice and refit ---------------------------------------------------------------
 
     def _finish(
-        self,
-        features: Features,
-        labels: npt.NDArray[np.int64],
-        cands: list[Candidate],
-        results: list[_Scored],
-        seed: int,
-        reason: str,
+        self, ctx: _Fit, cands: list[Candidate], results: list[_Scored], reason: str
     ) -> AutoDecTClassifier:
         order, top, gap_se = _rank(results, self.selection)
         best = cands[order[0]]
@@ -562,108 +397,25 @@ class AutoDecTClassifier(FeatureClassifier):
         self.best_score_ = float(results[order[0]].accuracy)
         if self.selection == "1se":
             reason += (
-                ": the first candidate whose accuracy gap to the best "
-                f"({cands[top].name}, {results[top].accuracy:.3f}) is within one standard "
-                "error of that gap"
+                ": the first candidate in the search order (DecT with the prompt at λ=2, "
+                "zero-shot, DecT from prompt-heavy to decoder alone, paper, prototype, probe) "
+                f"whose accuracy gap to the best ({cands[top].name}, "
+                f"{results[top].accuracy:.3f}) is within one standard error of that gap"
             )
         else:
             reason += ": the highest accuracy"
         self.best_params_ = {**best.to_dict(), "reason": reason}
-        self.best_estimator_ = self._build(best, features, labels, seed)
+        return self._refit(ctx, best)
+
+    def _refit(self, ctx: _Fit, best: Candidate) -> AutoDecTClassifier:
+        """Fit the chosen candidate's public estimator on every training row."""
+        est = best.estimator(int(self.projection_dim), ctx.seed, self.device)
+        self.best_estimator_ = est.fit(ctx.features, ctx.labels.tolist())
+        shifted = _shifted(best) and ctx.shift.any()
         self.prior_shift_ = (
-            self._shift.astype(np.float32)
-            if self._shifted(best)
-            else np.zeros(len(self.classes_), np.float32)
+            ctx.shift.astype(np.float32) if shifted else np.zeros(len(self.classes_), np.float32)
         )
         return self
-
-    def _build(
-        self,
-        cand: Candidate,
-        features: Features,
-        labels: npt.NDArray[np.int64],
-        seed: int,
-    ) -> FeatureClassifier:
-        """Fit the model a candidate names on (features, labels)."""
-        est: FeatureClassifier
-        y = labels.tolist()
-        dim = int(self.projection_dim)
-        cal = "auto" if cand.calibrate else "none"
-        if cand.method == "zero_shot":
-            est = ZeroShotClassifier(cal)
-        elif cand.method == "linear_probe":
-            est = LinearProbeClassifier()
-        elif cand.method == "prototype":
-            est = PrototypeClassifier(projection_dim=dim, random_state=seed, device=self.device)
-        elif cand.method == "paper":
-            # λ = 1/shot of the whole training set, also inside the folds: the value the refit uses
-            est = DecTClassifier(
-                dim,
-                prompt_weight=self._paper_weight,
-                calibration=cal,
-                random_state=seed,
-                device=self.device,
-            )
-        else:
-            return self._refit_span(cand, features, labels, seed)
-        est.fit(features, y)
-        return est
-
-    def _refit_span(
-        self, cand: Candidate, features: Features, labels: npt.NDArray[np.int64], seed: int
-    ) -> DecTClassifier:
-        """Train the chosen span-basis setting on all rows; return it as a plain DecT model."""
-        assert features.hidden is not None
-        h = torch.from_numpy(features.hidden)  # (N, D)
-        w_init, p0 = self._init(h.shape[1], seed)
-        basis = _span(h, torch.ones(len(h), dtype=torch.bool))  # (D, r)
-        _, final = train_members(
-            (h @ basis)[None],
-            (w_init @ basis)[None],
-            p0,
-            self._prompt_terms(features, [cand]),
-            torch.from_numpy(labels),
-            torch.ones(1, len(h), dtype=torch.bool),
-            lr=torch.tensor([cand.lr]),
-            class_means=torch.tensor([cand.prototypes == "class_means"]),
-            checkpoints=(cand.n_steps,),
-        )
-        projection = (basis @ final["W"][0, :, 0, :]).T  # (d, D)
-        kind = None
-        vector = None
-        if cand.calibrate and cand.prompt_weight != 0.0:
-            kind, vector = resolve_calibration(features, "auto")
-        est = DecTClassifier(
-            int(self.projection_dim),
-            prompt_weight=cand.prompt_weight,
-            n_steps=cand.n_steps,
-            lr=cand.lr,
-            calibration="auto" if cand.calibrate else "none",
-            random_state=seed,
-            device=self.device,
-            learn_prototypes=cand.prototypes == "class_means",
-            prototype_init=cand.prototypes,
-            distance_scale=cand.prototypes == "class_means",
-        )
-        est.classes_ = self.classes_
-        arrays: dict[str, npt.NDArray[Any]] = {
-            "projection_": projection.contiguous().numpy(),
-            "prototypes_": final["P"][0, 0].numpy().copy(),
-            "radii_": final["r"][0, 0].numpy().copy(),
-            "log_scale": np.asarray(final["a"][0, 0].item(), dtype=np.float32),
-            "loss_curve_": np.zeros(0, dtype=np.float32),
-        }
-        if vector is not None:
-            arrays["calibration_"] = vector.numpy().copy()
-        est._set_fitted(
-            arrays,
-            {
-                "prompt_weight_": cand.prompt_weight,
-                "calibration_kind_": kind,
-                "n_features_in_": int(h.shape[1]),
-            },
-        )
-        return est
 
     # -- inference and persistence ---------------------------------------------------------------
 
@@ -693,6 +445,7 @@ class AutoDecTClassifier(FeatureClassifier):
         }
 
     def _set_fitted(self, arrays: dict[str, npt.NDArray[Any]], scalars: dict[str, Any]) -> None:
+        """Rebuild the inner estimator from a saved file (the load path of every estimator)."""
         kinds: dict[str, type[FeatureClassifier]] = {
             cls.__name__: cls
             for cls in (
@@ -721,6 +474,143 @@ class AutoDecTClassifier(FeatureClassifier):
         self.n_repeats_ = int(scalars["n_repeats_"])
 
 
+# -- search policy helpers (no state) -------------------------------------------------------------
+
+
+def grid_logits(
+    features: Features,
+    labels: npt.NDArray[np.int64],
+    folds: npt.NDArray[np.bool_],
+    members: Sequence[Candidate],
+    seed: int,
+    projection_dim: int,
+    n_classes: int,
+) -> Tensor:
+    """Logits (T, G, N, K, C) of every DecT setting (one representation) trained on every fold.
+
+    Member (g, k) after STEP_CHECKPOINTS[t] steps is what
+    ``members[k].estimator(projection_dim, seed, ...)`` fitted on the rows of fold g gives, at
+    once for all: the same initial W and P (drawn from ``seed``), each fold's own span basis,
+    the same prompt term.
+    """
+    assert features.hidden is not None
+    (rep,) = {c.representation for c in members}
+    h = torch.from_numpy(features.hidden)  # (N, D)
+    w_init, p0 = initial_parameters(h.shape[1], n_classes, projection_dim, seed)  # (d,D), (C,d)
+    ref = features.content_free_hidden
+    x = represent(h, None if ref is None else torch.tensor(ref), rep)  # (N, D)
+    train = torch.from_numpy(folds)  # (G, N)
+    bases = [span_basis(x[row]) for row in train]  # G x (D, r_g)
+    rank = max(b.shape[1] for b in bases)
+    basis = torch.stack([F.pad(b, (0, rank - b.shape[1])) for b in bases])  # (G, D, r)
+    scores = _prompt_scores(features)  # raw and calibrated (N, C), or None
+    base = []
+    for c in members:
+        b = prompt_term(None if scores is None else scores[int(c.calibrate)], c.prompt_weight)
+        base.append(torch.zeros(len(h), n_classes) if b is None else b)
+    trained = train_members(
+        x[None] @ basis,  # (G, N, r); zero columns never train
+        w_init[None] @ basis,  # (G, d, r)
+        p0,
+        torch.stack(base, dim=1),  # (N, K, C)
+        torch.from_numpy(labels),
+        train,
+        lr=[c.lr for c in members],
+        class_means=[False] * len(members),
+        checkpoints=STEP_CHECKPOINTS,
+    )
+    return trained.logits
+
+
+def _prompt_candidates(ctx: _Fit) -> list[Candidate]:
+    if ctx.features.scores is None:
+        return []
+    cands = [Candidate("zero_shot", False)]
+    if ctx.features.content_free is not None:
+        cands.append(Candidate("zero_shot", True))
+    return cands
+
+
+def _order_prompts(cands: list[Candidate], results: list[_Scored]) -> list[Candidate]:
+    """The zero-shot variants by evidence: higher accuracy on the rows, then lower log-loss."""
+    ranked = sorted(zip(cands, results, strict=True), key=lambda p: (-p[1].accuracy, p[1].log_loss))
+    return [c for c, _ in ranked]
+
+
+def _closeness_to_prompt(c: Candidate) -> tuple[float, bool, float, int]:
+    """Sort key of the searched settings: prompt-heavy first, then the least trained."""
+    return (-c.prompt_weight, c.representation != "content_free", c.lr, c.n_steps)
+
+
+def _unique(cands: Sequence[Candidate]) -> list[Candidate]:
+    return list(dict.fromkeys(cands))
+
+
+def _prompt_scores(features: Features) -> tuple[Tensor, Tensor] | None:
+    """The prompt scores raw and calibrated (calibrated = raw where no calibration applies)."""
+    if features.scores is None:
+        return None
+    raw = torch.from_numpy(features.scores)  # (N, C)
+    kind, vector = resolve_calibration(features, "auto")
+    cal = calibrate(raw, vector, kind) if kind is not None and vector is not None else raw
+    return raw, cal
+
+
+def _score_fixed(ctx: _Fit, cands: list[Candidate]) -> list[_Scored]:
+    """Zero-shot learns nothing from labels, so every training row is a held-out row."""
+    res = []
+    every = np.ones((1, len(ctx.labels)), dtype=bool)
+    for c in cands:
+        zs = ZeroShotClassifier("auto" if c.calibrate else "none").fit(ctx.features)
+        logits = torch.from_numpy(zs.decision_function(ctx.features))[None]
+        res.append(_scores(ctx, c, logits, every))
+    return res
+
+
+def _shifted(cand: Candidate) -> bool:
+    """Whether a candidate's class scores assume the balance of its training set.
+
+    Everything trained on the labelled examples does, and so does calibrated zero-shot
+    (calibration makes the content-free input uniform); plain zero-shot keeps the model's own
+    prior and is never shifted.
+    """
+    return cand.method != "zero_shot" or cand.calibrate
+
+
+def _scores(ctx: _Fit, cand: Candidate, logits: Tensor, held: npt.NDArray[np.bool_]) -> _Scored:
+    if _shifted(cand):
+        logits = logits + torch.from_numpy(ctx.shift).to(logits.dtype)
+    return _held_out_scores(logits, ctx.labels, held, ctx.row_weights)
+
+
+def _resolve_prior(
+    class_prior: Mapping[Any, float] | None,
+    classes: npt.NDArray[Any],
+    counts: npt.NDArray[np.int64],
+    labels: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Log-prior shift (C,) and importance weight per training row, from ``class_prior``."""
+    n_classes = len(counts)
+    if class_prior is None:
+        return np.zeros(n_classes), np.ones(len(labels))
+    given = dict(class_prior)
+    by_name = {str(k): v for k, v in given.items()}
+    names = [str(c) for c in classes.tolist()]
+    unknown = sorted(set(by_name) - set(names))
+    missing = [c for c in names if c not in by_name]
+    if unknown or missing:
+        raise ConfigError(
+            "class_prior must give a frequency for exactly the training classes "
+            f"{names}; unknown: {unknown}, missing: {missing}"
+        )
+    prior = np.array([float(by_name[c]) for c in names])
+    if not np.all(np.isfinite(prior)) or (prior <= 0).any():
+        raise ConfigError(f"class_prior frequencies must be positive numbers, got {given}")
+    prior = prior / prior.sum()
+    freq = counts / counts.sum()
+    return np.log(prior) - np.log(freq), (prior / freq)[labels]
+
+
 def _rank(
     results: Sequence[_Scored], selection: str
 ) -> tuple[list[int], int, npt.NDArray[np.float64]]:
@@ -730,9 +620,8 @@ def _rank(
     With ``"1se"`` a candidate counts as tied with the most accurate one when its accuracy gap is
     within one standard error of that gap, paired over the same held-out rows: a setting that
     differs from the best on few rows must be close to it, one that disagrees on many rows may
-    trail it further. The first tied candidate in candidate order wins; plainer models come
-    first (zero-shot, calibrated zero-shot, the paper's DecT, the prototype decoder, the linear
-    probe, then the searched settings), so a searched setting must beat all of them clearly.
+    trail it further. The first tied candidate in candidate order wins (the module docstring
+    gives the order), so a setting further from the prompt must beat the ones before it clearly.
     ``"best"`` takes the highest accuracy, ties to the lower log-loss.
     """
     acc = np.array([r.accuracy for r in results])

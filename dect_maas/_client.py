@@ -722,7 +722,7 @@ class Client:
         labels: Sequence[Label],
         n: int,
     ) -> Features:
-        scores = censored = hidden = content_free = None
+        scores = censored = hidden = content_free = content_free_hidden = None
         fingerprint: str | None = None
         score_kind = "none"
         hidden_kind = ""
@@ -749,6 +749,8 @@ class Client:
                     )
                 hidden = np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)  # (N, D)
                 hidden_kind = adapter.hidden_kind(plan.role)
+                if len(records) > n:  # the content-free prompt's vector: a reference point
+                    content_free_hidden = np.asarray(records[n]["h"], dtype=np.float32)  # (D,)
         if censored is not None and censored.any():
             share = float(censored.mean())
             warn(
@@ -788,6 +790,7 @@ class Client:
             censored if censored is not None and censored.any() else None,
             content_free,
             meta,
+            content_free_hidden,
         )
 
     # -- loops, HTTP clients, closing -------------------------------------------------------------

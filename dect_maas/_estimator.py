@@ -24,8 +24,13 @@ from ._decoder import (
     CalibrationKind,
     DecTDecoder,
     PrototypeInit,
+    Representation,
     calibrate,
     calibration_vector,
+    initial_parameters,
+    prompt_term,
+    represent,
+    span_basis,
     train_decoder,
 )
 from ._exceptions import ConfigError, FeaturesError, NotFittedError
@@ -322,6 +327,19 @@ def resolve_calibration(
     return kind, vector
 
 
+def _reference(features: Features, representation: str) -> npt.NDArray[np.float32] | None:
+    """The content-free hidden vector when the representation needs it, else None."""
+    if representation != "content_free":
+        return None
+    if features.content_free_hidden is None:
+        raise ConfigError(
+            "representation='content_free' needs the content-free prompt's hidden vector, but "
+            "features.content_free_hidden is None: query with a client that keeps it, attach it "
+            "with features.with_content_free_hidden(...), or pass representation='raw'"
+        )
+    return features.content_free_hidden.copy()
+
+
 def _seeded_generator(random_state: int | None) -> torch.Generator:
     gen = torch.Generator()
     if random_state is None:
@@ -352,8 +370,14 @@ class DecTClassifier(FeatureClassifier):
     log-probabilities) and needs ``features.content_free``; ``"none"`` turns it off; ``"logits"``
     and ``"logprobs"`` force a form. The vector fitted here is reused at predict time.
 
-    ``learn_prototypes``, ``prototype_init`` and ``distance_scale`` are variants outside the paper
-    (see ``_decoder.py``); their defaults give the paper's method.
+    ``representation``: ``"raw"`` (the paper) feeds the hidden vectors as they are;
+    ``"content_free"`` subtracts the content-free prompt's hidden vector and L2-normalises
+    (needs ``features.content_free_hidden``; no label, no query). ``basis``: ``"full"`` (the
+    paper) trains W in all D dimensions; ``"span"`` trains it in an orthonormal basis of the
+    training vectors' span, which is faster when there are fewer examples than dimensions and
+    drops the part of a new vector that no training vector has (`AutoDecTClassifier` uses it).
+    ``learn_prototypes``, ``prototype_init`` and ``distance_scale`` are further variants outside
+    the paper (see ``_decoder.py``). Every default gives the paper's method.
     """
 
     def __init__(
@@ -370,6 +394,8 @@ class DecTClassifier(FeatureClassifier):
         learn_prototypes: bool = False,
         prototype_init: str = "random",
         distance_scale: bool = False,
+        representation: str = "raw",
+        basis: str = "full",
     ) -> None:
         self.projection_dim = projection_dim
         self.prompt_weight = prompt_weight
@@ -382,6 +408,8 @@ class DecTClassifier(FeatureClassifier):
         self.learn_prototypes = learn_prototypes
         self.prototype_init = prototype_init
         self.distance_scale = distance_scale
+        self.representation = representation
+        self.basis = basis
 
     # fitted attributes
     projection_: npt.NDArray[np.float32]
@@ -393,6 +421,7 @@ class DecTClassifier(FeatureClassifier):
     distance_scale_: float
     n_features_in_: int
     loss_curve_: npt.NDArray[np.float32]
+    reference_: npt.NDArray[np.float32] | None
 
     def _settings(self) -> tuple[float | None, str]:
         """(prompt_weight, calibration) as fit uses them; PrototypeClassifier fixes both."""
@@ -409,6 +438,12 @@ class DecTClassifier(FeatureClassifier):
             raise ConfigError(
                 f"prototype_init must be 'random' or 'class_means', got {self.prototype_init!r}"
             )
+        if self.representation not in ("raw", "content_free"):
+            raise ConfigError(
+                f"representation must be 'raw' or 'content_free', got {self.representation!r}"
+            )
+        if self.basis not in ("full", "span"):
+            raise ConfigError(f"basis must be 'full' or 'span', got {self.basis!r}")
         weight, _ = self._settings()
         if weight is not None and not (isinstance(weight, (int, float)) and np.isfinite(weight)):
             raise ConfigError(f"prompt_weight must be a finite number or None, got {weight!r}")
@@ -438,37 +473,50 @@ class DecTClassifier(FeatureClassifier):
         # calibration only matters when the scores are used (λ ≠ 0); the setting is checked anyway
         kind, vector = resolve_calibration(features if lam != 0.0 else None, calibration)
 
+        reference = _reference(features, self.representation)
         dev = torch.device(self.device)
         hidden = torch.from_numpy(features.hidden).to(dev)  # (N, D)
+        ref = None if reference is None else torch.from_numpy(reference).to(dev)  # (D,)
+        x = represent(hidden, ref, cast(Representation, self.representation))  # (N, D)
         y_t = torch.from_numpy(labels).to(dev)  # (N,)
-        prompt = None
+        scores = None
         if features.scores is not None and lam != 0.0:
-            prompt = torch.from_numpy(features.scores).to(dev)  # (N, C)
+            scores = torch.from_numpy(features.scores).to(dev)  # (N, C)
             if kind is not None and vector is not None:
-                prompt = calibrate(prompt, vector.to(dev), kind)
+                scores = calibrate(scores, vector.to(dev), kind)
+        _seeded_generator(self.random_state)  # validates random_state
+        w0, p0 = initial_parameters(
+            x.shape[1], n_classes, int(self.projection_dim), self.random_state
+        )  # (d, D), (C, d)
+        basis = span_basis(x) if self.basis == "span" else None  # (D, r)
         decoder = DecTDecoder(
-            hidden.shape[1],
+            x.shape[1] if basis is None else basis.shape[1],
             n_classes,
             int(self.projection_dim),
             normalize=bool(self.normalize),
-            learn_prototypes=bool(self.learn_prototypes),
-            distance_scale=bool(self.distance_scale),
-            generator=_seeded_generator(self.random_state),
-            device=dev,
-        )
+            device="meta",
+        ).to_empty(device=dev)
+        with torch.no_grad():
+            decoder.proj.weight.copy_(w0 if basis is None else w0 @ basis.cpu())
+            decoder.prototypes.copy_(p0)
         losses = train_decoder(
             decoder,
-            hidden,
+            x if basis is None else x @ basis,
             y_t,
-            prompt,
-            prompt_weight=lam,
+            prompt_term(scores, lam),
             n_steps=int(self.n_steps),
             lr=float(self.lr),
             prototype_init=cast(PrototypeInit, self.prototype_init),
+            learn_prototypes=bool(self.learn_prototypes),
+            distance_scale=bool(self.distance_scale),
         )
+        projection = decoder.proj.weight.detach()  # (d, D) or (d, r)
+        if basis is not None:
+            projection = projection @ basis.T  # (d, D): back to the hidden space
         self.classes_ = classes
         self.n_features_in_ = int(hidden.shape[1])
-        self.projection_ = decoder.proj.weight.detach().cpu().numpy().copy()
+        self.reference_ = reference
+        self.projection_ = projection.cpu().numpy().copy()
         self.prototypes_ = decoder.prototypes.detach().cpu().numpy().copy()
         self.radii_ = decoder.radii.detach().cpu().numpy().copy()
         self._log_scale = np.float32(decoder.log_scale.detach().cpu().item())
@@ -522,6 +570,8 @@ class DecTClassifier(FeatureClassifier):
         with torch.inference_mode():
             dec = self._decoder(dev)
             cal = None if self.calibration_ is None else torch.from_numpy(self.calibration_).to(dev)
+            ref = None if self.reference_ is None else torch.from_numpy(self.reference_).to(dev)
+            kind = cast(Representation, self.representation)
             for start in range(0, len(features), _CHUNK):
                 stop = start + _CHUNK
                 h = torch.from_numpy(features.hidden[start:stop]).to(dev)  # (n, D)
@@ -531,7 +581,8 @@ class DecTClassifier(FeatureClassifier):
                     s = torch.from_numpy(features.scores[start:stop]).to(dev)  # (n, C)
                     if cal is not None and self.calibration_kind_ is not None:
                         s = calibrate(s, cal, self.calibration_kind_)  # (n, C)
-                logits = dec(h, s, self.prompt_weight_)  # (n, C)
+                prompt = None if s is None else prompt_term(s, self.prompt_weight_)  # (n, C)
+                logits = dec(represent(h, ref, kind), prompt)  # (n, C)
                 out[start:stop] = logits.cpu().numpy()
         return out
 
@@ -547,6 +598,8 @@ class DecTClassifier(FeatureClassifier):
         }
         if self.calibration_ is not None:
             arrays["calibration_"] = self.calibration_
+        if self.reference_ is not None:
+            arrays["reference_"] = self.reference_
         return arrays
 
     def _fitted_scalars(self) -> dict[str, Any]:
@@ -564,6 +617,7 @@ class DecTClassifier(FeatureClassifier):
         self.distance_scale_ = float(np.exp(self._log_scale))
         self.loss_curve_ = arrays["loss_curve_"]
         self.calibration_ = arrays.get("calibration_")
+        self.reference_ = arrays.get("reference_")
         self.prompt_weight_ = float(scalars["prompt_weight_"])
         self.calibration_kind_ = scalars["calibration_kind_"]
         self.n_features_in_ = int(scalars["n_features_in_"])

@@ -91,16 +91,19 @@ class Features:
     """Label-word scores ``(N, C)``, optional hidden vectors ``(N, D)`` and their provenance.
 
     ``censored[i, c]`` marks a score known only as an upper bound (the label word fell outside a
-    top-k answer). ``content_free`` holds the scores of the content-free prompt, for calibration.
+    top-k answer). ``content_free`` holds the scores of the content-free prompt, for calibration;
+    ``content_free_hidden`` ``(D,)`` that prompt's hidden vector, a reference point that decoders
+    can subtract from every row (a causal LM's last-layer vectors share a large common part).
     ``scores`` may be None for providers that give vectors only; then ``hidden`` is required.
     """
 
-    __slots__ = ("censored", "content_free", "hidden", "meta", "scores")
+    __slots__ = ("censored", "content_free", "content_free_hidden", "hidden", "meta", "scores")
 
     scores: npt.NDArray[np.float32] | None
     hidden: npt.NDArray[np.float32] | None
     censored: npt.NDArray[np.bool_] | None
     content_free: npt.NDArray[np.float32] | None
+    content_free_hidden: npt.NDArray[np.float32] | None
     meta: FeatureMeta
 
     def __init__(
@@ -110,6 +113,7 @@ class Features:
         censored: npt.ArrayLike | None = None,
         content_free: npt.ArrayLike | None = None,
         meta: FeatureMeta | Mapping[str, Any] | None = None,
+        content_free_hidden: npt.ArrayLike | None = None,
     ) -> None:
         if scores is None and hidden is None:
             raise FeaturesError("Features need scores, hidden vectors, or both; both are None")
@@ -140,6 +144,16 @@ class Features:
                 raise FeaturesError(
                     f"content_free has {cf.shape[0]} values, expected {n_classes} (one per class)"
                 )
+        cfh = None
+        if content_free_hidden is not None:
+            if h is None:
+                raise FeaturesError("content_free_hidden given without hidden vectors")
+            cfh = _float_array("content_free_hidden", content_free_hidden, ndim=1)
+            if cfh.shape[0] != h.shape[1]:
+                raise FeaturesError(
+                    f"content_free_hidden has {cfh.shape[0]} values, expected {h.shape[1]} "
+                    "(the hidden size)"
+                )
         if meta is None:
             m = FeatureMeta(score_kind="logits" if s is not None else "none")
         elif isinstance(meta, FeatureMeta):
@@ -153,6 +167,7 @@ class Features:
                 f"meta names {len(m.classes)} classes but scores has {n_classes} columns"
             )
         self.scores, self.hidden, self.censored, self.content_free, self.meta = s, h, cen, cf, m
+        self.content_free_hidden = cfh
 
     # -- shape ------------------------------------------------------------------------------------
 
@@ -231,6 +246,7 @@ class Features:
             None if self.censored is None else self.censored[idx],
             self.content_free,
             self.meta,
+            self.content_free_hidden,
         )
 
     @classmethod
@@ -258,16 +274,38 @@ class Features:
                 and not np.array_equal(first.content_free, p.content_free)
             ):
                 raise FeaturesError(f"part {i} has other content-free scores than part 0")
+            if (
+                first.content_free_hidden is not None
+                and p.content_free_hidden is not None
+                and not np.array_equal(first.content_free_hidden, p.content_free_hidden)
+            ):
+                raise FeaturesError(f"part {i} has another content-free hidden vector than part 0")
 
         def stack(name: str) -> Any:
             arrays = [getattr(p, name) for p in parts]
             return None if arrays[0] is None else np.concatenate(arrays, axis=0)
 
         cf = next((p.content_free for p in parts if p.content_free is not None), None)
-        return cls(stack("scores"), stack("hidden"), stack("censored"), cf, first.meta)
+        cfh = next(
+            (p.content_free_hidden for p in parts if p.content_free_hidden is not None), None
+        )
+        return cls(stack("scores"), stack("hidden"), stack("censored"), cf, first.meta, cfh)
 
     def with_content_free(self, content_free: npt.ArrayLike | None) -> Features:
-        return Features(self.scores, self.hidden, self.censored, content_free, self.meta)
+        return Features(
+            self.scores,
+            self.hidden,
+            self.censored,
+            content_free,
+            self.meta,
+            self.content_free_hidden,
+        )
+
+    def with_content_free_hidden(self, vector: npt.ArrayLike | None) -> Features:
+        """A copy with the content-free prompt's hidden vector ``(D,)`` attached (or removed)."""
+        return Features(
+            self.scores, self.hidden, self.censored, self.content_free, self.meta, vector
+        )
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -280,7 +318,7 @@ class Features:
             "format_version": np.array(FORMAT_VERSION),
             "meta_json": np.array(json.dumps(self.meta.to_dict(), sort_keys=True)),
         }
-        for name in ("scores", "hidden", "censored", "content_free"):
+        for name in _ARRAYS:
             value = getattr(self, name)
             if value is not None:
                 arrays[name] = value
@@ -302,28 +340,31 @@ class Features:
                         f"{FORMAT_VERSION}; re-create them (cached queries cost nothing)"
                     )
                 meta = FeatureMeta.from_dict(json.loads(str(data["meta_json"])))
-                got = {
-                    k: data[k]
-                    for k in ("scores", "hidden", "censored", "content_free")
-                    if k in data.files
-                }
+                got = {k: data[k] for k in _ARRAYS if k in data.files}
         except (OSError, KeyError, ValueError) as exc:
             if isinstance(exc, FeaturesError):
                 raise
             raise FeaturesError(f"{p}: not a dect-maas features file ({npz_problem(exc)})") from exc
         return cls(
-            got.get("scores"), got.get("hidden"), got.get("censored"), got.get("content_free"), meta
+            got.get("scores"),
+            got.get("hidden"),
+            got.get("censored"),
+            got.get("content_free"),
+            meta,
+            got.get("content_free_hidden"),
         )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Features):
             return NotImplemented
         return self.meta == other.meta and all(
-            _same(getattr(self, k), getattr(other, k))
-            for k in ("scores", "hidden", "censored", "content_free")
+            _same(getattr(self, k), getattr(other, k)) for k in _ARRAYS
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+_ARRAYS = ("scores", "hidden", "censored", "content_free", "content_free_hidden")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -346,7 +387,8 @@ def _float_array(name: str, value: npt.ArrayLike, *, ndim: int) -> npt.NDArray[n
     ):
         raise FeaturesError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != ndim:
-        shape = "(N, C)" if name == "scores" else "(N, D)" if name == "hidden" else "(C,)"
+        shapes = {"scores": "(N, C)", "hidden": "(N, D)", "content_free_hidden": "(D,)"}
+        shape = shapes.get(name, "(C,)")
         raise FeaturesError(
             f"{name} must have shape {shape}, got {arr.ndim} dimension(s) {arr.shape}"
         )

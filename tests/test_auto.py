@@ -6,6 +6,7 @@ import inspect
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,7 @@ import pytest
 import torch
 
 from dect_maas import AutoDecTClassifier, DecTClassifier, Features, ZeroShotClassifier
-from dect_maas._auto import Candidate, _rank, _Scored, train_members
-from dect_maas._decoder import DecTDecoder, calibrate, calibration_vector
+from dect_maas._auto import STEP_CHECKPOINTS, Candidate, _rank, _Scored, grid_logits
 from dect_maas._exceptions import ConfigError
 
 
@@ -53,83 +53,48 @@ def _data(
     return feats, np.array([f"c{i}" for i in y])
 
 
-# -- the batched trainer against DecTClassifier ----------------------------------------------------
+# -- the search scores public estimators -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [False, True])
-def test_batched_trainer_reproduces_dect_classifier(variant: bool) -> None:
-    """In the identity basis, one member of train_members is DecTClassifier, logit for logit.
-
-    Tolerance 2e-4 on logits of order 1-10 after 30 Adam steps: the two compute the same
-    formulas (autograd here, hand-derived gradients there), so only float32 rounding differs.
-    """
+@pytest.mark.parametrize("representation", ["raw", "content_free"])
+def test_every_searched_member_is_the_public_estimator_fitted_on_its_fold(
+    representation: str,
+) -> None:
+    """Member (fold g, setting k) of the batched search is ``Candidate.estimator(...)`` fitted
+    on fold g's rows: a DecTClassifier(basis="span") with those settings, logit for logit.
+    Tolerance 2e-4 on logits of order 1-10 (float32, sums in another order)."""
     feats, y = _data(shots=6, dim=40)
-    labels = torch.from_numpy(np.array([int(v[1:]) for v in y]))
-    weight = 0.25
-    ref = DecTClassifier(
-        prompt_weight=weight,
-        random_state=7,
-        learn_prototypes=variant,
-        prototype_init="class_means" if variant else "random",
-        distance_scale=variant,
-    ).fit(feats, y)
-    gen = torch.Generator().manual_seed(7)
-    dec = DecTDecoder(40, 3, 128, generator=gen)
-    assert feats.scores is not None
-    assert feats.hidden is not None
-    assert feats.content_free is not None
-    vec = calibration_vector(torch.from_numpy(feats.content_free), "logprobs")
-    s = calibrate(torch.from_numpy(feats.scores), vec, "logprobs")
-    h = torch.from_numpy(feats.hidden)
-    # a second setting in the same batch must not disturb the first
-    base = torch.stack([weight * s, 4.0 * s], dim=1)  # (N, 2, C)
-    logits, final = train_members(
-        h[None],
-        dec.proj.weight.detach()[None],
-        dec.prototypes.detach(),
-        base,
-        labels,
-        torch.ones(1, len(h), dtype=torch.bool),
-        lr=torch.tensor([0.01, 0.05]),
-        class_means=torch.tensor([variant, not variant]),
-        checkpoints=(30,),
-    )
-    got = logits[0, 0, :, 0].numpy()
-    want = ref.decision_function(feats)
-    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
-    np.testing.assert_allclose(final["W"][0, :, 0].T.numpy(), ref.projection_, atol=2e-5)
-    np.testing.assert_allclose(final["r"][0, 0].numpy(), ref.radii_, atol=2e-5)
-
-
-def test_span_refit_is_a_plain_dect_model() -> None:
-    """The refit trains in the span of the training vectors; mapped back to D dimensions it is a
-    DecTClassifier whose logits equal the trainer's on every training row."""
-    feats, y = _data(shots=4, dim=40)  # 12 rows span 12 of 40 dimensions
-    model = AutoDecTClassifier(random_state=0, max_repeats=1).fit(feats, y)
+    rng = np.random.default_rng(0)
+    feats = feats.with_content_free_hidden(rng.normal(size=40).astype(np.float32))
     labels = np.array([int(v[1:]) for v in y])
-    cand = Candidate("dect", True, 0.25, 0.05, 30, "class_means")
-    inner = model._refit_span(cand, feats, labels, seed=0)
-    assert isinstance(inner, DecTClassifier)
-    assert inner.projection_.shape == (128, 40)
-    assert feats.hidden is not None
-    h = torch.from_numpy(feats.hidden)
-    basis = torch.linalg.svd(h, full_matrices=False)[2].T  # (40, 12)
-    w_init, p0 = model._init(40, 0)
-    logits, _ = train_members(
-        (h @ basis)[None],
-        (w_init @ basis)[None],
-        p0,
-        model._prompt_terms(feats, [cand]),
-        torch.from_numpy(labels),
-        torch.ones(1, len(h), dtype=torch.bool),
-        lr=torch.tensor([0.05]),
-        class_means=torch.tensor([True]),
-        checkpoints=(30,),
-    )
-    np.testing.assert_allclose(
-        inner.decision_function(feats), logits[0, 0, :, 0].numpy(), atol=1e-4, rtol=0
-    )
-    assert inner.score(feats, y) > 0.9
+    folds = np.stack([np.arange(len(y)) % 3 != f for f in range(3)])  # (3, N)
+    members = [
+        Candidate("dect", True, 0.25, 0.01, 0, representation),  # type: ignore[arg-type]
+        Candidate("dect", False, 0.0, 0.05, 0, representation),  # type: ignore[arg-type]
+    ]
+    logits = grid_logits(feats, labels, folds, members, 7, 128, 3)
+    assert logits.shape == (len(STEP_CHECKPOINTS), 3, len(y), 2, 3)
+    for t, steps in enumerate(STEP_CHECKPOINTS):
+        for g, rows in enumerate(folds):
+            for k, cand in enumerate(members):
+                est = replace(cand, n_steps=steps).estimator(128, 7, "cpu")
+                assert isinstance(est, DecTClassifier)
+                assert est.basis == "span"
+                est.fit(feats[rows], y[rows])
+                np.testing.assert_allclose(
+                    logits[t, g, :, k].numpy(), est.decision_function(feats), atol=2e-4, rtol=0
+                )
+
+
+def test_the_winner_is_refitted_through_its_public_estimator() -> None:
+    feats, y = _data(shots=6, dim=40, hidden_signal=1.5, score_signal=0.0, seed=1)
+    model = AutoDecTClassifier(random_state=3, max_repeats=1).fit(feats, y)
+    params = {k: v for k, v in model.best_params_.items() if k not in ("name", "reason")}
+    again = Candidate(**params).estimator(128, 3, "cpu").fit(feats, y)
+    assert type(again) is type(model.best_estimator_)
+    assert again.get_params() == model.best_estimator_.get_params()
+    np.testing.assert_array_equal(model.decision_function(feats), again.decision_function(feats))
+    assert not [k for k in vars(model) if k.startswith("_")]  # no scratch state on the estimator
 
 
 # -- what the search chooses -----------------------------------------------------------------------
@@ -186,8 +151,11 @@ def test_one_shot_checks_only_the_prompt_on_the_shots() -> None:
     assert model.best_params_["method"] == "zero_shot"
     assert "a class has one example" in model.best_params_["reason"]
     assert model.n_splits_ == 0
-    # both prompt variants were scored on all 5 shots, nothing trained was
-    assert model.cv_results_["name"] == ["zero_shot", "zero_shot+calibrated"]
+    # both prompt variants were scored on all 5 shots, nothing trained was; the more accurate
+    # one comes first
+    assert sorted(model.cv_results_["name"]) == ["zero_shot", "zero_shot+calibrated"]
+    acc = model.cv_results_["mean_accuracy"]
+    assert acc[0] >= acc[1]
     zs = ZeroShotClassifier("auto" if model.best_params_["calibrate"] else "none").fit(feats)
     np.testing.assert_allclose(model.decision_function(feats), zs.decision_function(feats))
 
@@ -224,7 +192,7 @@ def test_results_are_json_and_save_load_round_trips(tmp_path: Path) -> None:
     text = json.dumps({"best": model.best_params_, "cv": model.cv_results_})
     assert json.loads(text)["best"] == model.best_params_
     n = len(model.cv_results_["name"])
-    assert n > 40
+    assert n == 2 + 20 + 3  # zero-shot x 2, 10 raw-representation settings x 2 step counts, 3 plain
     assert all(len(v) == n for v in model.cv_results_.values())
     assert sorted(model.cv_results_["rank"]) == list(range(1, n + 1))
     path = model.save(tmp_path / "auto")
@@ -349,3 +317,59 @@ def test_prior_shift_survives_save_and_load(tmp_path: Path) -> None:
     back = AutoDecTClassifier.load(model.save(tmp_path / "m"))
     np.testing.assert_array_equal(back.prior_shift_, model.prior_shift_)
     np.testing.assert_allclose(back.decision_function(feats), model.decision_function(feats))
+
+
+# -- the search order ------------------------------------------------------------------------------
+
+
+def test_search_order_starts_with_dect_at_lambda_two_then_the_prompt_by_evidence() -> None:
+    feats, y = _data(shots=6, seed=7)
+    rng = np.random.default_rng(1)
+    feats = feats.with_content_free_hidden(rng.normal(size=16).astype(np.float32))
+    model = AutoDecTClassifier(random_state=0, max_repeats=1).fit(feats, y)
+    names, params = model.cv_results_["name"], model.cv_results_["params"]
+    first = params[0]
+    assert (first["method"], first["prompt_weight"], first["representation"]) == (
+        "dect",
+        2.0,
+        "content_free",
+    )
+    assert (first["lr"], first["n_steps"]) == (0.01, 30)
+    assert sorted(names[1:3]) == ["zero_shot", "zero_shot+calibrated"]
+    acc = model.cv_results_["mean_accuracy"]
+    assert acc[1] >= acc[2]
+    # then DecT from prompt-heavy to the decoder alone, then paper, prototype, probe
+    weights = [p["prompt_weight"] for p in params[3:-3]]
+    assert weights == sorted(weights, reverse=True)
+    assert names[-3:] == ["paper", "prototype", "linear_probe"]
+    # zero-shot x 2, 2 representations x 2 rates x 5 weights x 2 step counts (the anchor is one of
+    # them, moved), paper, prototype, probe
+    assert len(names) == 2 + 2 * 2 * 5 * 2 + 3
+
+
+def test_calibrated_zero_shot_wins_over_plain_when_it_is_better_on_the_shots() -> None:
+    """Plain zero-shot biased towards class 0 (the content-free scores show the same bias):
+    calibration removes it, and the order follows the evidence, not plainness."""
+    feats, y = _data(shots=1, n_classes=4, score_signal=2.0, seed=3)
+    assert feats.scores is not None
+    biased = feats.scores.copy()
+    biased[:, 0] += 6.0
+    cf = np.full(4, -6.0, dtype=np.float32)
+    cf[0] += 6.0
+    f = Features(biased, feats.hidden, content_free=cf, meta=feats.meta)
+    model = AutoDecTClassifier(random_state=0).fit(f, y)
+    assert model.best_params_["name"] == "zero_shot+calibrated"
+    assert model.cv_results_["name"][0] == "zero_shot+calibrated"
+    assert model.cv_results_["mean_accuracy"][0] > model.cv_results_["mean_accuracy"][1]
+
+
+def test_a_read_only_content_free_vector_is_fine() -> None:
+    """The client's cache can hand back read-only buffers; torch must not warn about them."""
+    feats, y = _data(shots=3)
+    ref = np.zeros(16, dtype=np.float32)
+    ref.setflags(write=False)
+    feats = feats.with_content_free_hidden(ref)
+    assert feats.content_free_hidden is not None
+    assert not feats.content_free_hidden.flags.writeable
+    model = AutoDecTClassifier(random_state=0, max_repeats=1).fit(feats, y)
+    assert "content_free" in " ".join(model.cv_results_["name"])

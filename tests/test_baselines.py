@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dect_maas import (
+    AutoDecTClassifier,
     ConfigError,
     DecTClassifier,
     FeatureMeta,
@@ -17,7 +18,13 @@ from dect_maas import (
     ZeroShotClassifier,
 )
 
-ALL = [ZeroShotClassifier, PrototypeClassifier, LinearProbeClassifier, DecTClassifier]
+ALL = [
+    ZeroShotClassifier,
+    PrototypeClassifier,
+    LinearProbeClassifier,
+    DecTClassifier,
+    AutoDecTClassifier,
+]
 
 
 def blobs(n_per_class=16, n_classes=3, dim=24, seed=0):

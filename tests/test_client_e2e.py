@@ -92,11 +92,14 @@ def test_features_equal_the_server_and_transformers(served: Any, tmp_path: Path)
     ref = np.stack([ref_scores[:, :2].max(axis=1), ref_scores[:, 2]], axis=1)
     np.testing.assert_allclose(feats.scores, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(feats.hidden, ref_hidden, rtol=1e-4, atol=1e-4)
-    cf_scores, _ = reference(kind, path, [task.content_free(mask_token=mask)], flat_ids)
+    cf_scores, cf_hidden = reference(kind, path, [task.content_free(mask_token=mask)], flat_ids)
     assert feats.content_free is not None
     np.testing.assert_allclose(
         feats.content_free, [cf_scores[0, :2].max(), cf_scores[0, 2]], rtol=1e-4, atol=1e-4
     )
+    # the content-free prompt's vector is kept too (a reference point for the decoders)
+    assert feats.content_free_hidden is not None
+    np.testing.assert_allclose(feats.content_free_hidden, cf_hidden[0], rtol=1e-4, atol=1e-4)
 
 
 def test_second_run_pays_zero_queries_and_estimate_matches(served: Any, tmp_path: Path) -> None:

@@ -294,3 +294,48 @@ def test_zero_prompt_weight_needs_no_content_free():
     assert est.calibration_kind_ is None
     with pytest.raises(ConfigError, match="calibration must be"):
         DecTClassifier(prompt_weight=0.0, calibration="bad").fit(feats(h, s), y)
+
+
+def test_content_free_representation_is_fitted_used_and_saved(tmp_path):
+    hidden, scores, y = blobs(n_per_class=8)
+    common = np.full(hidden.shape[1], 40.0, dtype=np.float32)  # a large part every row shares
+    f = feats(hidden + common, scores).with_content_free_hidden(common)
+    est = DecTClassifier(prompt_weight=0.0, representation="content_free", random_state=0)
+    est.fit(f, y)
+    np.testing.assert_array_equal(est.reference_, common)
+    # the same model sees the same representation whatever common part the rows carry
+    moved = feats(hidden + 2 * common, scores).with_content_free_hidden(2 * common)
+    est2 = DecTClassifier(prompt_weight=0.0, representation="content_free", random_state=0)
+    np.testing.assert_allclose(
+        est2.fit(moved, y).decision_function(moved), est.decision_function(f), atol=1e-5
+    )
+    assert est.score(f, y) > 0.9
+    back = DecTClassifier.load(est.save(tmp_path / "m"))
+    np.testing.assert_array_equal(back.decision_function(f), est.decision_function(f))
+    assert DecTClassifier(prompt_weight=0.0, random_state=0).fit(f, y).reference_ is None
+
+
+def test_content_free_representation_without_the_vector_is_a_clear_error():
+    hidden, scores, y = blobs(n_per_class=2)
+    with pytest.raises(ConfigError, match=r"features\.content_free_hidden is None"):
+        DecTClassifier(prompt_weight=0.0, representation="content_free").fit(
+            feats(hidden, scores), y
+        )
+    with pytest.raises(ConfigError, match="representation must be 'raw' or 'content_free'"):
+        DecTClassifier(representation="whiten").fit(feats(hidden, scores), y)
+    with pytest.raises(ConfigError, match="basis must be 'full' or 'span'"):
+        DecTClassifier(basis="pca").fit(feats(hidden, scores), y)
+
+
+def test_span_basis_fits_the_training_rows_as_the_full_basis_does_at_the_start():
+    """With no step taken, span and full differ only in the part of a vector outside the
+    training span: on the training rows they agree exactly; training then acts in that span."""
+    hidden, scores, y = blobs(n_per_class=4, dim=64)  # 12 rows span 12 of 64 dimensions
+    f = feats(hidden, scores)
+    full = DecTClassifier(prompt_weight=0.0, n_steps=0, random_state=1).fit(f, y)
+    span = DecTClassifier(prompt_weight=0.0, n_steps=0, random_state=1, basis="span").fit(f, y)
+    np.testing.assert_allclose(span.decision_function(f), full.decision_function(f), atol=1e-5)
+    assert span.projection_.shape == full.projection_.shape == (128, 64)
+    trained = DecTClassifier(prompt_weight=0.0, random_state=1, basis="span").fit(f, y)
+    assert trained.loss_curve_[-1] < trained.loss_curve_[0]
+    assert trained.score(f, y) == 1.0

@@ -162,3 +162,37 @@ def test_load_errors(tmp_path):
     np.savez(tmp_path / "obj.npz", format_version=np.array([object()], dtype=object))
     with pytest.raises(FeaturesError, match="not a dect-maas features file"):
         Features.load(tmp_path / "obj.npz")
+
+
+def test_content_free_hidden_is_validated_kept_and_saved(tmp_path):
+    f = make(n=5, content_free=np.array([1.0, 2.0]), content_free_hidden=[0.5, -1.0, 2.0])
+    assert f.content_free_hidden is not None
+    assert f.content_free_hidden.dtype == np.float32
+    # one vector for the whole set: kept by indexing and by with_content_free
+    np.testing.assert_array_equal(f[[0, 3]].content_free_hidden, [0.5, -1.0, 2.0])
+    np.testing.assert_array_equal(f.with_content_free(None).content_free_hidden, [0.5, -1.0, 2.0])
+    assert f.with_content_free_hidden(None).content_free_hidden is None
+    back = Features.load(f.save(tmp_path / "f"))
+    assert back == f
+    np.testing.assert_array_equal(back.content_free_hidden, f.content_free_hidden)
+    assert back != f.with_content_free_hidden([0.0, 0.0, 0.0])
+    # stacking: parts may lack it; parts that have it must agree
+    both = Features.concat([f, make(n=2).with_content_free([1.0, 2.0])])
+    np.testing.assert_array_equal(both.content_free_hidden, [0.5, -1.0, 2.0])
+    with pytest.raises(FeaturesError, match="another content-free hidden vector"):
+        Features.concat([f, f.with_content_free_hidden([0.0, 0.0, 0.0])])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"content_free_hidden": np.zeros(4)}, "content_free_hidden has 4 values, expected 3"),
+        ({"content_free_hidden": np.zeros((1, 3))}, r"content_free_hidden must have shape \(D,\)"),
+        ({"content_free_hidden": [0.0, np.inf, 0.0]}, "content_free_hidden has 1 non-finite"),
+    ],
+)
+def test_bad_content_free_hidden_is_a_clear_error(kwargs, message):
+    with pytest.raises(FeaturesError, match=message):
+        make(**kwargs)
+    with pytest.raises(FeaturesError, match="without hidden vectors"):
+        Features(np.zeros((2, 2)), content_free_hidden=np.zeros(3))
