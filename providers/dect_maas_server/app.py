@@ -47,6 +47,7 @@ from .schemas import (
     FillMaskRequest,
     TokenizeRequest,
 )
+from .soft_prompt import SoftPromptError, soft_prompt_info, soft_prompt_labels
 
 logger = logging.getLogger("dect_maas_server")
 
@@ -393,6 +394,7 @@ def create_app(
                     "mask_token": engine.mask_token,
                     "max_inputs_per_request": limits.max_inputs_per_request,
                     "max_logprobs": limits.max_logprobs,
+                    "soft_prompt": soft_prompt_info(engine),
                 }
             ],
         }
@@ -407,17 +409,24 @@ def create_app(
             check_count(len(req.inputs))
             check_ids(req.label_token_ids, "label token id")
             encoded = await encode_all(req.inputs)
-            try:
-                result = await batcher.submit_labels(encoded, req.label_token_ids)
-            except QueueFull as exc:
-                raise queue_full(exc) from None
+            n_soft = 0
+            if req.prompt_embeds is not None:
+                try:
+                    result, n_soft = await soft_prompt_labels(engine, encoded, req)
+                except SoftPromptError as exc:
+                    raise ApiError(422, str(exc)) from None
+            else:
+                try:
+                    result = await batcher.submit_labels(encoded, req.label_token_ids)
+                except QueueFull as exc:
+                    raise queue_full(exc) from None
             content = features_body(
                 engine.name,
                 engine.fingerprint,
                 result.logits,
                 result.logprobs,
                 result.hidden if req.return_hidden else None,
-                [len(e.ids) for e in encoded],
+                [len(e.ids) + n_soft for e in encoded],
                 [e.truncated for e in encoded],
                 req.encoding_format,
             )
