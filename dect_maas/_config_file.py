@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._exceptions import ConfigError
+from ._input_config import BBTSection, ICLSection
 from ._task import Task
 
 if sys.version_info >= (3, 11):
@@ -44,7 +45,16 @@ __all__ = [
 ]
 
 MethodName = Literal[
-    "dect", "auto_dect", "zero_shot", "calibrated_zero_shot", "prototype", "linear_probe"
+    "dect",
+    "auto_dect",
+    "zero_shot",
+    "calibrated_zero_shot",
+    "prototype",
+    "linear_probe",
+    # input-side methods (docs/input_side.md), asked for by name
+    "icl",
+    "calibrated_icl",
+    "bbt",
 ]
 # The default methods: the paper's DecT and the baselines. "auto_dect" (AutoDecTClassifier,
 # settings chosen by cross-validation on the training shots) is asked for by name.
@@ -217,6 +227,10 @@ class ExperimentConfig(_Section):
     methods: list[MethodName] = Field(default_factory=lambda: list(METHOD_NAMES), min_length=1)
     decoder: DecoderSection = DecoderSection()
     budget: BudgetSection = BudgetSection()
+    icl: ICLSection = ICLSection()
+    bbt: BBTSection = BBTSection()
+    # the report prices predicting this many new examples with each trained method
+    predict_n: int = Field(default=1000, ge=1)
     cache_dir: Path = DEFAULT_HOME / "cache"
     ledger_dir: Path = DEFAULT_HOME / "ledger"
     output_dir: Path = Path("runs")

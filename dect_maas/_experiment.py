@@ -60,6 +60,9 @@ class MethodRun:
     # AutoDecT only: the settings cross-validation chose and their CV accuracy
     chosen: Mapping[str, Any] | None = None
     chosen_cv_accuracy: float | None = None
+    # input-side methods: what this run itself asked of the provider (queries, tokens, dollars,
+    # query seconds; BBT's loss curve), since its queries are not the shared DecT features
+    cost: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +77,7 @@ class MethodRun:
             "model_file": self.model_file,
             "chosen": None if self.chosen is None else dict(self.chosen),
             "chosen_cv_accuracy": self.chosen_cv_accuracy,
+            "cost": None if self.cost is None else dict(self.cost),
         }
 
 
@@ -358,6 +362,11 @@ class Experiment:
         from . import accuracy, macro_f1
 
         say = on_event or (lambda msg: logger.info("%s", msg))
+        if "bbt" in self.config.methods:
+            from ._bbt import check_bbt
+
+            # no soft-prompt input or no cma: refused before any query is paid
+            check_bbt(self.config, self._client_factory, self.run_id)
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         plan = self.plan()
@@ -421,6 +430,7 @@ class Experiment:
                 bar.update(1)
         finally:
             bar.close()
+        runs += _run_input_side(self, plan, train, test, task, test_f, skipped, say, progress)
 
         result = ExperimentResult(
             run_id=self.run_id,
@@ -447,7 +457,55 @@ class Experiment:
 
 # -- methods --------------------------------------------------------------------------------------
 
-_NEEDS_SCORES = frozenset({"zero_shot", "calibrated_zero_shot"})
+_NEEDS_SCORES = frozenset({"zero_shot", "calibrated_zero_shot", "icl", "calibrated_icl", "bbt"})
+# Methods that query the provider themselves (docs/input_side.md): not estimators on the features.
+_INPUT_SIDE = frozenset({"icl", "calibrated_icl", "bbt"})
+
+
+def _run_input_side(
+    exp: Experiment,
+    plan: QueryPlan,
+    train: _Split,
+    test: _Split,
+    task: Task,
+    test_f: Features,
+    skipped: dict[str, str],
+    say: Callable[[str], None],
+    progress: bool,
+) -> list[MethodRun]:
+    """ICL and BBT for every (shots, seed), each through the client with its own queries."""
+    wanted = [m for m in exp.config.methods if m in _INPUT_SIDE and m not in skipped]
+    if not wanted:
+        return []
+    from ._bbt import run_bbt
+    from ._icl import ICL_METHODS, run_icl
+
+    runs: list[MethodRun] = []
+    icl = [m for m in wanted if m in ICL_METHODS]
+    for k in exp.config.shots:
+        for seed in exp.config.seeds:
+            idx = plan.train_indices[(k, seed)]
+            common: dict[str, Any] = dict(
+                config=exp.config,
+                run_id=exp.run_id,
+                client_factory=exp._client_factory,
+                task=task,
+                train=train,
+                test=test,
+                train_indices=idx,
+                shots=k,
+                seed=seed,
+                progress=progress,
+            )
+            if icl:
+                say(f"icl: {k} shots, seed {seed}")
+                runs += run_icl(methods=icl, **common)
+            if "bbt" in wanted:
+                say(f"bbt: {k} shots, seed {seed}")
+                runs.append(run_bbt(**common))
+    return runs
+
+
 _NEEDS_HIDDEN = frozenset({"dect", "prototype", "linear_probe"})  # auto_dect adapts to either
 
 
@@ -511,6 +569,8 @@ def _usable_methods(wanted: Sequence[str], f: Features) -> tuple[list[str], dict
     keep: list[str] = []
     skipped: dict[str, str] = {}
     for m in wanted:
+        if m in _INPUT_SIDE and f.scores is not None:
+            continue  # not an estimator on these features; run by _run_input_side
         if f.scores is None and m in _NEEDS_SCORES:
             skipped[m] = "the provider gives no label-word scores (embeddings only)"
         elif f.hidden is None and m in _NEEDS_HIDDEN:

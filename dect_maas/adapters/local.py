@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -61,6 +61,10 @@ class LocalAdapter:
     label_token_ids: Mapping[str, Sequence[int]] | None = None
     revision: str | None = None
     prices: Prices = field(default_factory=Prices)
+    # Soft prompts (BBT): what the server declared under /v1/models "soft_prompt" (None: not
+    # served), and the prompt to send, base64 float32 (L, hidden) as the server takes it.
+    soft_prompt: Mapping[str, JSON] | None = None
+    prompt_embeds: str | None = field(default=None, repr=False)
 
     name: ClassVar[str] = "local"
     version: ClassVar[str] = "1"
@@ -83,6 +87,15 @@ class LocalAdapter:
         )
 
     def roles(self, task: Task) -> tuple[Role, ...]:
+        if self.prompt_embeds is not None:
+            if self.soft_prompt is None:
+                raise refuse(
+                    self.name,
+                    "this server declares no soft-prompt input (prompt_embeds in /v1/models); "
+                    "it serves soft prompts for causal LMs only",
+                )
+            check_causal(self.name, task)
+            return ("scores",)  # the label scores only: no vectors are asked or stored
         if self.effective_kind == "masked":
             if self.mask_token is None:
                 raise refuse(self.name, "a masked LM needs mask_token (e.g. '<mask>')")
@@ -104,13 +117,16 @@ class LocalAdapter:
         return self._body([prompt], labels)
 
     def _body(self, inputs: list[str], labels: Sequence[Label]) -> dict[str, JSON]:
-        return {
+        body: dict[str, JSON] = {
             "model": self.model,
             "inputs": inputs,
             "label_token_ids": [lab.first for lab in labels],
-            "return_hidden": True,
+            "return_hidden": self.prompt_embeds is None,
             "encoding_format": self.encoding_format,
         }
+        if self.prompt_embeds is not None:
+            body["prompt_embeds"] = self.prompt_embeds
+        return body
 
     def build_requests(
         self, role: Role, prompts: Sequence[Prompt], labels: Sequence[Label]
@@ -150,7 +166,10 @@ class LocalAdapter:
                     spec, f"data[{i}].{key} has {len(scores)} values, asked for {len(spec.labels)}"
                 )
             raw = get(spec, item, "hidden")
-            if isinstance(raw, list):
+            hidden: np.ndarray[Any, Any] | None
+            if raw is None and self.prompt_embeds is not None:
+                hidden = None  # scores only (a soft-prompt request asks for no vectors)
+            elif isinstance(raw, list):
                 hidden = encode_vector(numbers(spec, raw, f"data[{i}].hidden"))
             elif isinstance(raw, str):
                 try:
@@ -159,7 +178,7 @@ class LocalAdapter:
                     raise malformed(spec, f"data[{i}].hidden is not valid base64") from None
             else:
                 raise malformed(spec, f"data[{i}].hidden is neither a list nor base64")
-            if hidden.size == 0 or not np.isfinite(hidden).all():
+            if hidden is not None and (hidden.size == 0 or not np.isfinite(hidden).all()):
                 raise malformed(spec, f"data[{i}].hidden is empty or not finite")
             n_tok = item.get("n_tokens")
             n_tok = n_tok if isinstance(n_tok, int) and not isinstance(n_tok, bool) else shares[i]
@@ -221,8 +240,10 @@ class LocalAdapter:
         limit = info.get("max_inputs_per_request")
         fp = info.get("fingerprint")
         name = info.get("id")
+        soft = info.get("soft_prompt")
         return replace(
             self,
+            soft_prompt=soft if isinstance(soft, dict) else None,
             kind=kind,
             model=name if isinstance(name, str) and name else self.model,
             mask_token=self.mask_token or (mask if isinstance(mask, str) else None),
