@@ -28,6 +28,9 @@ _LABELS = {
     "calibrated_zero_shot": "calibrated zero-shot",
     "prototype": "prototype only (λ=0)",
     "linear_probe": "linear probe",
+    "icl": "ICL",
+    "calibrated_icl": "ICL, calibrated",
+    "bbt": "BBT",
 }
 
 
@@ -42,6 +45,10 @@ def write_report(result: ExperimentResult, out_dir: Path) -> dict[str, Path]:
     data["files"].update({"markdown": "report.md", "json": "report.json"})
     if plot_note:
         data["notes"] = [plot_note]
+    if any(r.cost is not None for r in result.runs):
+        from ._cost_report import cost_rows
+
+        data["cost_on_one_footing"] = cost_rows(result)
     json_path = out_dir / "report.json"
     _atomic_write(json_path, json.dumps(data, indent=2, sort_keys=False) + "\n")
     md_path = out_dir / "report.md"
@@ -135,6 +142,17 @@ def render_markdown(
         *[f"- {line}" for line in usage_lines(result)],
         "",
     ]
+    if any(r.cost is not None for r in result.runs):
+        from ._cost_report import cost_table
+
+        parts += [
+            "## Cost on one footing (docs/input_side.md)",
+            "",
+            "Means over seeds. ICL and BBT may be scored on fewer test rows (column 'test rows').",
+            "",
+            cost_table(result),
+            "",
+        ]
     if result.skipped:
         parts += ["## Skipped methods", ""]
         parts += [f"- {m}: {why}" for m, why in result.skipped.items()]
@@ -218,6 +236,8 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     ax = fig.add_subplot()
     ticks: set[int] = set()
     for i, m in enumerate(result.methods):
+        if m in ("icl", "calibrated_icl", "bbt"):
+            continue  # their queries are not k·C + 1: plotted in accuracy_vs_cost.png
         xs_shots = [k for k in shots if result.select(m, k)]
         stats = np.array([result.accuracy(m, k) for k in xs_shots]) * 100
         color = f"C{i}"
@@ -255,6 +275,12 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     path = out_dir / "accuracy_vs_queries.png"
     fig.savefig(path, dpi=120)
     files["accuracy_vs_queries"] = path
+    if any(r.cost is not None for r in result.runs):
+        from ._cost_report import plot_accuracy_vs_cost
+
+        cost_plot = plot_accuracy_vs_cost(result, out_dir)
+        if cost_plot is not None:
+            files["accuracy_vs_cost"] = cost_plot
     return files, None
 
 

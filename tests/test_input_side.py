@@ -268,3 +268,37 @@ def test_bbt_is_refused_before_any_query_without_a_soft_prompt_input(tmp_path: P
     cfg["provider"] = {"kind": "openai", "base_url": "http://127.0.0.1:1", "model": "m"}
     with pytest.raises(UnsupportedCapability, match="openai provider does not declare"):
         Experiment.from_config(cfg).run()
+
+
+def test_report_puts_every_method_on_one_footing(server_url: str, tmp_path: Path) -> None:
+    cfg = config(server_url, tmp_path, methods=["dect", "icl"], predict_n=500)
+    cfg["provider"]["price_per_million_input_tokens"] = 2.0
+    result = Experiment.from_config(cfg).run()
+    from dect_maas._cost_report import cost_rows
+
+    rows = {r["method"]: r for r in cost_rows(result)}
+    per_query = result.usage["input_tokens"] / result.queries_paid
+    dect, icl = rows["dect"], rows["icl"]
+    assert dect["train_queries"] == 2 * 2 + 1
+    assert dect["train_tokens"] == pytest.approx(5 * per_query)
+    assert dect["train_usd"] == pytest.approx(result.cost_usd / result.queries_paid * 5)
+    assert dect["predict_n_tokens"] == pytest.approx(500 * per_query)
+    assert dect["predict_n_usd"] == pytest.approx(500 * per_query * 2.0 / 1e6)
+    run = result.select("icl", 2)[0]
+    assert run.cost is not None
+    assert icl["train_queries"] == 0
+    assert icl["train_usd"] == 0.0
+    assert icl["tokens_per_prediction"] == pytest.approx(run.cost["tokens_per_prediction"])
+    assert icl["predict_n_usd"] == pytest.approx(500 * icl["tokens_per_prediction"] * 2e-6)
+    assert icl["predict_n_usd"] > dect["predict_n_usd"]  # the demonstrations, on every one
+    out = result.output_dir
+    assert out is not None
+    md = (out / "report.md").read_text()
+    assert "## Cost on one footing" in md
+    assert "| icl | 2 |" in md
+    assert (out / "accuracy_vs_cost.png").stat().st_size > 0
+    import json
+
+    data = json.loads((out / "report.json").read_text())
+    assert {r["method"] for r in data["cost_on_one_footing"]} == {"dect", "icl"}
+    assert data["runs"][-1]["cost"]["queries_paid"] == run.cost["queries_paid"]
