@@ -302,3 +302,21 @@ def test_report_puts_every_method_on_one_footing(server_url: str, tmp_path: Path
     data = json.loads((out / "report.json").read_text())
     assert {r["method"] for r in data["cost_on_one_footing"]} == {"dect", "icl"}
     assert data["runs"][-1]["cost"]["queries_paid"] == run.cost["queries_paid"]
+
+
+def test_bbt_without_cma_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    from dect_maas._bbt import check_bbt
+    from dect_maas._exceptions import ConfigError
+
+    monkeypatch.setitem(sys.modules, "cma", None)  # import cma -> ImportError
+
+    def no_client(*_: Any) -> Any:
+        raise AssertionError("no client may be built")
+
+    cfg = Experiment.from_config(config("http://127.0.0.1:1", tmp_path, methods=["bbt"]))
+    with pytest.raises(ConfigError, match=r"pip install 'dect-maas\[bbt\]'"):
+        check_bbt(cfg.config, no_client, "run")
