@@ -249,6 +249,18 @@ def test_bbt_spends_its_budget_in_calls_and_improves_the_training_loss(
     assert losses == sorted(losses, reverse=True)  # the best so far never gets worse
     assert losses[-1] < losses[0]
     assert [p["calls"] for p in curve if "test_accuracy" in p] == [20, 40]
+    # the training tokens at each scored point grow with the calls and end at the total
+    scored = [p for p in curve if "test_accuracy" in p]
+    assert 0 < scored[0]["train_input_tokens"] < scored[1]["train_input_tokens"]
+    assert scored[1]["train_input_tokens"] == c["train_input_tokens"]
+    from dect_maas._cost_report import cost_rows
+
+    row = next(r for r in cost_rows(result) if r["method"] == "bbt")
+    assert row["calls"] == 40
+    assert row["train_queries"] == 200
+    assert row["train_tokens"] == c["train_input_tokens"]
+    dect = next(r for r in cost_rows(result) if r["method"] == "dect")
+    assert row["train_queries"] / dect["train_queries"] == 40  # 40 calls of the 5 queries
     # the queries are deterministic (seeded CMA-ES): a second run is all cache hits
     again = Experiment.from_config(cfg).run()
     assert again.queries_paid == 0
