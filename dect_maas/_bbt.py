@@ -228,6 +228,8 @@ def run_bbt(
     cost = {
         "calls": calls,
         "train_queries": trained.queries_paid - before.queries_paid - evals["queries_paid"],
+        # paid + answered from the cache (a content-free prompt another k-shot set already paid)
+        "train_queries_asked": calls * (len(train_indices) + 1),
         "train_requests": trained.requests - before.requests - evals["requests"],
         "train_input_tokens": trained.input_tokens - before.input_tokens - evals["input_tokens"],
         "train_cost_usd": trained.cost_usd - before.cost_usd - evals["cost_usd"],
@@ -242,7 +244,11 @@ def run_bbt(
         "train_local_seconds": fit_s - train_query_s,
         "query_seconds": query_s,
         "curve_eval_seconds": eval_s,
-        "tokens_per_prediction": test_tokens / test_paid if test_paid else None,
+        # over every paid test evaluation (the final one may repeat the curve's last, cached)
+        "tokens_per_prediction": (evals["input_tokens"] + test_tokens)
+        / (evals["queries_paid"] + test_paid)
+        if evals["queries_paid"] + test_paid
+        else None,
         "n_test": n_test,
         "best_train_loss": best_loss,
         "best_train_accuracy": best_acc,

@@ -5,7 +5,8 @@ costs its ``k·C + 1`` queries (the shots and the content-free prompt; plain zer
 the run's average input tokens, dollars and seconds per query as the ledger recorded them;
 predicting costs one query per example. Input-side methods carry their own ledger deltas
 (``MethodRun.cost``): ICL trains nothing and pays its demonstrations on every prediction; BBT pays
-``budget`` calls of ``k·C + 1`` queries to train, then one soft-prompted query per prediction.
+``budget`` calls of ``k·C + 1`` queries to train (counted as asked: a content-free prompt paid by
+an earlier k-shot set is a cache hit), then one soft-prompted query per prediction.
 
 Predicting ``predict_n`` new examples is priced as ``predict_n × tokens per prediction`` at the
 provider's price per input token, plus its price per request for ``ceil(predict_n / B)``
@@ -76,7 +77,8 @@ def cost_rows(result: ExperimentResult) -> list[dict[str, Any]]:
                 row.update(
                     n_test=costs[0]["n_test"],
                     calls=costs[0]["calls"],
-                    train_queries=_mean([c["train_queries"] for c in costs]),
+                    train_queries=_mean([c["train_queries_asked"] for c in costs]),
+                    train_queries_paid=_mean([c["train_queries"] for c in costs]),
                     train_tokens=_mean([c["train_input_tokens"] for c in costs]),
                     train_usd=_mean([c["train_cost_usd"] for c in costs]),
                     query_seconds=_mean([c["train_query_seconds"] for c in costs]),
