@@ -260,7 +260,8 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{result.config.name}: accuracy vs queries paid", pad=30 if per_query else 6)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # empty when only input-side methods ran
+        ax.legend(fontsize="small")
     if per_query > 0:
 
         def to_usd(q: Any) -> Any:
