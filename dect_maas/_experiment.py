@@ -430,7 +430,7 @@ class Experiment:
                 bar.update(1)
         finally:
             bar.close()
-        runs += _run_input_side(self, plan, train, test, task, test_f, skipped, say, progress)
+        runs += _run_input_side(self, plan, train, test, task, skipped, say, progress)
 
         result = ExperimentResult(
             run_id=self.run_id,
@@ -468,7 +468,6 @@ def _run_input_side(
     train: _Split,
     test: _Split,
     task: Task,
-    test_f: Features,
     skipped: dict[str, str],
     say: Callable[[str], None],
     progress: bool,
