@@ -10,8 +10,9 @@ prints JSON: accuracies, the ledger's usage and BBT's cost with its curve.
 import json
 import sys
 import time
+from pathlib import Path
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import DATA, TASKS
 from dect_maas_server.testing import run_server
 
