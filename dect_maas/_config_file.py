@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ._data import read_text
 from ._exceptions import ConfigError
+from ._input_config import BBTSection, ICLSection
 from ._task import Task
 from ._urls import mask_url, url_problem
 
@@ -46,7 +47,16 @@ __all__ = [
 ]
 
 MethodName = Literal[
-    "dect", "auto_dect", "zero_shot", "calibrated_zero_shot", "prototype", "linear_probe"
+    "dect",
+    "auto_dect",
+    "zero_shot",
+    "calibrated_zero_shot",
+    "prototype",
+    "linear_probe",
+    # input-side methods (docs/input_side.md), asked for by name
+    "icl",
+    "calibrated_icl",
+    "bbt",
 ]
 # The default methods: the paper's DecT and the baselines. "auto_dect" (AutoDecTClassifier,
 # settings chosen by cross-validation on the training shots) is asked for by name.
@@ -222,6 +232,10 @@ class ExperimentConfig(_Section):
     methods: list[MethodName] = Field(default_factory=lambda: list(METHOD_NAMES), min_length=1)
     decoder: DecoderSection = DecoderSection()
     budget: BudgetSection = BudgetSection()
+    icl: ICLSection = ICLSection()
+    bbt: BBTSection = BBTSection()
+    # the report prices predicting this many new examples with each trained method
+    predict_n: int = Field(default=1000, ge=1)
     cache_dir: Path = DEFAULT_HOME / "cache"
     ledger_dir: Path = DEFAULT_HOME / "ledger"
     output_dir: Path = Path("runs")

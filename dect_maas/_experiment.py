@@ -196,6 +196,11 @@ class Experiment:
         """Query (paying only for what the cache lacks), train every method, evaluate, report."""
 
         say = on_event or (lambda msg: logger.info("%s", msg))
+        if "bbt" in self.config.methods:
+            from ._bbt import check_bbt
+
+            # no soft-prompt input or no cma: refused before any query is paid
+            check_bbt(self.config, self._client_factory, self.run_id)
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         plan = self.plan()
@@ -259,6 +264,7 @@ class Experiment:
                 bar.update(1)
         finally:
             bar.close()
+        runs += _run_input_side(self, plan, train, test, task, skipped, say, progress)
 
         result = ExperimentResult(
             run_id=self.run_id,
@@ -283,7 +289,54 @@ class Experiment:
 
 # -- methods --------------------------------------------------------------------------------------
 
-_NEEDS_SCORES = frozenset({"zero_shot", "calibrated_zero_shot"})
+_NEEDS_SCORES = frozenset({"zero_shot", "calibrated_zero_shot", "icl", "calibrated_icl", "bbt"})
+# Methods that query the provider themselves (docs/input_side.md): not estimators on the features.
+_INPUT_SIDE = frozenset({"icl", "calibrated_icl", "bbt"})
+
+
+def _run_input_side(
+    exp: Experiment,
+    plan: QueryPlan,
+    train: _Split,
+    test: _Split,
+    task: Task,
+    skipped: dict[str, str],
+    say: Callable[[str], None],
+    progress: bool,
+) -> list[MethodRun]:
+    """ICL and BBT for every (shots, seed), each through the client with its own queries."""
+    wanted = [m for m in exp.config.methods if m in _INPUT_SIDE and m not in skipped]
+    if not wanted:
+        return []
+    from ._bbt import run_bbt
+    from ._icl import ICL_METHODS, run_icl
+
+    runs: list[MethodRun] = []
+    icl = [m for m in wanted if m in ICL_METHODS]
+    for k in exp.config.shots:
+        for seed in exp.config.seeds:
+            idx = plan.train_indices[(k, seed)]
+            common: dict[str, Any] = dict(
+                config=exp.config,
+                run_id=exp.run_id,
+                client_factory=exp._client_factory,
+                task=task,
+                train=train,
+                test=test,
+                train_indices=idx,
+                shots=k,
+                seed=seed,
+                progress=progress,
+            )
+            if icl:
+                say(f"icl: {k} shots, seed {seed}")
+                runs += run_icl(methods=icl, **common)
+            if "bbt" in wanted:
+                say(f"bbt: {k} shots, seed {seed}")
+                runs.append(run_bbt(**common))
+    return runs
+
+
 _NEEDS_HIDDEN = frozenset({"dect", "prototype", "linear_probe"})  # auto_dect adapts to either
 
 
@@ -291,6 +344,8 @@ def _usable_methods(wanted: Sequence[str], f: Features) -> tuple[list[str], dict
     keep: list[str] = []
     skipped: dict[str, str] = {}
     for m in wanted:
+        if m in _INPUT_SIDE and f.scores is not None:
+            continue  # not an estimator on these features; run by _run_input_side
         if f.scores is None and m in _NEEDS_SCORES:
             skipped[m] = "the provider gives no label-word scores (embeddings only)"
         elif f.hidden is None and m in _NEEDS_HIDDEN:

@@ -37,6 +37,9 @@ _LABELS = {
     "calibrated_zero_shot": "calibrated zero-shot",
     "prototype": "prototype only (λ=0)",
     "linear_probe": "linear probe",
+    "icl": "ICL",
+    "calibrated_icl": "ICL, calibrated",
+    "bbt": "BBT",
 }
 
 
@@ -59,6 +62,9 @@ class MethodRun:
     # AutoDecT only: the settings cross-validation chose and their CV accuracy
     chosen: Mapping[str, Any] | None = None
     chosen_cv_accuracy: float | None = None
+    # input-side methods: what this run itself asked of the provider (queries, tokens, dollars,
+    # query seconds; BBT's loss curve), since its queries are not the shared DecT features
+    cost: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +79,7 @@ class MethodRun:
             "model_file": self.model_file,
             "chosen": None if self.chosen is None else dict(self.chosen),
             "chosen_cv_accuracy": self.chosen_cv_accuracy,
+            "cost": None if self.cost is None else dict(self.cost),
         }
 
 
@@ -206,6 +213,10 @@ def write_report(result: ExperimentResult, out_dir: Path) -> dict[str, Path]:
     data["files"].update({"markdown": "report.md", "json": "report.json"})
     if plot_note:
         data["notes"] = [plot_note]
+    if any(r.cost is not None for r in result.runs):
+        from ._cost_report import cost_rows
+
+        data["cost_on_one_footing"] = cost_rows(result)
     json_path = out_dir / "report.json"
     _atomic_write(json_path, json.dumps(data, indent=2, sort_keys=False) + "\n")
     md_path = out_dir / "report.md"
@@ -299,6 +310,17 @@ def render_markdown(
         *[f"- {line}" for line in usage_lines(result)],
         "",
     ]
+    if any(r.cost is not None for r in result.runs):
+        from ._cost_report import cost_table
+
+        parts += [
+            "## Cost on one footing (docs/input_side.md)",
+            "",
+            "Means over seeds. ICL and BBT may be scored on fewer test rows (column 'test rows').",
+            "",
+            cost_table(result),
+            "",
+        ]
     if result.skipped:
         parts += ["## Skipped methods", ""]
         parts += [f"- {m}: {why}" for m, why in result.skipped.items()]
@@ -382,6 +404,8 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     ax = fig.add_subplot()
     ticks: set[int] = set()
     for i, m in enumerate(result.methods):
+        if m in ("icl", "calibrated_icl", "bbt"):
+            continue  # their queries are not k·C + 1: plotted in accuracy_vs_cost.png
         xs_shots = [k for k in shots if result.select(m, k)]
         stats = np.array([result.accuracy(m, k) for k in xs_shots]) * 100
         color = f"C{i}"
@@ -404,7 +428,8 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{result.config.name}: accuracy vs queries paid", pad=30 if per_query else 6)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # empty when only input-side methods ran
+        ax.legend(fontsize="small")
     if per_query > 0:
 
         def to_usd(q: Any) -> Any:
@@ -419,6 +444,12 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     path = out_dir / "accuracy_vs_queries.png"
     fig.savefig(path, dpi=120)
     files["accuracy_vs_queries"] = path
+    if any(r.cost is not None for r in result.runs):
+        from ._cost_report import plot_accuracy_vs_cost
+
+        cost_plot = plot_accuracy_vs_cost(result, out_dir)
+        if cost_plot is not None:
+            files["accuracy_vs_cost"] = cost_plot
     return files, None
 
 

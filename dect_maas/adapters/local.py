@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -66,6 +66,10 @@ class LocalAdapter:
     # /v1/models): requests are cut to fit, so a large label set never meets a 413.
     max_label_token_ids: int | None = None
     max_scores_per_request: int | None = None
+    # Soft prompts (BBT): what the server declared under /v1/models "soft_prompt" (None: not
+    # served), and the prompt to send, base64 float32 (L, hidden) as the server takes it.
+    soft_prompt: Mapping[str, JSON] | None = None
+    prompt_embeds: str | None = field(default=None, repr=False)
 
     name: ClassVar[str] = "local"
     version: ClassVar[str] = "1"
@@ -91,6 +95,15 @@ class LocalAdapter:
         )
 
     def roles(self, task: Task) -> tuple[Role, ...]:
+        if self.prompt_embeds is not None:
+            if self.soft_prompt is None:
+                raise refuse(
+                    self.name,
+                    "this server declares no soft-prompt input (prompt_embeds in /v1/models); "
+                    "it serves soft prompts for causal LMs only",
+                )
+            check_causal(self.name, task)
+            return ("scores",)  # the label scores only: no vectors are asked or stored
         if self.effective_kind == "masked":
             if self.mask_token is None:
                 raise refuse(self.name, "a masked LM needs mask_token (e.g. '<mask>')")
@@ -112,13 +125,16 @@ class LocalAdapter:
         return self._body([prompt], labels)
 
     def _body(self, inputs: list[str], labels: Sequence[Label]) -> dict[str, JSON]:
-        return {
+        body: dict[str, JSON] = {
             "model": self.model,
             "inputs": inputs,
             "label_token_ids": [lab.first for lab in labels],
-            "return_hidden": True,
+            "return_hidden": self.prompt_embeds is None,
             "encoding_format": self.encoding_format,
         }
+        if self.prompt_embeds is not None:
+            body["prompt_embeds"] = self.prompt_embeds
+        return body
 
     def build_requests(
         self, role: Role, prompts: Sequence[Prompt], labels: Sequence[Label]
@@ -168,7 +184,10 @@ class LocalAdapter:
                     spec, f"data[{i}].{key} has {len(scores)} values, asked for {len(spec.labels)}"
                 )
             raw = get(spec, item, "hidden")
-            if isinstance(raw, list):
+            hidden: np.ndarray[Any, Any] | None
+            if raw is None and self.prompt_embeds is not None:
+                hidden = None  # scores only (a soft-prompt request asks for no vectors)
+            elif isinstance(raw, list):
                 hidden = encode_vector(numbers(spec, raw, f"data[{i}].hidden"))
             elif isinstance(raw, str):
                 try:
@@ -177,7 +196,7 @@ class LocalAdapter:
                     raise malformed(spec, f"data[{i}].hidden is not valid base64") from None
             else:
                 raise malformed(spec, f"data[{i}].hidden is neither a list nor base64")
-            if hidden.size == 0 or not np.isfinite(hidden).all():
+            if hidden is not None and (hidden.size == 0 or not np.isfinite(hidden).all()):
                 raise malformed(spec, f"data[{i}].hidden is empty or not finite")
             n_tok = item.get("n_tokens")
             n_tok = n_tok if isinstance(n_tok, int) and not isinstance(n_tok, bool) else shares[i]
@@ -245,8 +264,10 @@ class LocalAdapter:
             ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
             return int(value) if ok else current
 
+        soft = info.get("soft_prompt")
         return replace(
             self,
+            soft_prompt=soft if isinstance(soft, dict) else None,
             kind=kind,
             model=name if isinstance(name, str) and name else self.model,
             mask_token=self.mask_token or (mask if isinstance(mask, str) else None),

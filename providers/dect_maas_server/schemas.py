@@ -17,6 +17,7 @@ class FeaturesRequest(_Body):
     return_hidden: bool = True
     encoding_format: Literal["float", "base64"] = "float"
     model: str | None = None
+    prompt_embeds: str | None = None  # a soft prompt (soft_prompt.py)
 
 
 class TokenizeRequest(_Body):

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from dect_maas_server.schemas import FeaturesRequest
+from dect_maas_server.soft_prompt import SoftPromptError, soft_prompt_labels
 from dect_maas_server.state import ApiError, AppState, error_response, validation_message
 
 __all__ = ["features_body", "register"]
@@ -94,14 +95,21 @@ def register(app: FastAPI, state: AppState) -> None:
             state.check_count(len(req.inputs))
             state.check_label_ids(len(req.inputs), req.label_token_ids)
             encoded = await state.encode_all(req.inputs)
-            result = await state.run_labels(encoded, req.label_token_ids)
+            n_soft = 0
+            if req.prompt_embeds is not None:
+                try:
+                    result, n_soft = await soft_prompt_labels(engine, encoded, req)
+                except SoftPromptError as exc:
+                    raise ApiError(422, str(exc)) from None
+            else:
+                result = await state.run_labels(encoded, req.label_token_ids)
             content = features_body(
                 engine.name,
                 engine.fingerprint,
                 result.logits,
                 result.logprobs,
                 result.hidden if req.return_hidden else None,
-                [len(e.ids) for e in encoded],
+                [len(e.ids) + n_soft for e in encoded],
                 [e.truncated for e in encoded],
                 req.encoding_format,
             )

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from dect_maas_server.soft_prompt import soft_prompt_info
 from dect_maas_server.state import AppState
 
 
@@ -46,6 +47,7 @@ def register(app: FastAPI, state: AppState) -> None:
                     "max_label_token_ids": limits.max_label_token_ids,
                     "max_scores_per_request": limits.max_scores_per_request,
                     "max_logprobs": limits.max_logprobs,
+                    "soft_prompt": soft_prompt_info(engine),
                 }
             ],
         }

@@ -1,0 +1,227 @@
+"""DecT against input-side adaptation (ICL, BBT) on one footing: accuracy, queries, tokens, time.
+
+    .venv/bin/python benchmarks/input_side.py --json out.json            # starts its own server
+    .venv/bin/python benchmarks/input_side.py --server-url http://127.0.0.1:8000 ...
+
+Each set runs as one ``Experiment`` (the product path: client, cache, budget, ledger), with the
+methods ``dect``, ``auto_dect``, ``icl``, ``calibrated_icl`` and, on ``--bbt-sets``, ``bbt``. The
+templates and label words are those of ``compare_methods.py`` (chosen on training files only).
+ICL and BBT can be evaluated on fewer test rows than DecT (``--icl-test-limit``,
+``--bbt-test-limit``): their every prediction is a long or soft-prompted query.
+
+Prints (and writes with ``--json``) per set and shot count: the mean accuracy over seeds, the
+training queries and tokens, querying and local seconds, the tokens per prediction, and the
+ratios the DecT paper states: BBT's training queries and wall time over DecT's, ICL's tokens per
+prediction over DecT's. DecT's training wall time is its share of the querying time (its k·C + 1
+training queries at the run's seconds per query) plus its local training time; its tokens per
+prediction are the run's input tokens per query (test and training prompts alike).
+
+On a GPU (a larger model, the BBT paper's full budget):
+    python benchmarks/input_side.py --model HuggingFaceTB/SmolLM2-1.7B-Instruct --device cuda \\
+        --bbt-budget 8000 --bbt-sets movies_binary --shots 16 --json gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_methods import DATA, TASKS
+
+from dect_maas import Experiment
+
+
+def bbt_ratios(rows: dict[str, Any], reference: dict[str, Any]) -> None:
+    """BBT's training queries and wall time over DecT's, DecT's taken where its queries were
+    paid (``reference``: the set's run without BBT; in the BBT run they come from the cache)."""
+    for key, bbt in rows.items():
+        if not key.startswith("bbt@"):
+            continue
+        dect = reference.get("dect@" + key.split("@")[1])
+        if dect is None:
+            continue
+        dect_wall = dect["train_query_seconds"] + dect["train_local_seconds"]
+        bbt["ratio_train_queries_over_dect"] = bbt["train_queries"] / dect["train_queries"]
+        bbt["ratio_train_wall_over_dect"] = (
+            bbt["train_query_seconds"] + bbt["train_local_seconds"]
+        ) / dect_wall
+
+
+def summarise(result: Any, n_classes: int) -> dict[str, Any]:
+    """Per method and shot count: accuracy and cost on one footing, means over seeds."""
+    usage = result.usage
+    per_query_s = result.query_seconds / max(
+        1, usage.get("queries_paid", 0) + usage.get("cache_hits", 0)
+    )
+    dect_tpp = usage["input_tokens"] / usage["queries_paid"] if usage.get("queries_paid") else None
+    out: dict[str, Any] = {}
+    for m in result.methods:
+        for k in result.shots:
+            runs = result.select(m, k)
+            if not runs:
+                continue
+            acc = [r.accuracy for r in runs]
+            row: dict[str, Any] = {
+                "accuracy_mean": float(np.mean(acc)),
+                "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+                "seeds": len(runs),
+            }
+            if runs[0].cost is None:  # DecT-like: k·C + 1 training queries, then the decoder
+                q = k * n_classes + 1
+                row.update(
+                    train_queries=q,
+                    train_tokens=q * dect_tpp if dect_tpp else None,
+                    train_query_seconds=q * per_query_s,
+                    train_local_seconds=float(np.mean([r.fit_seconds for r in runs])),
+                    tokens_per_prediction=dect_tpp,
+                    n_test=result.plan.n_test,
+                )
+            elif m == "bbt":
+                c = [r.cost for r in runs]
+                row.update(
+                    calls=c[0]["calls"],
+                    train_queries=float(np.mean([x["train_queries_asked"] for x in c])),
+                    train_queries_paid=float(np.mean([x["train_queries"] for x in c])),
+                    train_tokens=float(np.mean([x["train_input_tokens"] for x in c])),
+                    train_query_seconds=float(np.mean([x["train_query_seconds"] for x in c])),
+                    train_local_seconds=float(np.mean([x["train_local_seconds"] for x in c])),
+                    tokens_per_prediction=float(
+                        np.mean([x["tokens_per_prediction"] or 0 for x in c])
+                    ),
+                    n_test=c[0]["n_test"],
+                    curves=[x["curve"] for x in c],
+                )
+            else:  # ICL: no training; the demonstrations ride on every prediction
+                c = [r.cost for r in runs]
+                row.update(
+                    train_queries=0,
+                    train_tokens=0,
+                    train_query_seconds=0.0,
+                    train_local_seconds=0.0,
+                    tokens_per_prediction=float(
+                        np.mean([x["tokens_per_prediction"] or 0 for x in c])
+                    ),
+                    predict_seconds_per_example=float(
+                        np.mean([x["query_seconds"] / x["queries"] for x in c])
+                    ),
+                    demonstrations=c[0]["demonstrations"],
+                    demonstrations_kept_mean=float(
+                        np.mean([x["demonstrations_kept_mean"] for x in c])
+                    ),
+                    n_test=c[0]["n_test"],
+                )
+            out[f"{m}@{k}"] = row
+    for k in result.shots:
+        dect = out.get(f"dect@{k}")
+        if dect is None:
+            continue
+        dect_wall = dect["train_query_seconds"] + dect["train_local_seconds"]
+        bbt = out.get(f"bbt@{k}")
+        if bbt is not None:
+            bbt["ratio_train_queries_over_dect"] = bbt["train_queries"] / dect["train_queries"]
+            bbt["ratio_train_wall_over_dect"] = (
+                bbt["train_query_seconds"] + bbt["train_local_seconds"]
+            ) / dect_wall
+        for m in ("icl", "calibrated_icl"):
+            icl = out.get(f"{m}@{k}")
+            if icl is not None and dect["tokens_per_prediction"]:
+                icl["ratio_tokens_per_prediction_over_dect"] = (
+                    icl["tokens_per_prediction"] / dect["tokens_per_prediction"]
+                )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--server-url")
+    p.add_argument("--model", help="for the server this script starts (default: the embedded one)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--sets", nargs="+", default=list(TASKS))
+    p.add_argument("--shots", nargs="+", type=int, default=[4, 16])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--test-limit", type=int, default=None, help="DecT's test rows (default all)")
+    p.add_argument("--icl-test-limit", type=int, default=None)
+    p.add_argument("--icl-max-prompt-tokens", type=int, default=None)
+    p.add_argument("--bbt-sets", nargs="*", default=[])
+    p.add_argument("--bbt-shots", nargs="*", type=int, default=None)
+    p.add_argument("--bbt-budget", type=int, default=8000)
+    p.add_argument("--bbt-prompt-length", type=int, default=50)
+    p.add_argument("--bbt-test-limit", type=int, default=None)
+    p.add_argument("--bbt-curve-every", type=int, default=0)
+    p.add_argument("--work", default="/tmp/dect-maas-input-side", help="cache, ledger, runs")
+    p.add_argument("--max-input-tokens", type=int, default=8192)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+
+    def run(url: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"args": vars(args), "sets": {}}
+        for name in args.sets:
+            spec = TASKS[name]
+            methods = ["dect", "auto_dect", "icl", "calibrated_icl"]
+            for bbt_on in [False, True] if name in args.bbt_sets else [False]:
+                shots = args.bbt_shots if bbt_on and args.bbt_shots else args.shots
+                cfg: dict[str, Any] = {
+                    "name": f"input-side-{name}",
+                    "provider": {"kind": "local", "base_url": url, "timeout_s": 3600},
+                    "task": {"template": spec["template"], "label_words": spec["label_words"]},
+                    "data": {
+                        "train": {"path": str(DATA / f"{name}_train.jsonl")},
+                        "test": {"path": str(DATA / f"{name}_test.jsonl")},
+                    },
+                    "shots": shots,
+                    "seeds": args.seeds,
+                    "methods": ["dect", "bbt"] if bbt_on else methods,
+                    "icl": {
+                        "test_limit": args.icl_test_limit,
+                        "max_prompt_tokens": args.icl_max_prompt_tokens,
+                    },
+                    "bbt": {
+                        "budget": args.bbt_budget,
+                        "prompt_length": args.bbt_prompt_length,
+                        "test_limit": args.bbt_test_limit,
+                        "curve_every": args.bbt_curve_every,
+                    },
+                    "cache_dir": f"{args.work}/cache",
+                    "ledger_dir": f"{args.work}/ledger",
+                    "output_dir": f"{args.work}/runs",
+                }
+                if args.test_limit:
+                    cfg["data"]["test"]["limit"] = args.test_limit
+                t = time.perf_counter()
+                result = Experiment.from_config(cfg).run()
+                key = f"{name}+bbt" if bbt_on else name
+                rows = summarise(result, len(spec["label_words"]))
+                if bbt_on and name in out["sets"]:
+                    bbt_ratios(rows, out["sets"][name]["methods"])
+                out["sets"][key] = {
+                    "wall_seconds": time.perf_counter() - t,
+                    "report": str(result.output_dir),
+                    "methods": rows,
+                }
+                print(json.dumps({key: out["sets"][key]["methods"]}, indent=1), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
+    if args.server_url:
+        run(args.server_url)
+        return 0
+    from dect_maas_server.testing import run_server
+
+    opts: dict[str, Any] = {"max_input_tokens": args.max_input_tokens}
+    if args.device:
+        opts["device"] = args.device
+    with run_server(args.model, **opts) as url:
+        run(url)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

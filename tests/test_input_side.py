@@ -1,0 +1,334 @@
+"""Input-side methods (ICL, BBT) through the same client, cache, budget and ledger.
+
+The pure parts (demonstrations, their order and cut, BBT's loss and projection) are checked on
+small values; the runs go through a real local server (tiny causal model, loopback) and are
+checked against the ledger: queries, tokens, calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from dect_maas import Experiment, Ledger, Task
+from dect_maas._bbt import bbt_loss, random_projection
+from dect_maas._exceptions import UnsupportedCapability
+from dect_maas._icl import (
+    ICLTask,
+    demonstration,
+    demonstration_order,
+    demonstrations_kept,
+)
+
+dect_maas_server = pytest.importorskip("dect_maas_server")
+from dect_maas_server.testing import make_tiny_model, run_server  # noqa: E402
+
+TEMPLATE = "{text} In summary, it was {mask}"
+WORDS = {"negative": "terrible", "positive": "great"}
+
+
+# -- demonstrations -------------------------------------------------------------------------------
+
+
+def test_demonstration_puts_the_label_word_at_the_scoring_position() -> None:
+    causal = Task(TEMPLATE, WORDS)
+    assert demonstration(causal, "A {dull} film.", None, "negative") == (
+        "A {dull} film. In summary, it was terrible"
+    )
+    masked = Task("[ Topic : {mask} ] {text}", {"sport": "sports", "world": "politics"})
+    assert demonstration(masked, "Goal!", None, "sport") == "[ Topic : sports ] Goal!"
+    no_mask = Task("Review: {text}\nSentiment:", WORDS, label_word_prefix=" ")
+    assert demonstration(no_mask, "Fine.", None, "positive") == "Review: Fine.\nSentiment: great"
+
+
+def test_icl_task_prefixes_every_prompt_including_the_content_free_one() -> None:
+    task = ICLTask(TEMPLATE, WORDS, demonstrations="D1\n\nD2\n\n")
+    assert task.render("New.") == "D1\n\nD2\n\nNew. In summary, it was"
+    assert task.content_free() == "D1\n\nD2\n\n" + Task(TEMPLATE, WORDS).content_free()
+    assert task.render("x", mask_token="<mask>").endswith("it was <mask>")
+
+
+def test_demonstration_order_is_a_seeded_permutation_of_the_shots() -> None:
+    shots = [5, 9, 2, 7, 11, 3]
+    a, b = demonstration_order(shots, 0), demonstration_order(shots, 0)
+    assert a == b
+    assert sorted(a) == sorted(shots)
+    perm = np.random.RandomState(0).permutation(6)
+    assert a == [shots[i] for i in perm]
+    assert demonstration_order(shots, 1) != a
+
+
+def test_demonstrations_are_cut_from_the_front_to_fit() -> None:
+    demos = ["a" * 10, "b" * 20, "c" * 30]  # 10, 20, 30 bytes; separator 2 bytes
+    prompt = "p" * 40  # 40 + 4 special
+    assert demonstrations_kept(demos, "\n\n", prompt, None) == 3
+    assert demonstrations_kept(demos, "\n\n", prompt, 44 + 12 + 22 + 32) == 3
+    assert demonstrations_kept(demos, "\n\n", prompt, 44 + 22 + 32) == 2  # the first one goes
+    assert demonstrations_kept(demos, "\n\n", prompt, 44 + 31) == 0  # the nearest does not fit
+    assert demonstrations_kept(demos, "\n\n", prompt, 10) == 0
+
+
+# -- BBT's pieces ---------------------------------------------------------------------------------
+
+
+def test_bbt_losses_match_torch() -> None:
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(7, 3)) * 3
+    y = rng.integers(0, 3, size=7)
+    ce = torch.nn.functional.cross_entropy(torch.tensor(s), torch.tensor(y))
+    hinge = torch.nn.MultiMarginLoss()(torch.tensor(s), torch.tensor(y))
+    assert bbt_loss(s, y, "ce") == pytest.approx(float(ce), abs=1e-9)
+    assert bbt_loss(s, y, "hinge") == pytest.approx(float(hinge), abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+def test_random_projection_is_fixed_by_its_seed_with_the_stated_spread(kind: str) -> None:
+    a = random_projection(5, 40, 30, std=0.02, kind=kind, seed=3)
+    assert a.shape == (200, 30)
+    assert a.dtype == np.float32
+    assert np.array_equal(a, random_projection(5, 40, 30, std=0.02, kind=kind, seed=3))
+    assert float(a.std()) == pytest.approx(0.02, rel=0.05)
+
+
+# -- runs through a real server -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def causal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("causal", tmp_path_factory.mktemp("tiny") / "causal")
+
+
+@pytest.fixture(scope="module")
+def server_url(causal_model: Path) -> Iterator[str]:
+    with run_server(causal_model, max_input_tokens=2048) as url:
+        yield url
+
+
+_POS = ["fun", "great", "loved", "wonderful", "amazing", "enjoyable", "nice", "brilliant"]
+_NEG = ["dull", "awful", "hated", "boring", "terrible", "poor", "horrible", "mediocre"]
+
+
+def short_data(folder: Path) -> tuple[Path, Path]:
+    """Short reviews in the tiny tokenizer's words: demonstrations fit its 256 positions."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train = [(f"a {w} movie", "positive") for w in _POS] + [
+        (f"a {w} film", "negative") for w in _NEG
+    ]
+    test = [(f"the story was {w}", "positive") for w in _POS[:5]] + [
+        (f"the acting was {w}", "negative") for w in _NEG[:5]
+    ]
+    paths = []
+    for name, rows in (("train", train), ("test", test)):
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def config(url: str, folder: Path, **extra: Any) -> dict[str, Any]:
+    train, test = short_data(folder / "data")
+    cfg: dict[str, Any] = {
+        "name": "input-side",
+        "provider": {"kind": "local", "base_url": url},
+        "task": {"template": TEMPLATE, "label_words": WORDS},
+        "data": {"train": {"path": str(train)}, "test": {"path": str(test)}},
+        "shots": [2],
+        "seeds": [0],
+        "cache_dir": str(folder / "cache"),
+        "ledger_dir": str(folder / "ledger"),
+        "output_dir": str(folder / "runs"),
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def paid(folder: Path, run_id: str) -> int:
+    ledger = Ledger(folder / "ledger")
+    try:
+        return ledger.summary(run_id).queries_paid
+    finally:
+        ledger.close()
+
+
+def test_icl_costs_what_the_ledger_records(server_url: str, tmp_path: Path) -> None:
+    # The tiny model reads 256 tokens; the byte bound keeps every prompt within 250.
+    cfg = config(server_url, tmp_path, methods=["dect", "icl", "calibrated_icl"], shots=[2, 4])
+    cfg["icl"] = {"max_prompt_tokens": 250}
+    result = Experiment.from_config(cfg).run()
+    icl = result.select("icl", 4)[0]
+    cal = result.select("calibrated_icl", 4)[0]
+    assert icl.cost is not None
+    assert cal.cost == icl.cost  # one set of queries, two scorings
+    assert icl.cost["train_queries"] == 0
+    assert icl.cost["demonstrations"] == 8
+    # the prompts sent, rebuilt here: demonstrations in the seeded order, cut from the front
+    exp = Experiment.from_config(cfg)
+    tr, te = exp.data()
+    idx = exp.plan().train_indices[(4, 0)]
+    demos = [
+        demonstration(exp.task, tr.texts[i], None, tr.labels[i])
+        for i in demonstration_order(idx, 0)
+    ]
+    plain = Task(TEMPLATE, WORDS)
+    kept = [demonstrations_kept(demos, "\n\n", plain.render(t), 250) for t in te.texts]
+    assert icl.cost["demonstrations_kept_min"] == min(kept)
+    assert icl.cost["demonstrations_kept_mean"] == pytest.approx(np.mean(kept))
+    assert icl.cost["prompts_cut"] == sum(1 for m in kept if m < 8)
+    assert min(kept) > 0
+    groups = sorted(set(kept))
+    # the test prompts + one content-free prompt per number of demonstrations kept, all paid
+    assert icl.cost["queries_paid"] == 10 + len(groups)
+    prompts = []
+    for j, t in enumerate(te.texts):
+        used = demos[len(demos) - kept[j] :] if kept[j] else []
+        prompts.append(
+            ICLTask(TEMPLATE, WORDS, demonstrations="".join(d + "\n\n" for d in used)).render(t)
+        )
+    for m in groups:
+        used = demos[len(demos) - m :] if m else []
+        prompts.append(
+            ICLTask(
+                TEMPLATE, WORDS, demonstrations="".join(d + "\n\n" for d in used)
+            ).content_free()
+        )
+    # the tokens the ledger holds are those of exactly these prompts, as the server counts them
+    with httpx.Client(base_url=server_url) as http:
+        n_tok = [len(http.post("/v1/tokenize", json={"text": p}).json()["tokens"]) for p in prompts]
+    assert max(n_tok) <= 250
+    assert icl.cost["input_tokens"] == sum(n_tok)
+    assert icl.cost["tokens_per_prediction"] == pytest.approx(sum(n_tok) / len(prompts))
+    dect_per_query = result.usage["input_tokens"] / result.queries_paid
+    assert icl.cost["tokens_per_prediction"] > 1.5 * dect_per_query
+    assert 0.0 <= icl.accuracy <= 1.0
+    # a second run is answered from the cache
+    again = Experiment.from_config(cfg).run()
+    assert again.queries_paid == 0
+    assert again.select("icl", 4)[0].accuracy == icl.accuracy
+
+
+def test_icl_cut_to_max_prompt_tokens_is_reported(server_url: str, tmp_path: Path) -> None:
+    cfg = config(server_url, tmp_path, methods=["icl"], icl={"max_prompt_tokens": 100})
+    run = Experiment.from_config(cfg).run().select("icl", 2)[0]
+    assert run.cost is not None
+    assert run.cost["prompts_cut"] > 0
+    assert run.cost["demonstrations_kept_min"] < 4
+    assert run.cost["demonstrations_kept_mean"] > 0
+    full = Experiment.from_config(config(server_url, tmp_path / "full", methods=["icl"])).run()
+    full_run = full.select("icl", 2)[0]
+    assert full_run.cost is not None
+    assert run.cost["tokens_per_prediction"] < full_run.cost["tokens_per_prediction"]
+
+
+def test_bbt_spends_its_budget_in_calls_and_improves_the_training_loss(
+    server_url: str, tmp_path: Path
+) -> None:
+    bbt = {"intrinsic_dim": 16, "prompt_length": 3, "popsize": 4, "budget": 40, "curve_every": 20}
+    cfg = config(server_url, tmp_path, methods=["dect", "bbt"], bbt=bbt)
+    result = Experiment.from_config(cfg).run()
+    run = result.select("bbt", 2)[0]
+    c = run.cost
+    assert c is not None
+    assert c["calls"] == 40
+    assert c["train_requests"] == 40  # one call, one request, carrying the 4 shots + content-free
+    assert c["train_queries"] == 40 * (4 + 1)
+    # the curve's test evaluations pay 10 test queries per new best prompt (its content-free
+    # prompt was paid in training); the final evaluation repeats the last one, from the cache
+    assert c["curve_eval_queries"] in (10, 20)
+    assert c["queries_paid"] == c["train_queries"] + c["curve_eval_queries"]
+    curve = c["curve"]
+    assert [p["calls"] for p in curve] == list(range(4, 41, 4))
+    losses = [p["train_loss"] for p in curve]
+    assert losses == sorted(losses, reverse=True)  # the best so far never gets worse
+    assert losses[-1] < losses[0]
+    assert [p["calls"] for p in curve if "test_accuracy" in p] == [20, 40]
+    # the training tokens at each scored point grow with the calls and end at the total
+    scored = [p for p in curve if "test_accuracy" in p]
+    assert 0 < scored[0]["train_input_tokens"] < scored[1]["train_input_tokens"]
+    assert scored[1]["train_input_tokens"] == c["train_input_tokens"]
+    from dect_maas._cost_report import cost_rows
+
+    row = next(r for r in cost_rows(result) if r["method"] == "bbt")
+    assert row["calls"] == 40
+    assert row["train_queries"] == 200
+    assert row["train_tokens"] == c["train_input_tokens"]
+    dect = next(r for r in cost_rows(result) if r["method"] == "dect")
+    assert row["train_queries"] / dect["train_queries"] == 40  # 40 calls of the 5 queries
+    # the queries are deterministic (seeded CMA-ES): a second run is all cache hits
+    again = Experiment.from_config(cfg).run()
+    assert again.queries_paid == 0
+    assert again.select("bbt", 2)[0].accuracy == run.accuracy
+
+
+def test_bbt_is_refused_before_any_query_without_a_soft_prompt_input(tmp_path: Path) -> None:
+    masked = make_tiny_model("masked", tmp_path / "masked")
+    with run_server(masked) as url:
+        cfg = config(url, tmp_path, methods=["dect", "bbt"])
+        cfg["provider"]["mask_token"] = "<mask>"
+        exp = Experiment.from_config(cfg)
+        with pytest.raises(UnsupportedCapability, match="declares no soft-prompt input"):
+            exp.run()
+        assert paid(tmp_path, exp.run_id) == 0
+    cfg = config("http://127.0.0.1:1", tmp_path, methods=["bbt"])
+    cfg["provider"] = {"kind": "openai", "base_url": "http://127.0.0.1:1", "model": "m"}
+    with pytest.raises(UnsupportedCapability, match="openai provider does not declare"):
+        Experiment.from_config(cfg).run()
+
+
+def test_report_puts_every_method_on_one_footing(server_url: str, tmp_path: Path) -> None:
+    cfg = config(server_url, tmp_path, methods=["dect", "icl"], predict_n=500)
+    cfg["provider"]["price_per_million_input_tokens"] = 2.0
+    result = Experiment.from_config(cfg).run()
+    from dect_maas._cost_report import cost_rows
+
+    rows = {r["method"]: r for r in cost_rows(result)}
+    per_query = result.usage["input_tokens"] / result.queries_paid
+    dect, icl = rows["dect"], rows["icl"]
+    assert dect["train_queries"] == 2 * 2 + 1
+    assert dect["train_tokens"] == pytest.approx(5 * per_query)
+    assert dect["train_usd"] == pytest.approx(result.cost_usd / result.queries_paid * 5)
+    assert dect["predict_n_tokens"] == pytest.approx(500 * per_query)
+    assert dect["predict_n_usd"] == pytest.approx(500 * per_query * 2.0 / 1e6)
+    run = result.select("icl", 2)[0]
+    assert run.cost is not None
+    assert icl["train_queries"] == 0
+    assert icl["train_usd"] == 0.0
+    assert icl["tokens_per_prediction"] == pytest.approx(run.cost["tokens_per_prediction"])
+    assert icl["predict_n_usd"] == pytest.approx(500 * icl["tokens_per_prediction"] * 2e-6)
+    assert icl["predict_n_usd"] > dect["predict_n_usd"]  # the demonstrations, on every one
+    out = result.output_dir
+    assert out is not None
+    md = (out / "report.md").read_text()
+    assert "## Cost on one footing" in md
+    assert "| icl | 2 |" in md
+    assert (out / "accuracy_vs_cost.png").stat().st_size > 0
+    import json
+
+    data = json.loads((out / "report.json").read_text())
+    assert {r["method"] for r in data["cost_on_one_footing"]} == {"dect", "icl"}
+    assert data["runs"][-1]["cost"]["queries_paid"] == run.cost["queries_paid"]
+
+
+def test_bbt_without_cma_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    from dect_maas._bbt import check_bbt
+    from dect_maas._exceptions import ConfigError
+
+    monkeypatch.setitem(sys.modules, "cma", None)  # import cma -> ImportError
+
+    def no_client(*_: Any) -> Any:
+        raise AssertionError("no client may be built")
+
+    cfg = Experiment.from_config(config("http://127.0.0.1:1", tmp_path, methods=["bbt"]))
+    with pytest.raises(ConfigError, match=r"pip install 'dect-maas\[bbt\]'"):
+        check_bbt(cfg.config, no_client, "run")
