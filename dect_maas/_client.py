@@ -26,6 +26,7 @@ any request leaves (the discovery answer, label-word ids, the count of cache hit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,10 +51,14 @@ from ._cache import CacheConfig, ResponseCache, cache_key
 from ._config import Credentials, RateLimit, RetryPolicy
 from ._exceptions import (
     BudgetExceeded,
+    CacheError,
     CensoredScoreWarning,
     ConfigError,
+    LedgerError,
     MalformedResponse,
     MultiTokenLabelWarning,
+    ProviderStatusError,
+    TransportError,
     warn,
 )
 from ._features import FeatureMeta, Features
@@ -433,21 +438,33 @@ class Client:
         model = adapter.model_for(spec.role)
         attempts = Attempts()
         started = self._clock()
+        sent: list[bool] = []  # write ahead: marked in the ledger before the first byte leaves
         try:
-            records = await self._retrier.call(lambda: self._attempt(adapter, spec), attempts)
+            records = await self._retrier.call(
+                lambda: self._attempt(adapter, spec, reservation, sent), attempts
+            )
         except BaseException as exc:
-            status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
             failure = LedgerRecord(
                 provider=adapter.provider,
                 model=model,
                 endpoint=spec.url,
                 queries=len(spec.indices),
                 attempts=attempts.count,
-                status=status,
+                status=_failure_status(exc, bool(sent)),
                 latency_s=max(0.0, self._clock() - started),
                 error=f"{type(exc).__name__}: {exc}"[:500],
             )
-            self._ledger.refund(reservation, failure)  # not in a thread: must run if cancelled
+            if isinstance(exc, LedgerError):
+                # the ledger cannot be written: a sent request's reservation stays (settled at
+                # its worst case when the ledger is next opened); one never sent is given back
+                if not sent:
+                    with contextlib.suppress(LedgerError):
+                        self._ledger.release(reservation)
+                raise
+            if failure.status == "unknown":  # it left and may have been answered: worst case
+                self._ledger.settle(reservation, reservation.usage, failure)
+            else:
+                self._ledger.refund(reservation, failure)  # not in a thread: runs if cancelled
             logger.info(
                 "%s %s failed after %d attempt(s)",
                 adapter.provider,
@@ -487,9 +504,15 @@ class Client:
                 for c in commits:
                     records.update(zip(c.answer.keys, c.answer.records, strict=True))
                 self._cache.set_many(records)
-        except BaseException:
-            self._ledger.settle_many([self._settlement(c, reserve=False) for c in commits])
-            raise  # billed all the same
+        except BaseException as exc:
+            # paid for but not stored: spent all the same, and never recorded as ok
+            error = _cache_error(self._cache, exc)
+            self._ledger.settle_many(
+                [self._settlement(c, reserve=False, lost=str(error)) for c in commits]
+            )
+            if error is exc:
+                raise
+            raise error from exc
         settlements = [self._settlement(c) for c in commits]
         outcomes = self._ledger.settle_many(settlements)
         for c, settled in zip(commits, settlements, strict=True):
@@ -505,7 +528,7 @@ class Client:
             )
         return outcomes
 
-    def _settlement(self, c: _Commit, *, reserve: bool = True) -> Settlement:
+    def _settlement(self, c: _Commit, *, reserve: bool = True, lost: str = "") -> Settlement:
         spec, records = c.answer.spec, c.answer.records
         tokens = [t for r in records if isinstance(t := r.get("t"), int)]
         n_tokens = sum(tokens) if len(tokens) == len(records) else spec.input_tokens
@@ -523,8 +546,9 @@ class Client:
             input_tokens=actual.input_tokens,
             cost_usd=actual.cost_usd,
             attempts=c.answer.attempts,
-            status="ok",
+            status="lost" if lost else "ok",
             latency_s=c.answer.latency_s,
+            error=lost or None,
         )
         return Settlement(c.answer.reservation, actual, done, c.then if reserve else None)
 
@@ -542,19 +566,35 @@ class Client:
             raise RuntimeError("the ledger neither reserved nor refused")
         return outcome
 
-    async def _attempt(self, adapter: Adapter, spec: RequestSpec) -> list[Record]:
-        """One try: rate limit, HTTP, status and body checks, parse. Raises our errors only."""
-        status, headers, body = await self._http_json(adapter, spec, paced=True)
+    async def _attempt(
+        self, adapter: Adapter, spec: RequestSpec, reservation: Reservation, sent: list[bool]
+    ) -> list[Record]:
+        """One try: rate limit, record as sent (first try), HTTP, status and body checks,
+        parse. Raises our errors only."""
+        status, headers, body = await self._http_json(
+            adapter, spec, paced=True, before_send=None if sent else (reservation, sent)
+        )
         return adapter.parse_response(spec, status, headers, body)
 
     async def _http_json(
-        self, adapter: Adapter, spec: RequestSpec, *, paced: bool = False
+        self,
+        adapter: Adapter,
+        spec: RequestSpec,
+        *,
+        paced: bool = False,
+        before_send: tuple[Reservation, list[bool]] | None = None,
     ) -> tuple[int, Mapping[str, str], Any]:
         """Send ``spec``; (status, headers, JSON body). The one boundary where httpx errors are
-        mapped to ours. ``paced``: billed requests go through the rate limiter."""
+        mapped to ours. ``paced``: billed requests go through the rate limiter.
+        ``before_send``: the reservation to mark sent in the ledger once the rate limiter lets
+        the request go and before it leaves (the flag list gets one item when marked)."""
         rate_key = (adapter.provider, adapter.model_for(spec.role))
         if paced:
             await self._limiter.acquire(rate_key, spec.input_tokens)
+        if before_send is not None:
+            reservation, flag = before_send
+            self._ledger.mark_sent(reservation)  # not in a thread: it must not be cancelled
+            flag.append(True)
         headers = {"Content-Type": "application/json", **spec.headers}
         if self._credentials is not None:
             headers.update(self._credentials.headers())
@@ -943,6 +983,37 @@ def _example_keys(
     if any(fast(texts[i]) != slow(texts[i]) for i in checks):
         return [slow(t) for t in texts]
     return [fast(t) for t in texts]
+
+
+def _failure_status(exc: BaseException, sent: bool) -> str:
+    """A failed request's ledger outcome. ``unknown`` (counted at its worst case) when it left
+    and the provider may have done the work: cancelled or timed out waiting, or the connection
+    broke after sending. Never sent, or answered with an error status or a body we reject: the
+    provider did not bill an answer, so the request is refunded."""
+    if not sent:
+        return "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+    if isinstance(exc, asyncio.CancelledError):
+        return "unknown"
+    if isinstance(exc, TransportError) and not isinstance(exc, ProviderStatusError):
+        cause = exc.__cause__
+        if isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return "error"  # the connection was never made: nothing left
+        return "unknown"
+    return "error"
+
+
+def _cache_error(cache: ResponseCache | None, exc: BaseException) -> BaseException:
+    """A cache write failure as a ``CacheError`` naming the cache's folder."""
+    if isinstance(exc, CacheError) or not isinstance(exc, Exception) or cache is None:
+        return exc
+    where = cache.config.path
+    text = str(exc)
+    full = "full" in text or getattr(exc, "errno", None) == 28
+    what = "disk full" if full else f"{type(exc).__name__}"
+    return CacheError(
+        f"cannot write the response cache at {where}: {what} ({text}); the answer was paid for "
+        "and recorded as lost in the ledger; sending stopped"
+    )
 
 
 def _worst(adapter: Adapter, spec: RequestSpec) -> Usage:
