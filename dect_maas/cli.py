@@ -123,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     p = sub.add_parser("ledger", parents=[common], help="read the query ledger")
-    p.add_argument("action", choices=["summary", "export", "runs"])
+    p.add_argument(
+        "action",
+        choices=["summary", "export", "runs", "reset"],
+        help="reset: move a damaged or emptied ledger file aside so a new budget can start",
+    )
+    p.add_argument("path", nargs="?", type=Path, default=None, help="the ledger folder or file")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--ledger-dir", type=Path, default=None, help="the ledger folder")
     where.add_argument("--config", type=Path, default=None, help="take the ledger folder from it")
@@ -231,7 +236,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 def _cmd_ledger(args: argparse.Namespace) -> int:
     from . import Ledger
 
-    directory = args.ledger_dir
+    directory = args.ledger_dir or args.path
     if directory is None and args.config is not None:
         from ._config_file import load_config
 
@@ -240,6 +245,14 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         raise UsageError("ledger: give --ledger-dir DIR or --config CONFIG")
     if not Path(directory).exists():
         raise UsageError(f"ledger folder {directory} does not exist")
+    if args.action == "reset":
+        from ._ledger import reset_ledger
+
+        aside = reset_ledger(directory)
+        if aside is None:
+            raise UsageError(f"there is no ledger file in {directory}")
+        _info(f"moved the old ledger to {aside}; the next run starts a new, empty budget")
+        return EXIT_OK
     ledger = Ledger(directory)
     try:
         if args.action == "runs":

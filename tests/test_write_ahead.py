@@ -200,3 +200,21 @@ def _record(queries: int) -> Any:
     from dect_maas._ledger import LedgerRecord
 
     return LedgerRecord(provider="p", model="m", endpoint="e", queries=queries)
+
+
+def test_the_cli_refuses_an_empty_ledger_and_resets_it_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dect_maas.cli import main
+
+    with Ledger(tmp_path):
+        pass
+    (tmp_path / LEDGER_FILENAME).write_bytes(b"")
+    assert main(["ledger", "summary", "--ledger-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{tmp_path / LEDGER_FILENAME} is an empty file" in err
+    assert main(["ledger", "reset", str(tmp_path)]) == 0
+    assert "moved the old ledger" in capsys.readouterr().err
+    assert main(["ledger", "summary", "--ledger-dir", str(tmp_path)]) == 0
+    assert "queries_unknown: 0" in capsys.readouterr().out
