@@ -54,6 +54,7 @@ from ._exceptions import (
     CacheError,
     CensoredScoreWarning,
     ConfigError,
+    Interrupted,
     LedgerError,
     MalformedResponse,
     MultiTokenLabelWarning,
@@ -139,6 +140,42 @@ class _Commit:
     adapter: Adapter
     answer: _Answer
     then: Usage | None
+
+
+STOP_GRACE_S = 10.0
+"""After a stop is requested, how long requests in flight may take to finish before they are
+cancelled (then recorded ``unknown``: counted at their worst case)."""
+
+
+class _StopFlag:
+    """A process-wide request to stop sending (set by the CLI's SIGINT/SIGTERM handler).
+
+    Plain attributes, so a signal handler may set them at any moment; the send loop polls them.
+    """
+
+    signum: int | None = None
+    sending = 0  # _send_all calls running: while 0 there is nothing in flight to wait for
+
+
+def request_stop(signum: int) -> bool:
+    """Ask every client of this process to stop sending; requests in flight finish (up to
+    ``STOP_GRACE_S``), are stored and settled, then ``Interrupted`` is raised. Returns whether
+    requests are being sent (if not, the caller may stop at once)."""
+    _StopFlag.signum = signum
+    return _StopFlag.sending > 0
+
+
+def clear_stop() -> None:
+    _StopFlag.signum = None
+
+
+def _interrupted(signum: int) -> Interrupted:
+    name = {2: "SIGINT", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+    return Interrupted(
+        signum,
+        f"stopped by {name}: nothing new was sent, requests in flight were stored and settled; "
+        "re-run to resume (cached answers are not paid again)",
+    )
 
 
 # A queue of max_concurrency full requests on a CPU model server can take minutes to drain, and a
@@ -363,8 +400,8 @@ class Client:
         failed: list[Exception] = []
 
         def take() -> RequestSpec | None:
-            # another request of this call failed: send nothing more
-            return queue.popleft() if queue and not failed else None
+            # another request of this call failed, or a stop was requested: send nothing more
+            return queue.popleft() if queue and not failed and _StopFlag.signum is None else None
 
         async def worker() -> None:
             spec = take()
@@ -422,12 +459,19 @@ class Client:
                 if ready is not None:
                     self._ledger.release(ready)
 
-        await _run_all([worker() for _ in range(min(self._max_concurrency, len(plan.specs)))])
+        workers = [worker() for _ in range(min(self._max_concurrency, len(plan.specs)))]
+        _StopFlag.sending += 1
+        try:
+            await _run_all(workers)
+        finally:
+            _StopFlag.sending -= 1
         if failed:
             # Raised only once the requests already in flight have finished: the provider does
             # their work (and bills it) anyway, so their answers are stored and settled, and a
             # re-run pays only for what was never sent.
             raise failed[0]
+        if _StopFlag.signum is not None:
+            raise _interrupted(_StopFlag.signum)
 
     async def _call(
         self, adapter: Adapter, spec: RequestSpec, keys: list[str], reservation: Reservation
@@ -859,7 +903,16 @@ class Client:
             )
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(coro)
+        task = self._loop.create_task(coro)
+        try:
+            return self._loop.run_until_complete(task)
+        except BaseException:
+            # interrupted from outside (a signal): let the task settle what it holds first
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self._loop.run_until_complete(task)
+            raise
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1091,10 +1144,25 @@ async def _outlast(aw: Awaitable[T] | Future[T]) -> tuple[T, bool]:
 
 
 async def _run_all(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
-    """Run all to completion; if the caller is cancelled, cancel them (reservations refunded)."""
+    """Run all to completion; if the caller is cancelled, cancel them (reservations refunded).
+    Once a stop is requested, they have ``STOP_GRACE_S`` to finish before they are cancelled."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.gather(*tasks)
+        stop_seen: float | None = None
+        pending = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+            if _StopFlag.signum is not None and pending:
+                now = time.monotonic()
+                stop_seen = now if stop_seen is None else stop_seen
+                if now - stop_seen > STOP_GRACE_S:
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    break
+        for t in tasks:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
     except BaseException:
         for t in tasks:
             t.cancel()

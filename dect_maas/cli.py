@@ -7,7 +7,13 @@ Exit codes (stable; scripts may rely on them):
     2  usage or configuration error (bad flags, config file, data file, task, unsupported request)
     3  a budget limit would be exceeded (nothing over the limit was sent)
     4  the provider failed (network, HTTP status, malformed answer) after retries
-    130 interrupted (Ctrl-C)
+    130 interrupted by Ctrl-C (SIGINT)
+    143 stopped by SIGTERM (``timeout``, ``docker stop``, a CI cancel)
+
+On SIGINT or SIGTERM, ``run``, ``predict`` and ``demo`` send nothing new, let requests in flight
+finish (at most ``STOP_GRACE_S``, 10 s; then they count at their worst case), store and settle
+them, and exit with one line. A second signal exits at once (the ledger's write-ahead record
+still counts what was in flight).
 
 Errors are printed as one line on stderr; ``--verbose`` adds the traceback and debug logging.
 """
@@ -29,6 +35,7 @@ from ._exceptions import (
     BudgetExceeded,
     ConfigError,
     DectError,
+    Interrupted,
     ProviderError,
     UnsupportedCapability,
 )
@@ -41,6 +48,7 @@ EXIT_CONFIG = 2
 EXIT_BUDGET = 3
 EXIT_PROVIDER = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 SERVER_INSTALL_HINT = (
     "the local server package is not installed: run `pip install -e ./providers` in a dect-maas "
@@ -60,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decoder Tuning for models behind an API: query once per example, train a "
         "small decoder locally, account for every query.",
         epilog="Exit codes: 0 ok, 1 other error, 2 usage/config error, 3 budget exceeded, "
-        "4 provider error, 130 interrupted.",
+        "4 provider error, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.",
     )
     parser.add_argument("--version", action="version", version=f"dect-maas {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -172,8 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(verbose)
     if getattr(args, "progress", None) is None:
         args.progress = sys.stderr.isatty()
+    restore = _stop_on_signals(verbose) if args.command in ("run", "predict", "demo") else None
     try:
         return int(_COMMANDS[args.command](args))
+    except Interrupted as exc:
+        _error(_one_line(exc), verbose)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         _error("interrupted; cached answers are kept, re-run to resume", verbose)
         return EXIT_INTERRUPTED
@@ -183,6 +195,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code_for(exc)
         _error(_one_line(exc), verbose)
         return code
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _stop_on_signals(verbose: bool) -> Any:
+    """SIGINT and SIGTERM ask the clients to stop sending (see the module docstring); returns
+    a function that puts the previous handlers back."""
+    import signal
+
+    from ._client import _interrupted, clear_stop, request_stop
+
+    def handle(signum: int, frame: Any) -> None:
+        from ._client import _StopFlag
+
+        if _StopFlag.signum is not None:  # a second signal: leave now
+            print(f"dect-maas: error: signal {signum} again: exiting now", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        if not request_stop(signum):
+            raise _interrupted(signum)  # nothing in flight: stop where we are
+
+    clear_stop()
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        clear_stop()
+
+    return restore
 
 
 def exit_code_for(exc: BaseException) -> int:
