@@ -158,7 +158,9 @@ def main() -> None:
                         "lost_per_crash_mean": sum(crashes) / len(crashes) if crashes else 0.0,
                         "stale_reservations_max": max(stale),
                         "kills_landed": codes.count(-signal.SIGKILL),
-                        "terms_landed": codes.count(128 + signal.SIGTERM),
+                        # 143: handled; -15: arrived before the CLI installed its handler
+                        "terms_landed": codes.count(128 + signal.SIGTERM)
+                        + codes.count(-signal.SIGTERM),
                         "exit_codes": {str(c): codes.count(c) for c in sorted(set(codes))},
                         "violations": violations,
                         "holds": not violations and max(stale) == 0,

@@ -2,9 +2,15 @@
 
 One request, top to bottom (``Client._send_all`` and ``Client._call``): the cache was looked up for
 every example first (hits are counted, never billed) -> the request's worst case was reserved in
-the ledger (``BudgetExceeded`` before anything leaves) -> acquire the rate limiter -> send,
-retrying per ``RetryPolicy`` -> parse -> write the cache -> settle the ledger to the actual usage
-(refund it if anything failed).
+the ledger (``BudgetExceeded`` before anything leaves) -> acquire the rate limiter -> record it
+as sent in the ledger (write ahead: after a crash it counts at its worst case, never as zero) ->
+send, retrying per ``RetryPolicy`` -> parse -> write the cache -> settle the ledger to the actual
+usage (refund it if it failed before leaving or was answered with an error; settle it at its
+worst case as ``unknown`` if it left and its outcome is unknown).
+
+A stop request (``request_stop``, from the CLI's SIGINT/SIGTERM handler) ends sending: nothing
+new leaves, requests in flight get ``STOP_GRACE_S`` to finish and are settled, then
+``Interrupted`` is raised.
 
 Requests go out through ``max_concurrency`` workers. Each worker holds reservations for its next
 ``AHEAD`` requests and hands every answer to the client's bookkeeping thread

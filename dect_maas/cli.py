@@ -180,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(verbose)
     if getattr(args, "progress", None) is None:
         args.progress = sys.stderr.isatty()
-    restore = _stop_on_signals(verbose) if args.command in ("run", "predict", "demo") else None
+    signals = args.command in ("run", "predict", "demo")
+    restore = _stop_on_signals() if signals and _in_main_thread() else None
     try:
         return int(_COMMANDS[args.command](args))
     except Interrupted as exc:
@@ -200,7 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             restore()
 
 
-def _stop_on_signals(verbose: bool) -> Any:
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()  # signal handlers need it
+
+
+def _stop_on_signals() -> Any:
     """SIGINT and SIGTERM ask the clients to stop sending (see the module docstring); returns
     a function that puts the previous handlers back."""
     import signal
