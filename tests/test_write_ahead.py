@@ -218,3 +218,52 @@ def test_the_cli_refuses_an_empty_ledger_and_resets_it_on_request(
     assert "moved the old ledger" in capsys.readouterr().err
     assert main(["ledger", "summary", "--ledger-dir", str(tmp_path)]) == 0
     assert "queries_unknown: 0" in capsys.readouterr().out
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Any:
+    """A real 256 KiB tmpfs (needs root and mount; skipped otherwise)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_ledger_on_a_full_disk_names_its_file_and_keeps_what_it_holds(tiny_disk: Path) -> None:
+    ledger = Ledger(tiny_disk / "ledger")
+    first = ledger.reserve(Usage(queries=1, requests=1))
+    ledger.mark_sent(first)
+    fd = os.open(tiny_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError, match="No space"):
+        _fill(fd)
+    os.close(fd)
+    with pytest.raises(LedgerError, match=f"{ledger.path}.*disk full"):
+        _use(ledger)
+    settled_before = ledger.spent().queries
+    os.remove(tiny_disk / "filler")
+    ledger.close()
+    with Ledger(tiny_disk / "ledger") as again:
+        assert again.spent().queries == settled_before  # nothing stored was lost
+        assert again.reserved().queries >= 1  # the sent request still counts (its process lives)
+        assert again.spent().queries + again.reserved().queries >= settled_before + 1
+
+
+def _fill(fd: int) -> None:
+    while True:
+        os.write(fd, b"x" * 1024)
+
+
+def _use(ledger: Ledger) -> None:
+    for _ in range(1000):  # the WAL may have a little room left: fill it
+        nxt = ledger.reserve(Usage(queries=1, requests=1))
+        ledger.mark_sent(nxt)
+        ledger.settle(nxt, Usage(queries=1, requests=1), _record(1))
