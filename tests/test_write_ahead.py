@@ -267,3 +267,22 @@ def _use(ledger: Ledger) -> None:
         nxt = ledger.reserve(Usage(queries=1, requests=1))
         ledger.mark_sent(nxt)
         ledger.settle(nxt, Usage(queries=1, requests=1), _record(1))
+
+
+def test_a_request_settled_as_unknown_then_answered_is_not_counted_twice(tmp_path: Path) -> None:
+    now = [1000.0]
+    with Ledger(tmp_path, clock=lambda: now[0]) as ledger:
+        worst = Usage(queries=5, requests=1, input_tokens=50)
+        sent = ledger.reserve(worst)
+        ledger.mark_sent(sent)
+        unsent = ledger.reserve(Usage(queries=2, requests=1))
+        now[0] += 100
+        assert ledger.release_stale(older_than_s=50) == 2  # e.g. another host's, given up on
+        assert ledger.spent() == worst  # the sent one at its worst case, the unsent freed
+        ledger.settle(sent, Usage(queries=5, requests=1, input_tokens=40), _record(5))
+        assert ledger.spent() == worst  # the late answer adds only what exceeds the worst case
+        assert ledger.reserved() == Usage()
+        statuses = [r.status for r in ledger.records()]
+        assert sorted(statuses[:2]) == ["abandoned", "unknown"]
+        assert statuses[2] == "ok"
+    assert unsent.usage.queries == 2
