@@ -2,9 +2,15 @@
 
 One request, top to bottom (``Client._send_all`` and ``Client._call``): the cache was looked up for
 every example first (hits are counted, never billed) -> the request's worst case was reserved in
-the ledger (``BudgetExceeded`` before anything leaves) -> acquire the rate limiter -> send,
-retrying per ``RetryPolicy`` -> parse -> write the cache -> settle the ledger to the actual usage
-(refund it if anything failed).
+the ledger (``BudgetExceeded`` before anything leaves) -> acquire the rate limiter -> record it
+as sent in the ledger (write ahead: after a crash it counts at its worst case, never as zero) ->
+send, retrying per ``RetryPolicy`` -> parse -> write the cache -> settle the ledger to the actual
+usage (refund it if it failed before leaving or was answered with an error; settle it at its
+worst case as ``unknown`` if it left and its outcome is unknown).
+
+A stop request (``request_stop``, from the CLI's SIGINT/SIGTERM handler) ends sending: nothing
+new leaves, requests in flight get ``STOP_GRACE_S`` to finish and are settled, then
+``Interrupted`` is raised.
 
 Requests go out through ``max_concurrency`` workers. Each worker holds reservations for its next
 ``AHEAD`` requests and hands every answer to the client's bookkeeping thread
@@ -26,6 +32,7 @@ any request leaves (the discovery answer, label-word ids, the count of cache hit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,10 +57,15 @@ from ._cache import CacheConfig, ResponseCache, cache_key
 from ._config import Credentials, RateLimit, RetryPolicy
 from ._exceptions import (
     BudgetExceeded,
+    CacheError,
     CensoredScoreWarning,
     ConfigError,
+    Interrupted,
+    LedgerError,
     MalformedResponse,
     MultiTokenLabelWarning,
+    ProviderStatusError,
+    TransportError,
     warn,
 )
 from ._features import FeatureMeta, Features
@@ -134,6 +146,42 @@ class _Commit:
     adapter: Adapter
     answer: _Answer
     then: Usage | None
+
+
+STOP_GRACE_S = 10.0
+"""After a stop is requested, how long requests in flight may take to finish before they are
+cancelled (then recorded ``unknown``: counted at their worst case)."""
+
+
+class _StopFlag:
+    """A process-wide request to stop sending (set by the CLI's SIGINT/SIGTERM handler).
+
+    Plain attributes, so a signal handler may set them at any moment; the send loop polls them.
+    """
+
+    signum: int | None = None
+    sending = 0  # _send_all calls running: while 0 there is nothing in flight to wait for
+
+
+def request_stop(signum: int) -> bool:
+    """Ask every client of this process to stop sending; requests in flight finish (up to
+    ``STOP_GRACE_S``), are stored and settled, then ``Interrupted`` is raised. Returns whether
+    requests are being sent (if not, the caller may stop at once)."""
+    _StopFlag.signum = signum
+    return _StopFlag.sending > 0
+
+
+def clear_stop() -> None:
+    _StopFlag.signum = None
+
+
+def _interrupted(signum: int) -> Interrupted:
+    name = {2: "SIGINT", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+    return Interrupted(
+        signum,
+        f"stopped by {name}: nothing new was sent, requests in flight were stored and settled; "
+        "re-run to resume (cached answers are not paid again)",
+    )
 
 
 # A queue of max_concurrency full requests on a CPU model server can take minutes to drain, and a
@@ -358,8 +406,8 @@ class Client:
         failed: list[Exception] = []
 
         def take() -> RequestSpec | None:
-            # another request of this call failed: send nothing more
-            return queue.popleft() if queue and not failed else None
+            # another request of this call failed, or a stop was requested: send nothing more
+            return queue.popleft() if queue and not failed and _StopFlag.signum is None else None
 
         async def worker() -> None:
             spec = take()
@@ -417,12 +465,19 @@ class Client:
                 if ready is not None:
                     self._ledger.release(ready)
 
-        await _run_all([worker() for _ in range(min(self._max_concurrency, len(plan.specs)))])
+        workers = [worker() for _ in range(min(self._max_concurrency, len(plan.specs)))]
+        _StopFlag.sending += 1
+        try:
+            await _run_all(workers)
+        finally:
+            _StopFlag.sending -= 1
         if failed:
             # Raised only once the requests already in flight have finished: the provider does
             # their work (and bills it) anyway, so their answers are stored and settled, and a
             # re-run pays only for what was never sent.
             raise failed[0]
+        if _StopFlag.signum is not None:
+            raise _interrupted(_StopFlag.signum)
 
     async def _call(
         self, adapter: Adapter, spec: RequestSpec, keys: list[str], reservation: Reservation
@@ -433,21 +488,33 @@ class Client:
         model = adapter.model_for(spec.role)
         attempts = Attempts()
         started = self._clock()
+        sent: list[bool] = []  # write ahead: marked in the ledger before the first byte leaves
         try:
-            records = await self._retrier.call(lambda: self._attempt(adapter, spec), attempts)
+            records = await self._retrier.call(
+                lambda: self._attempt(adapter, spec, reservation, sent), attempts
+            )
         except BaseException as exc:
-            status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
             failure = LedgerRecord(
                 provider=adapter.provider,
                 model=model,
                 endpoint=spec.url,
                 queries=len(spec.indices),
                 attempts=attempts.count,
-                status=status,
+                status=_failure_status(exc, bool(sent)),
                 latency_s=max(0.0, self._clock() - started),
                 error=f"{type(exc).__name__}: {exc}"[:500],
             )
-            self._ledger.refund(reservation, failure)  # not in a thread: must run if cancelled
+            if isinstance(exc, LedgerError):
+                # the ledger cannot be written: a sent request's reservation stays (settled at
+                # its worst case when the ledger is next opened); one never sent is given back
+                if not sent:
+                    with contextlib.suppress(LedgerError):
+                        self._ledger.release(reservation)
+                raise
+            if failure.status == "unknown":  # it left and may have been answered: worst case
+                self._ledger.settle(reservation, reservation.usage, failure)
+            else:
+                self._ledger.refund(reservation, failure)  # not in a thread: runs if cancelled
             logger.info(
                 "%s %s failed after %d attempt(s)",
                 adapter.provider,
@@ -487,9 +554,15 @@ class Client:
                 for c in commits:
                     records.update(zip(c.answer.keys, c.answer.records, strict=True))
                 self._cache.set_many(records)
-        except BaseException:
-            self._ledger.settle_many([self._settlement(c, reserve=False) for c in commits])
-            raise  # billed all the same
+        except BaseException as exc:
+            # paid for but not stored: spent all the same, and never recorded as ok
+            error = _cache_error(self._cache, exc)
+            self._ledger.settle_many(
+                [self._settlement(c, reserve=False, lost=str(error)) for c in commits]
+            )
+            if error is exc:
+                raise
+            raise error from exc
         settlements = [self._settlement(c) for c in commits]
         outcomes = self._ledger.settle_many(settlements)
         for c, settled in zip(commits, settlements, strict=True):
@@ -505,7 +578,7 @@ class Client:
             )
         return outcomes
 
-    def _settlement(self, c: _Commit, *, reserve: bool = True) -> Settlement:
+    def _settlement(self, c: _Commit, *, reserve: bool = True, lost: str = "") -> Settlement:
         spec, records = c.answer.spec, c.answer.records
         tokens = [t for r in records if isinstance(t := r.get("t"), int)]
         n_tokens = sum(tokens) if len(tokens) == len(records) else spec.input_tokens
@@ -523,8 +596,9 @@ class Client:
             input_tokens=actual.input_tokens,
             cost_usd=actual.cost_usd,
             attempts=c.answer.attempts,
-            status="ok",
+            status="lost" if lost else "ok",
             latency_s=c.answer.latency_s,
+            error=lost or None,
         )
         return Settlement(c.answer.reservation, actual, done, c.then if reserve else None)
 
@@ -542,19 +616,35 @@ class Client:
             raise RuntimeError("the ledger neither reserved nor refused")
         return outcome
 
-    async def _attempt(self, adapter: Adapter, spec: RequestSpec) -> list[Record]:
-        """One try: rate limit, HTTP, status and body checks, parse. Raises our errors only."""
-        status, headers, body = await self._http_json(adapter, spec, paced=True)
+    async def _attempt(
+        self, adapter: Adapter, spec: RequestSpec, reservation: Reservation, sent: list[bool]
+    ) -> list[Record]:
+        """One try: rate limit, record as sent (first try), HTTP, status and body checks,
+        parse. Raises our errors only."""
+        status, headers, body = await self._http_json(
+            adapter, spec, paced=True, before_send=None if sent else (reservation, sent)
+        )
         return adapter.parse_response(spec, status, headers, body)
 
     async def _http_json(
-        self, adapter: Adapter, spec: RequestSpec, *, paced: bool = False
+        self,
+        adapter: Adapter,
+        spec: RequestSpec,
+        *,
+        paced: bool = False,
+        before_send: tuple[Reservation, list[bool]] | None = None,
     ) -> tuple[int, Mapping[str, str], Any]:
         """Send ``spec``; (status, headers, JSON body). The one boundary where httpx errors are
-        mapped to ours. ``paced``: billed requests go through the rate limiter."""
+        mapped to ours. ``paced``: billed requests go through the rate limiter.
+        ``before_send``: the reservation to mark sent in the ledger once the rate limiter lets
+        the request go and before it leaves (the flag list gets one item when marked)."""
         rate_key = (adapter.provider, adapter.model_for(spec.role))
         if paced:
             await self._limiter.acquire(rate_key, spec.input_tokens)
+        if before_send is not None:
+            reservation, flag = before_send
+            self._ledger.mark_sent(reservation)  # not in a thread: it must not be cancelled
+            flag.append(True)
         headers = {"Content-Type": "application/json", **spec.headers}
         if self._credentials is not None:
             headers.update(self._credentials.headers())
@@ -822,7 +912,16 @@ class Client:
             )
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(coro)
+        task = self._loop.create_task(coro)
+        try:
+            return self._loop.run_until_complete(task)
+        except BaseException:
+            # interrupted from outside (a signal): let the task settle what it holds first
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self._loop.run_until_complete(task)
+            raise
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
@@ -948,6 +1047,37 @@ def _example_keys(
     return [fast(t) for t in texts]
 
 
+def _failure_status(exc: BaseException, sent: bool) -> str:
+    """A failed request's ledger outcome. ``unknown`` (counted at its worst case) when it left
+    and the provider may have done the work: cancelled or timed out waiting, or the connection
+    broke after sending. Never sent, or answered with an error status or a body we reject: the
+    provider did not bill an answer, so the request is refunded."""
+    if not sent:
+        return "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+    if isinstance(exc, asyncio.CancelledError):
+        return "unknown"
+    if isinstance(exc, TransportError) and not isinstance(exc, ProviderStatusError):
+        cause = exc.__cause__
+        if isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return "error"  # the connection was never made: nothing left
+        return "unknown"
+    return "error"
+
+
+def _cache_error(cache: ResponseCache | None, exc: BaseException) -> BaseException:
+    """A cache write failure as a ``CacheError`` naming the cache's folder."""
+    if isinstance(exc, CacheError) or not isinstance(exc, Exception) or cache is None:
+        return exc
+    where = cache.config.path
+    text = str(exc)
+    full = "full" in text or getattr(exc, "errno", None) == 28
+    what = "disk full" if full else f"{type(exc).__name__}"
+    return CacheError(
+        f"cannot write the response cache at {where}: {what} ({text}); the answer was paid for "
+        "and recorded as lost in the ledger; sending stopped"
+    )
+
+
 def _worst(adapter: Adapter, spec: RequestSpec) -> Usage:
     """What a request may cost at most: the budget reserves this before it leaves."""
     return Usage(
@@ -1023,10 +1153,25 @@ async def _outlast(aw: Awaitable[T] | Future[T]) -> tuple[T, bool]:
 
 
 async def _run_all(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
-    """Run all to completion; if the caller is cancelled, cancel them (reservations refunded)."""
+    """Run all to completion; if the caller is cancelled, cancel them (reservations refunded).
+    Once a stop is requested, they have ``STOP_GRACE_S`` to finish before they are cancelled."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.gather(*tasks)
+        stop_seen: float | None = None
+        pending = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+            if _StopFlag.signum is not None and pending:
+                now = time.monotonic()
+                stop_seen = now if stop_seen is None else stop_seen
+                if now - stop_seen > STOP_GRACE_S:
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    break
+        for t in tasks:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
     except BaseException:
         for t in tasks:
             t.cancel()

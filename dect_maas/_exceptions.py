@@ -7,7 +7,9 @@
     ├── NotFittedError(ValueError, AttributeError)
     ├── UnsupportedCapability(ValueError)  raised before any I/O
     ├── BudgetExceeded                     raised before any I/O
-    ├── CacheError                         the on-disk cache cannot be used as it is
+    ├── CacheError                         the on-disk cache cannot be used or written
+    ├── LedgerError                        the ledger cannot be read or written (disk full, damaged)
+    ├── Interrupted                        SIGINT/SIGTERM: sending stopped, in-flight work settled
     └── ProviderError                      something went wrong talking to a provider
         ├── TransportError                 connect/read/write errors and timeouts
         ├── MalformedResponse              a 2xx body that does not have the expected shape
@@ -34,6 +36,8 @@ __all__ = [
     "DectError",
     "DectWarning",
     "FeaturesError",
+    "Interrupted",
+    "LedgerError",
     "MalformedResponse",
     "MultiTokenLabelWarning",
     "NotFittedError",
@@ -96,7 +100,22 @@ class BudgetExceeded(DectError):
 
 
 class CacheError(DectError):
-    """The response cache cannot be opened or read as it is (schema mismatch, corrupt entry)."""
+    """The response cache cannot be opened, read or written (schema mismatch, corrupt entry,
+    disk full); the message names the cache's folder."""
+
+
+class LedgerError(DectError):
+    """The ledger cannot be read or written (disk full, damaged or emptied file); the message
+    names its file. Raised instead of sending: a request that cannot be recorded is not sent."""
+
+
+class Interrupted(DectError):
+    """A signal (SIGINT, SIGTERM) stopped the run: nothing new was sent, requests in flight were
+    finished (or timed out), stored and settled. ``signum`` is the signal's number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        self.signum = signum
+        super().__init__(message)
 
 
 class ProviderError(DectError):

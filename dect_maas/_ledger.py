@@ -15,11 +15,24 @@ integer pico-dollars, so totals are exact. The SQLite engine is used directly ra
 diskcache (which is also SQLite with ``BEGIN IMMEDIATE`` inside ``transact``): a ledger is rows to
 append, sum and export, which a key-value store makes awkward.
 
-A reservation whose process died is *stale*. Reservations carry the host name, the pid and the
-pid's start time; opening a ledger, a reservation about to be refused, and ``release_stale()``
-release those of dead processes on this host and record them as ``abandoned`` (cost unknown,
-counted as zero). Reservations of other hosts are released only with
+Write ahead. ``mark_sent`` records, in its own short transaction, that a reservation's request
+is about to leave; the client calls it before the first byte is sent. A reservation whose
+process died is *stale*. Reservations carry the host name, the pid and the pid's start time;
+opening a ledger, a reservation about to be refused, and ``release_stale()`` close those of dead
+processes on this host: one never marked sent never left and is released (record ``abandoned``,
+nothing spent); one marked sent may have been answered and billed, so it is settled at its
+reserved worst case (record ``unknown``). Spend is therefore never smaller than what providers
+answered, whatever happens to the client. Reservations of other hosts are closed only with
 ``release_stale(older_than_s=...)``.
+
+Durability: WAL with ``synchronous=NORMAL`` survives the process being killed (``kill -9``) at
+any point; a power loss may lose the last transactions (SQLite's documented trade-off).
+
+Storage faults (disk full, a damaged file) raise ``LedgerError`` naming the file, and roll the
+transaction back. A ledger file that exists but is empty or damaged is refused, never silently
+replaced: ``reset_ledger`` (``dect-maas ledger reset``) moves it aside and starts a new one. New
+ledger files are built under a temporary name and linked into place, so an empty file is never
+a ledger another process is still creating.
 
 Each ``Ledger`` checks the totals against the limits it was opened with: give every process that
 shares a folder the same limits.
@@ -29,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import json
 import logging
 import math
@@ -41,7 +55,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,7 +63,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from ._budget import BudgetLimits, Usage, check_limits
-from ._exceptions import BudgetExceeded, ConfigError
+from ._exceptions import BudgetExceeded, ConfigError, LedgerError
 
 __all__ = [
     "LEDGER_FILENAME",
@@ -61,16 +75,19 @@ __all__ = [
     "LedgerSummary",
     "Reservation",
     "Usage",
+    "reset_ledger",
 ]
 
 logger = logging.getLogger("dect_maas")
 
 LEDGER_FILENAME = "ledger.sqlite3"
-LEDGER_SCHEMA_VERSION = 1
-STATUSES = ("ok", "error", "refunded", "cancelled", "abandoned")
+LEDGER_SCHEMA_VERSION = 2  # 2: reservations.sent (write ahead)
+STATUSES = ("ok", "error", "refunded", "cancelled", "abandoned", "unknown", "lost")
 """Record outcomes: ``ok`` (settled), ``error`` (failed after its attempts), ``refunded``
-(released without an answer), ``cancelled`` (the caller gave up), ``abandoned`` (its process
-died)."""
+(released without an answer), ``cancelled`` (the caller gave up before it was sent),
+``abandoned`` (its process died before sending it: nothing spent), ``unknown`` (sent, then its
+process died or gave up waiting: counted at its reserved worst case), ``lost`` (answered and
+paid for, but the answer could not be stored: counted as spent)."""
 
 CacheState = Literal["hit", "miss"]
 _MAX_ERROR_CHARS = 300
@@ -116,7 +133,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     created REAL NOT NULL,
     provider TEXT NOT NULL,
     model TEXT NOT NULL,
-    endpoint TEXT NOT NULL
+    endpoint TEXT NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 """
 _RECORD_COLUMNS = (
@@ -256,8 +274,10 @@ class LedgerSummary:
     """What one run (or, with ``run_id`` None, the whole folder) asked of its providers.
 
     ``requests`` counts requests sent (cache misses, whatever their outcome), ``queries_paid``
-    the examples answered by settled requests, ``cache_hits`` the examples answered from the
-    cache. Latency percentiles are over requests sent; ``wall_s`` spans first to last record.
+    the examples answered by settled requests, ``queries_unknown`` those of requests sent whose
+    outcome is unknown or whose answer was lost (counted at their worst case, never as zero),
+    ``cache_hits`` the examples answered from the cache. Latency percentiles are over requests
+    sent; ``wall_s`` spans first to last record.
     """
 
     run_id: str | None
@@ -268,6 +288,7 @@ class LedgerSummary:
     cost_usd: float
     attempts: int
     errors: int
+    queries_unknown: int
     latency_p50_s: float | None
     latency_p95_s: float | None
     first_time: str | None
@@ -311,20 +332,23 @@ class Ledger:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._pid_start = ""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger folder {self.directory}: {exc}") from exc
+        self.path = self.directory / LEDGER_FILENAME
+        _create_if_absent(self.path)
         with self._transaction() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
+            row = _schema_row(conn, self.path)
+            if row == "1":  # before write ahead: whether a request left is unknown, so "sent"
+                conn.execute("ALTER TABLE reservations ADD COLUMN sent INTEGER NOT NULL DEFAULT 1")
                 conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema', ?)",
+                    "UPDATE meta SET value = ? WHERE key = 'schema'",
                     (str(LEDGER_SCHEMA_VERSION),),
                 )
-            elif row[0] != str(LEDGER_SCHEMA_VERSION):
+            elif row != str(LEDGER_SCHEMA_VERSION):
                 raise ConfigError(
-                    f"the ledger at {self.directory} has schema version {row[0]}, this dect-maas "
+                    f"the ledger at {self.directory} has schema version {row}, this dect-maas "
                     f"uses {LEDGER_SCHEMA_VERSION}; use a new ledger folder (keep the old one: "
                     "it is the record of what was paid)"
                 )
@@ -335,14 +359,7 @@ class Ledger:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
             # A connection must not cross a fork: the child opens its own.
-            conn = sqlite3.connect(
-                str(self.directory / LEDGER_FILENAME),
-                timeout=60.0,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = _connect(self.path)
             self._conn, self._pid = conn, os.getpid()
             self._pid_start = _pid_start(self._pid)
         return self._conn
@@ -351,13 +368,14 @@ class Ledger:
     def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         if self._pid not in (-1, os.getpid()):
             self._lock = threading.RLock()  # forked: a copied lock may be held by a lost thread
-        with self._lock:
+        with self._lock, _storage_errors(self.path):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
@@ -425,7 +443,7 @@ class Ledger:
                 return again
         reservation = Reservation(id=uuid.uuid4().hex, usage=usage, run_id=self.run_id)
         conn.execute(
-            "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
             (
                 reservation.id,
                 self.run_id,
@@ -527,6 +545,23 @@ class Ledger:
         with self._transaction() as conn:
             conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
 
+    def mark_sent(self, reservation: Reservation) -> None:
+        """Record, durably and before it leaves, that the reservation's request is being sent.
+
+        From here on a crash cannot make the request look unpaid: if its process dies before
+        settling or refunding, ``release_stale`` settles it at its reserved worst case (record
+        ``unknown``). A storage fault raises ``LedgerError``: then do not send.
+        """
+        with self._transaction() as conn:
+            marked = conn.execute(
+                "UPDATE reservations SET sent = 1 WHERE id = ?", (reservation.id,)
+            ).rowcount
+        if marked != 1:
+            raise ConfigError(
+                f"reservation {reservation.id} is not open in the ledger at {self.path}: "
+                "it was closed already or released as stale"
+            )
+
     def refund(self, reservation: Reservation, record: LedgerRecord) -> None:
         """Release the reservation of a request that did not succeed, and record it.
 
@@ -565,7 +600,10 @@ class Ledger:
                 raise ConfigError(
                     f"reservation {reservation.id} is not in the ledger at {self.directory}"
                 )
-            if statuses != {"abandoned"}:
+            if statuses == {"unknown"}:
+                # settled at its worst case already: count only what the actual usage exceeds
+                spent = _excess(spent, reservation.usage)
+            elif statuses != {"abandoned"}:
                 raise ConfigError(f"reservation {reservation.id} was already settled or refunded")
             logger.warning(
                 "reservation %s was released as stale before it closed; recording it now",
@@ -598,8 +636,9 @@ class Ledger:
         Without arguments: reservations made on this host by a process that no longer runs (its
         pid is gone, or now belongs to a process started later). With ``older_than_s``: also
         every reservation older than that, from any host, live or not - use it only when you
-        know those processes have stopped. Each release is recorded with status ``abandoned``;
-        what the provider billed for such a request is unknown and counted as zero.
+        know those processes have stopped. A reservation never marked sent is released (record
+        ``abandoned``, nothing spent); one marked sent may have been answered and billed, so it
+        is settled at its reserved worst case (record ``unknown``).
         """
         with self._transaction() as conn:
             released = self._release_stale_in(conn, older_than_s)
@@ -609,10 +648,13 @@ class Ledger:
         now = self._clock()
         rows = conn.execute(
             "SELECT id, run_id, host, pid, pid_start, created, provider, model, endpoint, "
-            "queries FROM reservations"
+            "queries, requests, input_tokens, cost_pico, sent FROM reservations"
         ).fetchall()
         released = 0
-        for rid, run_id, host, pid, pid_start, created, provider, model, endpoint, q in rows:
+        for row in rows:
+            rid, run_id, host, pid, pid_start, created, provider, model, endpoint = row[:9]
+            worst = Usage.from_ints(_ints(row[9:13]))
+            sent = bool(row[13])
             dead_here = host == self._host and not _same_process_alive(pid, pid_start)
             too_old = older_than_s is not None and now - created > older_than_s
             if not (dead_here or too_old):
@@ -620,17 +662,34 @@ class Ledger:
             why = f"process {pid} on {host} " + (
                 "ended" if dead_here else f"held it for {now - created:.0f} s"
             )
-            record = LedgerRecord(
-                provider=provider,
-                model=model,
-                endpoint=endpoint,
-                queries=q,
-                attempts=0,
-                status="abandoned",
-                error=f"reservation released as stale: {why}; provider billing unknown",
-                time=_iso(now),
-                run_id=run_id,
-            )
+            if sent:
+                record = LedgerRecord(
+                    provider=provider,
+                    model=model,
+                    endpoint=endpoint,
+                    queries=worst.queries,
+                    input_tokens=worst.input_tokens,
+                    cost_usd=worst.cost_usd,
+                    attempts=1,
+                    status="unknown",
+                    error=f"sent, then {why} before its outcome was recorded; counted at its "
+                    "reserved worst case",
+                    time=_iso(now),
+                    run_id=run_id,
+                )
+                _add_spent(conn, run_id, worst)
+            else:
+                record = LedgerRecord(
+                    provider=provider,
+                    model=model,
+                    endpoint=endpoint,
+                    queries=worst.queries,
+                    attempts=0,
+                    status="abandoned",
+                    error=f"reservation released as stale: {why}; never sent, nothing spent",
+                    time=_iso(now),
+                    run_id=run_id,
+                )
             conn.execute("DELETE FROM reservations WHERE id = ?", (rid,))
             _insert_record(conn, record, rid)
             released += 1
@@ -736,6 +795,12 @@ def _totals(
     return spent, reserved
 
 
+def _excess(actual: Usage, reserved: Usage) -> Usage:
+    """What ``actual`` uses beyond ``reserved``, field by field (never negative)."""
+    a, r = actual.as_ints(), reserved.as_ints()
+    return Usage.from_ints(_ints(tuple(max(0, x - y) for x, y in zip(a, r, strict=True))))
+
+
 def _ints(row: tuple[Any, ...]) -> tuple[int, int, int, int]:
     return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
@@ -775,6 +840,7 @@ def _summarise(run_id: str | None, records: list[LedgerRecord]) -> LedgerSummary
         run_id=run_id,
         requests=len(sent),
         queries_paid=sum(r.queries for r in sent if r.status == "ok"),
+        queries_unknown=sum(r.queries for r in sent if r.status in ("unknown", "lost")),
         cache_hits=sum(r.queries for r in records if r.cache == "hit"),
         input_tokens=sum(r.input_tokens for r in records),
         cost_usd=sum(r.cost_usd for r in records),
@@ -864,3 +930,116 @@ def _same_process_alive(pid: int, pid_start: str) -> bool:
         if now_start and now_start != pid_start:
             return False  # the pid was reused by a later process
     return True
+
+
+# -- opening, storage faults and reset ---------------------------------------------------------
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open an existing ledger file (``mode=rw``: a vanished file is an error, not a new
+    ledger), refusing an empty one."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise LedgerError(f"the ledger {path} disappeared while in use") from None
+    if size == 0:
+        raise LedgerError(
+            f"the ledger {path} is an empty file (0 bytes): refusing to start a new budget "
+            f"over it; inspect it, or move it aside with `dect-maas ledger reset {path}`"
+        )
+    try:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=rw",
+            uri=True,
+            timeout=60.0,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error as exc:
+        raise _ledger_error(path, exc) from exc
+    return conn
+
+
+def _create_if_absent(path: Path) -> None:
+    """Build a new ledger under a temporary name and link it into place, so that ``path``
+    exists only once it is a complete ledger (an empty file is then always damage)."""
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
+    try:
+        conn = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(LEDGER_SCHEMA_VERSION),)
+            )
+        finally:
+            conn.close()
+        with suppress(FileExistsError):  # another process created it meanwhile: use theirs
+            os.link(tmp, path)
+    except (OSError, sqlite3.Error) as exc:
+        raise _ledger_error(path, exc) from exc
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def _schema_row(conn: sqlite3.Connection, path: Path) -> str:
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        row = None
+    if row is None:
+        raise LedgerError(
+            f"{path} is not a dect-maas ledger (no schema stamp): refusing to use it; move it "
+            f"aside with `dect-maas ledger reset {path}`"
+        )
+    return str(row[0])
+
+
+@contextmanager
+def _storage_errors(path: Path) -> Iterator[None]:
+    """SQLite and OS errors become one ``LedgerError`` naming the file."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise _ledger_error(path, exc) from exc
+
+
+def _ledger_error(path: Path, exc: BaseException) -> LedgerError:
+    text = str(exc)
+    if "malformed" in text or "not a database" in text:
+        return LedgerError(
+            f"the ledger {path} is damaged ({text}): refusing to use it; keep it as the record "
+            f"of what was paid, and start a new one with `dect-maas ledger reset {path}`"
+        )
+    if "full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+        return LedgerError(f"cannot write the ledger {path}: disk full ({text}); nothing sent")
+    return LedgerError(f"ledger {path}: {type(exc).__name__}: {text}")
+
+
+def reset_ledger(directory: Path | str) -> Path | None:
+    """Move a (damaged or emptied) ledger file aside and return where it went; the next
+    ``Ledger`` on ``directory`` starts a new, empty budget. None if there was no ledger.
+
+    Never called implicitly: losing a ledger loses the record of what was paid.
+    """
+    folder = Path(os.path.expanduser(directory))
+    path = folder / LEDGER_FILENAME if folder.is_dir() else folder
+    if not path.exists():
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.{stamp}.bad")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        extra = Path(f"{path}{suffix}")
+        if extra.exists():
+            os.replace(extra, Path(f"{aside}{suffix}"))
+    return aside

@@ -271,6 +271,12 @@ def usage_lines(result: ExperimentResult) -> list[str]:
         f"cost: {_money(result.cost_usd)}",
         f"wall time: {_seconds(result.wall_seconds)} (querying {_seconds(result.query_seconds)})",
     ]
+    unknown = int(u.get("queries_unknown", 0))
+    if unknown:
+        lines.append(
+            f"queries of unknown outcome or lost answers: {unknown} (sent, then cut off; counted "
+            "at their worst case)"
+        )
     if result.queries_paid == 0:
         lines.append("this run paid zero queries: every answer came from the cache")
     return lines

@@ -7,8 +7,14 @@ Exit codes (stable; scripts may rely on them):
     2  usage or configuration error (bad flags, config file, data file, task, unsupported request)
     3  a budget limit would be exceeded (nothing over the limit was sent)
     4  the provider failed (network, HTTP status, malformed answer) after retries
-    130 interrupted (Ctrl-C)
+    130 interrupted by Ctrl-C (SIGINT)
     141 stdout was closed by its reader (``dect-maas estimate cfg.toml | head -1``); nothing printed
+    143 stopped by SIGTERM (``timeout``, ``docker stop``, a CI cancel)
+
+On SIGINT or SIGTERM, ``run``, ``predict`` and ``demo`` send nothing new, let requests in flight
+finish (at most ``STOP_GRACE_S``, 10 s; then they count at their worst case), store and settle
+them, and exit with one line. A second signal exits at once (the ledger's write-ahead record
+still counts what was in flight).
 
 Errors are printed as one line on stderr; ``--verbose`` adds the traceback and debug logging.
 """
@@ -31,6 +37,7 @@ from ._exceptions import (
     BudgetExceeded,
     ConfigError,
     DectError,
+    Interrupted,
     ProviderError,
     UnsupportedCapability,
 )
@@ -45,6 +52,7 @@ EXIT_BUDGET = 3
 EXIT_PROVIDER = 4
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
+EXIT_TERMINATED = 143
 
 
 class UsageError(ConfigError):
@@ -87,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decoder Tuning for models behind an API: query once per example, train a "
         "small decoder locally, account for every query.",
         epilog="Exit codes: 0 ok, 1 other error, 2 usage/config error, 3 budget exceeded, "
-        "4 provider error, 130 interrupted.",
+        "4 provider error, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.",
     )
     parser.add_argument("--version", action="version", version=f"dect-maas {__version__}")
     common = _Parser(add_help=False)
@@ -150,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     p = sub.add_parser("ledger", parents=[common], help="read the query ledger")
-    p.add_argument("action", choices=["summary", "export", "runs"])
+    p.add_argument(
+        "action",
+        choices=["summary", "export", "runs", "reset"],
+        help="reset: move a damaged or emptied ledger file aside so a new budget can start",
+    )
+    p.add_argument("path", nargs="?", type=Path, default=None, help="the ledger folder or file")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--ledger-dir", type=Path, default=None, help="the ledger folder")
     where.add_argument("--config", type=Path, default=None, help="take the ledger folder from it")
@@ -194,10 +207,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(verbose)
     if getattr(args, "progress", None) is None:
         args.progress = sys.stderr.isatty()
+    signals = args.command in ("run", "predict", "demo")
+    restore = _stop_on_signals() if signals and _in_main_thread() else None
     try:
         code = int(_COMMANDS[args.command](args))
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
         return code
+    except Interrupted as exc:
+        _error(_one_line(exc), verbose)
+        return 128 + exc.signum
     except BrokenPipeError:
         # The reader went away (`dect-maas estimate cfg.toml | head -1`): exit quietly, as a
         # command killed by SIGPIPE does, and keep Python from failing again on its final flush.
@@ -212,6 +230,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code_for(exc)
         _error(_one_line(exc), verbose)
         return code
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()  # signal handlers need it
+
+
+def _stop_on_signals() -> Any:
+    """SIGINT and SIGTERM ask the clients to stop sending (see the module docstring); returns
+    a function that puts the previous handlers back."""
+    import signal
+
+    from ._client import _interrupted, clear_stop, request_stop
+
+    def handle(signum: int, frame: Any) -> None:
+        from ._client import _StopFlag
+
+        if _StopFlag.signum is not None:  # a second signal: leave now
+            print(f"dect-maas: error: signal {signum} again: exiting now", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        if not request_stop(signum):
+            raise _interrupted(signum)  # nothing in flight: stop where we are
+
+    clear_stop()
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        clear_stop()
+
+    return restore
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -263,7 +318,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
-    directory = args.ledger_dir
+
+    directory = args.ledger_dir or args.path
     if directory is None and args.config is not None:
         from ._config_file import load_config
 
@@ -272,6 +328,14 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         raise UsageError("ledger: give --ledger-dir DIR or --config CONFIG")
     if not Path(directory).exists():
         raise UsageError(f"ledger folder {directory} does not exist")
+    if args.action == "reset":
+        from ._ledger import reset_ledger
+
+        aside = reset_ledger(directory)
+        if aside is None:
+            raise UsageError(f"there is no ledger file in {directory}")
+        _info(f"moved the old ledger to {aside}; the next run starts a new, empty budget")
+        return EXIT_OK
     ledger = Ledger(directory)
     try:
         if args.action == "runs":

@@ -373,7 +373,7 @@ def test_a_reused_pid_does_not_keep_a_reservation_alive(tmp_path: Path) -> None:
             ("r-far", "run", 1, 1, 0, 0, "elsewhere", 999_999_999, "", 0.0, "p", "m", "e"),
         ]
         conn = sqlite3.connect(tmp_path / LEDGER_FILENAME)
-        conn.executemany("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        conn.executemany("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0)", rows)
         conn.commit()
         conn.close()
         assert ledger.release_stale() == 1  # r-old: same pid, later start
@@ -441,7 +441,7 @@ def test_our_own_pid_with_another_start_time_is_a_dead_process(tmp_path: Path) -
     ledger = Ledger(tmp_path)
     conn = sqlite3.connect(tmp_path / LEDGER_FILENAME)
     row = ("r", "run", 5, 1, 0, 0, socket.gethostname(), os.getpid(), "1", 0.0, "p", "m", "e")
-    conn.execute("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+    conn.execute("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0)", row)
     conn.commit()
     conn.close()
     assert ledger.release_stale() == 1

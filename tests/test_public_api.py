@@ -11,7 +11,8 @@ EXPORTED = {
     # values and errors
     "Task", "Features", "FeatureMeta", "Examples", "load_examples", "sample_k_shot",
     "DectError", "ConfigError", "TaskError", "FeaturesError", "NotFittedError",
-    "UnsupportedCapability", "BudgetExceeded", "CacheError", "ProviderError", "TransportError",
+    "UnsupportedCapability", "BudgetExceeded", "CacheError", "LedgerError",
+    "Interrupted", "ProviderError", "TransportError",
     "MalformedResponse", "ProviderStatusError", "RateLimited", "QuotaExhausted",
     "AuthenticationError", "ServerError", "DectWarning", "CensoredScoreWarning",
     "MultiTokenLabelWarning",
