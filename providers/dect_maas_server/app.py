@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .batcher import Batcher, Metrics, QueueFull
+from .chat import register_chat
 from .engine import Encoded, Engine, InputError, ItemOutput
 from .schemas import (
     CompletionsRequest,
@@ -679,6 +680,8 @@ def create_app(
 
     for path in ("/fill-mask", "/pipeline/fill-mask", "/models/{model_id:path}"):
         app.add_api_route(path, fill_mask, methods=["POST"])
+
+    register_chat(app, engine, submit=run, max_logprobs=limits.max_logprobs, error=ApiError)
 
     return Guard(
         app,
