@@ -41,6 +41,7 @@ from ._task import Task
 from .adapters import (
     HFInferenceAdapter,
     LocalAdapter,
+    OpenAIChatAdapter,
     OpenAICompatibleAdapter,
     Prices,
     TEIAdapter,
@@ -106,6 +107,7 @@ __all__ = [
     "MalformedResponse",
     "MultiTokenLabelWarning",
     "NotFittedError",
+    "OpenAIChatAdapter",
     "OpenAICompatibleAdapter",
     "Prices",
     "PrototypeClassifier",

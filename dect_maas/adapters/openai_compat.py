@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
 from dect_maas._task import Task
 
@@ -42,7 +43,7 @@ from ._base import (
 )
 from .local import parse_token_ids
 
-__all__ = ["OpenAICompatibleAdapter"]
+__all__ = ["OpenAICompatibleAdapter", "openai_path", "server_root"]
 
 TokenizeAPI = Literal["llama-cpp-python", "vllm", "llama.cpp", "dect-maas", "none"]
 _TOKENIZE: dict[str, tuple[str, str]] = {
@@ -126,8 +127,12 @@ class OpenAICompatibleAdapter(NoDiscovery):
 
     def endpoint(self, role: Role) -> tuple[str, str]:
         if role == "vectors":
-            return self.embeddings_base_url or self.base_url, "/v1/embeddings"
-        return self.base_url, "/v1/completions"
+            base = self.embeddings_base_url or self.base_url
+            return base, openai_path(base, "embeddings")
+        return self.base_url, self._route("completions")
+
+    def _route(self, route: str) -> str:
+        return openai_path(self.base_url, route)
 
     def prompt(self, role: Role, task: Task, text: str, text_b: str | None) -> str:
         if role == "vectors":
@@ -242,7 +247,7 @@ class OpenAICompatibleAdapter(NoDiscovery):
         if self.tokenize_api == "vllm":
             body.update(model=self.model, add_special_tokens=False)
         return RequestSpec(
-            role="scores", method="POST", base_url=self.base_url, path=path, body=body
+            role="scores", method="POST", base_url=server_root(self.base_url), path=path, body=body
         )
 
     def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]:
@@ -275,6 +280,20 @@ class OpenAICompatibleAdapter(NoDiscovery):
             extra["embeddings_model"] = self.embeddings_model or self.model
             extra["embeddings_base_url"] = self.embeddings_base_url or self.base_url
         return extra
+
+
+def openai_path(base_url: str, route: str) -> str:
+    """The path of ``route`` under ``base_url``: ``/v1/<route>`` under a bare host
+    (``http://host:8000``), ``/<route>`` under a base with a path, which is openai-python's form
+    (``https://api.openai.com/v1``, ``https://api.deepinfra.com/v1/openai``)."""
+    return f"/{route}" if urlsplit(base_url).path.strip("/") else f"/v1/{route}"
+
+
+def server_root(base_url: str) -> str:
+    """The server's root for its own (non-OpenAI) routes such as ``/tokenize``: ``base_url``
+    without a trailing ``/v1``."""
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
 def _prompt_tokens(body: JSON, n: int) -> list[int | None]:
