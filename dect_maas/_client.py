@@ -61,7 +61,7 @@ from ._ledger import Ledger, LedgerRecord, Reservation, Settlement
 from ._ratelimit import RateLimiter
 from ._retry import Attempts, Retrier, TruncatedResponse, error_for_status, map_httpx_error
 from ._task import Task
-from .adapters._base import Adapter, Label, Prompt, RequestSpec, Role
+from .adapters._base import Adapter, Label, Prompt, RequestSpec, Role, price_for
 
 __all__ = ["Client", "Estimate"]
 
@@ -167,7 +167,7 @@ class Client:
         max_concurrency: int = 8,
         run_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        api_key_env: str | None = None,
+        api_key_env: str | Mapping[str, str | None] | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
@@ -192,7 +192,7 @@ class Client:
                 self._tmp = tempfile.TemporaryDirectory(prefix="dect-maas-ledger-")
                 ledger = self._tmp.name
             self._ledger, self._owns_ledger = Ledger(ledger, budget, run_id=run_id), True
-        self._credentials = Credentials(api_key_env) if api_key_env is not None else None
+        self._credentials = role_credentials(adapter, api_key_env)
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._transport = transport
         self._max_concurrency = max_concurrency
@@ -282,9 +282,8 @@ class Client:
             out["input_tokens"] += tokens
             out["cached"] += row["cached_queries"]
             out["total"] += len(plan.prompts)
-            cost += sum(
-                adapter.prices.cost(requests=1, input_tokens=s.input_tokens) for s in plan.specs
-            )
+            price = price_for(adapter, role)
+            cost += sum(price.cost(requests=1, input_tokens=s.input_tokens) for s in plan.specs)
         return Estimate(
             queries=out["queries"],
             requests=out["requests"],
@@ -513,7 +512,7 @@ class Client:
             queries=len(spec.indices),
             requests=1,
             input_tokens=n_tokens,
-            cost_usd=c.adapter.prices.cost(requests=1, input_tokens=n_tokens),
+            cost_usd=price_for(c.adapter, spec.role).cost(requests=1, input_tokens=n_tokens),
         )
         done = LedgerRecord(
             provider=c.adapter.provider,
@@ -556,8 +555,9 @@ class Client:
         if paced:
             await self._limiter.acquire(rate_key, spec.input_tokens)
         headers = {"Content-Type": "application/json", **spec.headers}
-        if self._credentials is not None:
-            headers.update(self._credentials.headers())
+        credentials = self._credentials.get(_key_role(spec.role))
+        if credentials is not None:
+            headers.update(credentials.headers())
         content = None if spec.body is None else json.dumps(spec.body, separators=(",", ":"))
         http = self._http_client()
         try:
@@ -566,7 +566,7 @@ class Client:
             raise map_httpx_error(exc, spec.describe()) from exc
         self._limiter.observe(rate_key, response.status_code, response.headers)
         if not 200 <= response.status_code < 300:
-            scrub = self._credentials.scrub if self._credentials else (lambda s: s)
+            scrub = credentials.scrub if credentials else (lambda s: s)
             raise error_for_status(
                 response.status_code,
                 response.headers,
@@ -878,7 +878,7 @@ class Client:
     def __repr__(self) -> str:
         return (
             f"Client(adapter={type(self.adapter).__name__}(model={self.adapter.model!r}), "
-            f"credentials={self._credentials!r}, ledger={str(self._ledger.directory)!r})"
+            f"credentials={_show(self._credentials)}, ledger={str(self._ledger.directory)!r})"
         )
 
 
@@ -945,13 +945,58 @@ def _example_keys(
     return [fast(t) for t in texts]
 
 
+def role_credentials(
+    adapter: Adapter, api_key_env: str | Mapping[str, str | None] | None
+) -> dict[str, Credentials]:
+    """Which key goes to which endpoint role (``"scores"``, ``"vectors"``).
+
+    A mapping names a variable per role (``None``: no key). One name is sent to the scores
+    endpoint, and to the vectors endpoint only when that is on the same host: scores at vendor A
+    and vectors at vendor B must never send A's key to B.
+    """
+    if api_key_env is None:
+        return {}
+    if isinstance(api_key_env, str):
+        out = {"scores": Credentials(api_key_env)}
+        base, _ = adapter.endpoint("scores") if _serves_scores(adapter) else ("", "")
+        vbase, _ = adapter.endpoint("vectors")
+        if not base or _origin(vbase) == _origin(base):
+            out["vectors"] = out["scores"]
+        return out
+    unknown = sorted(set(api_key_env) - {"scores", "vectors"})
+    if unknown:
+        raise ConfigError(f"api_key_env has unknown role(s) {unknown}; use 'scores' and 'vectors'")
+    return {role: Credentials(env) for role, env in api_key_env.items() if env is not None}
+
+
+def _serves_scores(adapter: Adapter) -> bool:
+    return adapter.capabilities("scores").scores != "none"
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = httpx.URL(url)
+    return parts.scheme, parts.netloc.decode("ascii")
+
+
+def _key_role(role: Role) -> str:
+    return "vectors" if role == "vectors" else "scores"
+
+
+def _show(credentials: Mapping[str, Credentials]) -> str:
+    if not credentials:
+        return "None"
+    if len({id(c) for c in credentials.values()}) == 1 and len(credentials) == 2:
+        return repr(next(iter(credentials.values())))
+    return "{" + ", ".join(f"{r!r}: {c!r}" for r, c in credentials.items()) + "}"
+
+
 def _worst(adapter: Adapter, spec: RequestSpec) -> Usage:
     """What a request may cost at most: the budget reserves this before it leaves."""
     return Usage(
         queries=len(spec.indices),
         requests=1,
         input_tokens=spec.input_tokens,
-        cost_usd=adapter.prices.cost(requests=1, input_tokens=spec.input_tokens),
+        cost_usd=price_for(adapter, spec.role).cost(requests=1, input_tokens=spec.input_tokens),
     )
 
 

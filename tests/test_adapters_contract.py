@@ -431,7 +431,7 @@ def test_exact_scores_need_token_ids_before_anything_is_sent() -> None:
 def test_a_spec_never_describes_more_than_it_carries() -> None:
     spec = specs(CASES[0], "features")[0]
     text = spec.describe()
-    assert text.startswith("POST /v1/features")
+    assert text.startswith("POST http://srv/v1/features")  # the full URL that was sent
     assert "content-free" not in text
     many = replace(spec, indices=(*range(20), -1))
     assert "and 13 more" in many.describe()

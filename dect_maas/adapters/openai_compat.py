@@ -61,8 +61,12 @@ class OpenAICompatibleAdapter(NoDiscovery):
 
     ``max_prompts_per_request``: 1 for llama.cpp (it refuses a list of prompts with a 500); OpenAI
     and vLLM take many. ``embeddings_model`` / ``embeddings_base_url``: set either to query
-    vectors. Label ids: ``label_token_ids`` (label string -> ids), else ``tokenizer`` (a callable,
-    e.g. tiktoken's ``encode``), else the server's tokenize endpoint (``tokenize_api``).
+    vectors. ``prices`` bill the scores endpoint (its output-token price for the one token each
+    request generates), ``embeddings_prices`` (default ``prices``) the vectors endpoint.
+    ``max_embedding_inputs``: texts per embeddings request (1 for llama-cpp-python, which answers
+    only the first text of a batch correctly). Label ids: ``label_token_ids`` (label string ->
+    ids), else ``tokenizer`` (a callable, e.g. tiktoken's ``encode``), else the server's tokenize
+    endpoint (``tokenize_api``).
     """
 
     base_url: str
@@ -81,10 +85,17 @@ class OpenAICompatibleAdapter(NoDiscovery):
     extra_body: Mapping[str, JSON] = field(default_factory=dict)
     revision: str | None = None
     prices: Prices = field(default_factory=Prices)
+    embeddings_prices: Prices | None = None
     provider: str = "openai-compatible"
 
     name: ClassVar[str] = "openai-compatible"
     version: ClassVar[str] = "1"
+
+    def role_prices(self, role: Role) -> Prices:
+        """Scores requests generate one token (``max_tokens: 1``); vectors may be billed apart."""
+        if role == "vectors":
+            return self.embeddings_prices or self.prices
+        return self.prices.generating(1)
 
     @property
     def vectors(self) -> bool:
