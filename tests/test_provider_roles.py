@@ -15,7 +15,6 @@ from dect_maas import (
     Client,
     ConfigError,
     OpenAIChatAdapter,
-    OpenAICompatibleAdapter,
     Prices,
     Task,
 )
