@@ -95,16 +95,19 @@ def test_config_kinds_and_keys_that_were_refused_before() -> None:
     assert api_keys(split.provider) == {"scores": "TOGETHER_API_KEY", "vectors": "OPENAI_API_KEY"}
 
 
+CHAT = {"kind": "openai_chat", "base_url": "http://h", "model": "m"}
+
+
 @pytest.mark.parametrize(
     ("provider", "words"),
     [
-        ({"kind": "openai_chat", "base_url": "http://h", "model": "m", "top_k": 50}, "between 1 and 20"),
+        ({**CHAT, "top_k": 50}, "between 1 and 20"),
         ({"kind": "embeddings", "base_url": "http://h"}, "needs embeddings_model"),
         ({"kind": "openai_chat", "base_url": "http://h"}, "needs model"),
-        ({"kind": "openai", "base_url": "http://h", "model": "m", "system_prompt": "x"}, "openai_chat"),
-        ({"kind": "openai_chat", "base_url": "http://h", "model": "m", "embeddings_api_key_env": "sk-1"}, "NAME"),
+        ({**CHAT, "kind": "openai", "system_prompt": "x"}, "openai_chat"),
+        ({**CHAT, "embeddings_api_key_env": "sk-1"}, "NAME"),
     ],
-)  # fmt: skip
+)
 def test_provider_mistakes_are_one_clear_error(provider: dict[str, Any], words: str) -> None:
     with pytest.raises(ConfigError, match=words) as info:
         make_adapter(_config(**provider).provider)
