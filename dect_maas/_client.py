@@ -54,6 +54,7 @@ from ._exceptions import (
     ConfigError,
     MalformedResponse,
     MultiTokenLabelWarning,
+    ProviderStatusError,
     warn,
 )
 from ._features import FeatureMeta, Features
@@ -684,7 +685,13 @@ class Client:
             _, _, body = await self._http_json(adapter, spec)
             return adapter.parse_tokenize(spec, body)
 
-        ids = await self._retrier.call(once, Attempts())
+        try:
+            ids = await self._retrier.call(once, Attempts())
+        except ProviderStatusError as exc:
+            if not getattr(adapter, "tokenize_optional", False) or exc.status not in (404, 405):
+                raise
+            logger.info("%s has no tokenize route: label words matched by string", spec.url)
+            return []
         logger.info("%s %s: label word -> %d token(s), free", adapter.provider, spec.path, len(ids))
         return ids
 

@@ -13,7 +13,13 @@ import httpx
 import numpy as np
 import pytest
 
-from dect_maas import CensoredScoreWarning, MalformedResponse, Task, UnsupportedCapability
+from dect_maas import (
+    CensoredScoreWarning,
+    MalformedResponse,
+    ProviderStatusError,
+    Task,
+    UnsupportedCapability,
+)
 from dect_maas._cache import CacheConfig
 from dect_maas._client import Client
 from dect_maas.adapters import Label, OpenAIChatAdapter, OpenAICompatibleAdapter, Prompt
@@ -253,3 +259,31 @@ def test_chat_top_k_combines_the_forms_found(chat_server: str, tmp_path: Path) -
         cens = [per_word[0][1] and per_word[1][1], per_word[2][1], True]
         assert list(feats.censored[n]) == cens
     assert list(feats.censored[0]) == [False, False, True]  # a, b picked from its top k
+
+
+@pytest.mark.slow
+def test_the_default_tokenize_api_falls_back_to_string_matching(
+    chat_server: str, tmp_path: Path
+) -> None:
+    """Our server, like OpenAI, Together and vLLM, has no /extras/tokenize: it answers 404, and
+    the completions adapter's default matches the top-k candidates by string instead."""
+    adapter = OpenAICompatibleAdapter(chat_server, "tiny", top_logprobs=20)
+    assert adapter.tokenize_api == "auto"
+    with Client(adapter, cache=CacheConfig(tmp_path / "c"), ledger=tmp_path / "l") as client:
+        with pytest.warns(CensoredScoreWarning):
+            feats = client.features(CHAT_TASK, TEXTS)
+        with pytest.warns(CensoredScoreWarning):
+            again = client.features(CHAT_TASK, TEXTS)  # the 404 is remembered: nothing re-asked
+        summary = client.ledger.summary()
+    assert feats.meta.label_token_ids == ((), ())
+    assert feats.scores is not None
+    np.testing.assert_array_equal(again.scores, feats.scores)
+    assert summary.requests == len(TEXTS) + 1
+    exact = replace(adapter, tokenize_api="auto", exact_token_ids=True)
+    with (
+        Client(exact, cache=None, ledger=tmp_path / "l2") as client,
+        pytest.raises(ProviderStatusError) as info,
+    ):
+        client.features(CHAT_TASK, TEXTS)  # exact scores need the ids: the 404 is an error
+    assert info.value.status == 404
+    assert f"{chat_server}/extras/tokenize" in str(info.value)

@@ -45,9 +45,10 @@ from .local import parse_token_ids
 
 __all__ = ["OpenAICompatibleAdapter", "openai_path", "server_root"]
 
-TokenizeAPI = Literal["llama-cpp-python", "vllm", "llama.cpp", "dect-maas", "none"]
+TokenizeAPI = Literal["auto", "llama-cpp-python", "vllm", "llama.cpp", "dect-maas", "none"]
 _TOKENIZE: dict[str, tuple[str, str]] = {
     # api -> (path, field holding the text)
+    "auto": ("/extras/tokenize", "input"),  # llama-cpp-python's; string matching where it 404s
     "llama-cpp-python": ("/extras/tokenize", "input"),
     "vllm": ("/tokenize", "prompt"),
     "llama.cpp": ("/tokenize", "content"),
@@ -66,7 +67,8 @@ class OpenAICompatibleAdapter(NoDiscovery):
     ``max_embedding_inputs``: texts per embeddings request (1 for llama-cpp-python, which answers
     only the first text of a batch correctly). Label ids: ``label_token_ids`` (label string ->
     ids), else ``tokenizer`` (a callable, e.g. tiktoken's ``encode``), else the server's tokenize
-    endpoint (``tokenize_api``).
+    endpoint (``tokenize_api``; ``"auto"`` tries llama-cpp-python's and matches candidates by
+    string where the server has none).
     """
 
     base_url: str
@@ -79,7 +81,7 @@ class OpenAICompatibleAdapter(NoDiscovery):
     embeddings_base_url: str | None = None
     max_embedding_inputs: int = 64
     pooling: Literal["mean", "last"] = "mean"
-    tokenize_api: TokenizeAPI = "llama-cpp-python"
+    tokenize_api: TokenizeAPI = "auto"
     label_token_ids: Mapping[str, Sequence[int]] | None = None
     tokenizer: Callable[[str], Sequence[int]] | None = field(default=None, compare=False)
     extra_body: Mapping[str, JSON] = field(default_factory=dict)
@@ -249,6 +251,12 @@ class OpenAICompatibleAdapter(NoDiscovery):
             vec = pool(spec, get(spec, item, "embedding"), self.pooling, f"data[{i}].embedding")
             out.append({"s": None, "c": None, "h": encode_vector(vec), "t": tokens[i], "fp": None})
         return out
+
+    @property
+    def tokenize_optional(self) -> bool:
+        """With ``tokenize_api="auto"`` a server with no tokenize route (OpenAI, Together, vLLM,
+        llama.cpp's own server answer 404) is fine: top-k candidates are matched by string."""
+        return self.tokenize_api == "auto" and not self.exact_token_ids
 
     def tokenize_request(self, text: str) -> RequestSpec | None:
         if self.known_label_ids(text) is not None or self.tokenize_api == "none":
