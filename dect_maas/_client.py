@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
+from ._batch_check import MIN_COSINE, PROBES, agreement, probe_key, verdict_key
 from ._bookkeeper import Bookkeeper
 from ._budget import BudgetLimits, Usage
 from ._cache import CacheConfig, ResponseCache, cache_key
@@ -55,6 +56,7 @@ from ._exceptions import (
     MalformedResponse,
     MultiTokenLabelWarning,
     ProviderStatusError,
+    UnsupportedCapability,
     warn,
 )
 from ._features import FeatureMeta, Features
@@ -236,6 +238,9 @@ class Client:
         for plan in plans:
             plan.found = await self._lookup(plan.keys)
             self._split(adapter, plan, labels)
+        for plan in plans:
+            if plan.role == "vectors" and any(len(s.indices) > 1 for s in plan.specs):
+                await self._check_batching(adapter)
         report = _progress(progress, sum(len(p.prompts) for p in plans))
         report(sum(sum(1 for k in p.keys if k in p.found) for p in plans))  # true hits
         for plan in plans:
@@ -541,6 +546,41 @@ class Client:
         if outcome is None:  # try_reserve reserves or refuses
             raise RuntimeError("the ledger neither reserved nor refused")
         return outcome
+
+    async def _paid(self, adapter: Adapter, spec: RequestSpec, keys: list[str]) -> list[Record]:
+        """One request through the whole paid path (reserve, send, store, settle), alone."""
+        reservation = await self._reserve(adapter, spec)
+        answer = await self._call(adapter, spec, keys, reservation)
+        await _outlast(self._commit(adapter, answer, None))
+        return answer.records
+
+    async def _check_batching(self, adapter: Adapter) -> None:
+        """Refuse a vectors endpoint whose batched answers differ from single ones (checked once
+        per endpoint, model and pooling; the verdict is cached). See ``_batch_check``."""
+        base, path = adapter.endpoint("vectors")
+        key = verdict_key(base + path, adapter.model_for("vectors"), adapter.hidden_kind("vectors"))
+        verdict = await asyncio.to_thread(self._cache.get, key) if self._cache else None
+        if verdict is None:
+            prompts = [Prompt(i, text) for i, text in enumerate(PROBES)]
+            specs = adapter.build_requests("vectors", prompts, ())
+            if len(specs) != 1:
+                return  # the endpoint takes one input per request: nothing to check
+            alone = [adapter.build_requests("vectors", [p], ())[0] for p in prompts]
+            got = []
+            for spec in [specs[0], *alone]:
+                keys = [probe_key(spec.to_json(), i) for i in range(len(spec.indices))]
+                got.append([r["h"] for r in await self._paid(adapter, spec, keys)])
+            cosine = agreement(got[0], [got[1][0], got[2][0]])
+            verdict = {"ok": cosine >= MIN_COSINE, "cosine": cosine}
+            if self._cache is not None:
+                await asyncio.to_thread(self._cache.set, key, verdict)
+        if not verdict["ok"]:
+            raise UnsupportedCapability(
+                f"the embeddings endpoint {base}{path} answers a batch of texts differently "
+                f"from the same texts sent alone (cosine {float(verdict['cosine']):.2f}): it "
+                "mis-batches, as llama-cpp-python does. Send one text per request: "
+                "embeddings_batch_size = 1 in the config (max_embedding_inputs=1 in Python)"
+            )
 
     async def _attempt(self, adapter: Adapter, spec: RequestSpec) -> list[Record]:
         """One try: rate limit, HTTP, status and body checks, parse. Raises our errors only."""
