@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from collections import Counter, deque
@@ -275,7 +276,20 @@ class Client:
             known = not unknown_server and (role == "vectors" or not missing)
             plan.found = self._cache_get_many(plan.keys) if known else {}
             self._split(adapter, plan, labels)
-            tokens = sum(s.input_tokens for s in plan.specs)
+            factor = token_factor(adapter, plan, labels)
+            if factor is not None and plan.specs:
+                assumptions.append(
+                    f"{role}: input tokens scaled from {factor[1]} cached answer(s) of the "
+                    f"provider (x{factor[0]:.3f} of the byte bound, +{SCALE_MARGIN:.0%} margin)"
+                )
+            elif plan.specs:
+                assumptions.append(
+                    f"{role}: input tokens are the byte bound (no cached answer to scale from); "
+                    "the provider will count fewer, often 3-4x fewer"
+                )
+            scale = factor[0] * (1 + SCALE_MARGIN) if factor is not None else 1.0
+            sizes = [min(s.input_tokens, math.ceil(s.input_tokens * scale)) for s in plan.specs]
+            tokens = sum(sizes)
             row = {
                 "queries": len(plan.misses),
                 "requests": len(plan.specs),
@@ -289,7 +303,7 @@ class Client:
             out["cached"] += row["cached_queries"]
             out["total"] += len(plan.prompts)
             price = price_for(adapter, role)
-            cost += sum(price.cost(requests=1, input_tokens=s.input_tokens) for s in plan.specs)
+            cost += sum(price.cost(requests=1, input_tokens=n) for n in sizes)
         return Estimate(
             queries=out["queries"],
             requests=out["requests"],
@@ -990,6 +1004,26 @@ def _example_keys(
     if any(fast(texts[i]) != slow(texts[i]) for i in checks):
         return [slow(t) for t in texts]
     return [fast(t) for t in texts]
+
+
+#: Added to a token count scaled from cached answers, so that an estimate errs high.
+SCALE_MARGIN = 0.05
+
+
+def token_factor(
+    adapter: Adapter, plan: _Plan, labels: Sequence[Label], sample: int = 200
+) -> tuple[float, int] | None:
+    """(provider tokens / byte bound, answers used) over up to ``sample`` cached answers of this
+    plan that carry the provider's token count, or None when none does."""
+    seen = [
+        (p, r["t"])
+        for p, k in zip(plan.prompts, plan.keys, strict=True)
+        if (r := plan.found.get(k)) is not None and isinstance(r.get("t"), int)
+    ][:sample]
+    if not seen:
+        return None
+    bound = sum(adapter.build_requests(plan.role, [p], labels)[0].input_tokens for p, _ in seen)
+    return (sum(t for _, t in seen) / bound if bound else 1.0), len(seen)
 
 
 def role_credentials(

@@ -4,6 +4,7 @@ end against the real local server's ``/v1/chat/completions`` (tiny model with a 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from dect_maas import (
 )
 from dect_maas._cache import CacheConfig
 from dect_maas._client import Client
-from dect_maas.adapters import Label, OpenAIChatAdapter, OpenAICompatibleAdapter, Prompt
+from dect_maas.adapters import Label, OpenAIChatAdapter, OpenAICompatibleAdapter, Prices, Prompt
 from dect_maas.adapters.openai_chat import surface_forms
 
 TASK = Task("Review: {text}\nSentiment: {mask}", {"neg": "negative", "pos": ["positive", "good"]})
@@ -287,3 +288,39 @@ def test_the_default_tokenize_api_falls_back_to_string_matching(
         client.features(CHAT_TASK, TEXTS)  # exact scores need the ids: the 404 is an error
     assert info.value.status == 404
     assert f"{chat_server}/extras/tokenize" in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["chat", "features"])
+def test_estimate_scaled_from_cached_answers_is_within_15_percent(
+    chat_server: str, tmp_path: Path, route: str
+) -> None:
+    """After a first run, ``estimate`` scales the byte bound by the provider's own token counts
+    in the cache: within ±15% of what the next run records, and never more than 5% below."""
+    from dect_maas import LocalAdapter, load_examples
+
+    data = Path(__file__).resolve().parent.parent / "examples" / "data" / "movies_train.jsonl"
+    texts = list(load_examples(data).texts[:40])
+    prices = Prices(per_million_input_tokens=2.0, per_million_output_tokens=8.0)
+    adapter: Any = (
+        OpenAIChatAdapter(chat_server, "tiny", prices=prices)
+        if route == "chat"
+        else LocalAdapter(chat_server, prices=prices)
+    )
+    cache = CacheConfig(tmp_path / "c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CensoredScoreWarning)
+        with Client(adapter, cache=cache, ledger=tmp_path / "l1") as client:
+            blind = client.estimate(CHAT_TASK, texts)
+            client.features(CHAT_TASK, texts[:10])
+            first = client.ledger.summary()
+        with Client(adapter, cache=cache, ledger=tmp_path / "l2") as client:
+            est = client.estimate(CHAT_TASK, texts)
+            client.features(CHAT_TASK, texts)
+            run = client.ledger.summary()
+    assert any("byte bound" in a for a in blind.assumptions)
+    assert blind.input_tokens > 2 * first.input_tokens  # the bound: far above the truth
+    assert any("scaled from 11 cached answer(s)" in a for a in est.assumptions)
+    assert est.queries == run.queries_paid == 30
+    assert 0.95 * run.input_tokens <= est.input_tokens <= 1.15 * run.input_tokens
+    assert 0.95 * run.cost_usd <= est.cost_usd <= 1.15 * run.cost_usd
