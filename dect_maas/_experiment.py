@@ -29,6 +29,7 @@ import numpy as np
 from ._config_file import ExperimentConfig, ProviderSection, load_config, merge
 from ._exceptions import ConfigError
 from ._features import Features
+from ._report import SCORE_METHODS
 from ._task import Task
 
 __all__ = ["Experiment", "ExperimentEstimate", "ExperimentResult", "MethodRun", "QueryPlan"]
@@ -141,6 +142,8 @@ class ExperimentResult:
     versions: dict[str, str]
     skipped: dict[str, str] = field(default_factory=dict)
     output_dir: Path | None = None
+    # per class: the share of its label scores that are upper bounds (top-k censoring)
+    censored: dict[str, float] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
@@ -211,6 +214,11 @@ class ExperimentResult:
             "wall_seconds": self.wall_seconds,
             "query_seconds": self.query_seconds,
             "skipped_methods": self.skipped,
+            "censored": {
+                "per_class": self.censored,
+                "overall": float(np.mean(list(self.censored.values()))) if self.censored else 0.0,
+                "methods_affected": [m for m in self.methods if m in SCORE_METHODS],
+            },
             "runs": [r.to_dict() for r in self.runs],
             "summary": [
                 {
@@ -436,6 +444,7 @@ class Experiment:
             started_at=started,
             versions=package_versions(),
             skipped=skipped,
+            censored=censored_share(all_f, task.classes),
         )
         if out_dir is not None:
             from ._report import write_report as _write
@@ -607,6 +616,15 @@ def _class_name(label: Any, task: Task, where: str) -> str:
 
 
 # -- client and bookkeeping -----------------------------------------------------------------------
+
+
+def censored_share(features: Any, classes: Sequence[str]) -> dict[str, float]:
+    """Per class, the share of queried examples whose label score is an upper bound (top-k
+    censoring); empty when the scores are exact or there are none."""
+    if features.censored is None:
+        return {}
+    share = np.asarray(features.censored, dtype=np.float64).mean(axis=0)  # [C]
+    return {c: round(float(v), 4) for c, v in zip(classes, share, strict=True)}
 
 
 def build_client(config: ExperimentConfig, run_id: str) -> Any:

@@ -17,7 +17,10 @@ import numpy as np
 if TYPE_CHECKING:
     from ._experiment import ExperimentResult
 
-__all__ = ["format_table", "render_markdown", "write_report"]
+__all__ = ["SCORE_METHODS", "format_table", "render_markdown", "write_report"]
+
+#: The methods that read label-word scores (and so suffer from censored ones).
+SCORE_METHODS = ("dect", "auto_dect", "zero_shot", "calibrated_zero_shot")
 
 PLOTS_MISSING = "plots skipped: matplotlib is not installed (pip install 'dect-maas[plots]')"
 _ZERO_SHOT = ("zero_shot", "calibrated_zero_shot")
@@ -98,6 +101,14 @@ def usage_lines(result: ExperimentResult) -> list[str]:
     ]
     if result.queries_paid == 0:
         lines.append("this run paid zero queries: every answer came from the cache")
+    if result.censored and any(result.censored.values()):
+        overall = 100 * float(np.mean(list(result.censored.values())))
+        per = ", ".join(f"{c} {100 * v:.0f}%" for c, v in result.censored.items())
+        affected = [m for m in result.methods if m in SCORE_METHODS]
+        lines.append(
+            f"censored label scores (outside the provider's top-k, kept as upper bounds): "
+            f"{overall:.1f}% ({per}); affects {', '.join(affected) or 'no method run'}"
+        )
     return lines
 
 
@@ -280,6 +291,10 @@ def _seconds(s: float) -> str:
 
 
 def _money(x: float) -> str:
+    """Plain decimals, never scientific notation: three significant digits below a cent."""
     if x == 0 or not math.isfinite(x):
         return "$0 (unpriced or free)" if x == 0 else "unknown"
-    return f"${x:.4f}" if x >= 0.01 else f"${x:.2e}"
+    if x >= 0.01:
+        return f"${x:.4f}"
+    digits = min(12, 2 - math.floor(math.log10(x)))
+    return f"${x:.{digits}f}"
