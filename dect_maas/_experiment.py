@@ -105,6 +105,8 @@ class ExperimentEstimate:
     cost_usd: float
     cached_queries: int
     assumptions: tuple[str, ...] = ()
+    by_role: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    over_budget: tuple[str, ...] = ()  # the config's budget limits this run alone would pass
 
     @property
     def queries_to_pay(self) -> int:
@@ -120,6 +122,8 @@ class ExperimentEstimate:
             "requests": self.requests,
             "input_tokens": self.input_tokens,
             "cost_usd": self.cost_usd,
+            "by_role": {r: dict(v) for r, v in self.by_role.items()},
+            "over_budget": list(self.over_budget),
             "assumptions": list(self.assumptions),
         }
 
@@ -351,6 +355,8 @@ class Experiment:
             cost_usd=float(est.cost_usd),
             cached_queries=int(est.cached_queries),
             assumptions=tuple(getattr(est, "assumptions", ())),
+            by_role=dict(getattr(est, "by_role", {})),
+            over_budget=over_budget(self.config, est),
         )
 
     # -- running ----------------------------------------------------------------------------------
@@ -616,6 +622,22 @@ def _class_name(label: Any, task: Task, where: str) -> str:
 
 
 # -- client and bookkeeping -----------------------------------------------------------------------
+
+
+def over_budget(config: ExperimentConfig, est: Any) -> tuple[str, ...]:
+    """The budget limits of ``config`` that the estimated run would pass, in words."""
+    b = config.budget
+    checks = [
+        ("max_queries", b.max_queries, est.queries, "queries"),
+        ("max_requests", b.max_requests, est.requests, "requests"),
+        ("max_input_tokens", b.max_input_tokens, est.input_tokens, "input tokens"),
+        ("max_cost_usd", b.max_cost_usd, est.cost_usd, "USD"),
+    ]
+    return tuple(
+        f"budget.{key} = {limit} but this run would need about {need:g} {what}"
+        for key, limit, need, what in checks
+        if limit is not None and need > limit
+    )
 
 
 def censored_share(features: Any, classes: Sequence[str]) -> dict[str, float]:
