@@ -207,6 +207,7 @@ class Client:
         self._bookkeeper: Bookkeeper[_Commit, Outcome] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._labels: dict[str, tuple[int, ...]] = {}
+        self._verdicts: dict[str, Any] = {}  # batching checks, by endpoint (see _batch_check)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -573,7 +574,9 @@ class Client:
         per endpoint, model and pooling; the verdict is cached). See ``_batch_check``."""
         base, path = adapter.endpoint("vectors")
         key = verdict_key(base + path, adapter.model_for("vectors"), adapter.hidden_kind("vectors"))
-        verdict = await asyncio.to_thread(self._cache.get, key) if self._cache else None
+        verdict = self._verdicts.get(key)
+        if verdict is None and self._cache is not None:
+            verdict = await asyncio.to_thread(self._cache.get, key)
         if verdict is None:
             prompts = [Prompt(i, text) for i, text in enumerate(PROBES)]
             specs = adapter.build_requests("vectors", prompts, ())
@@ -588,6 +591,7 @@ class Client:
             verdict = {"ok": cosine >= MIN_COSINE, "cosine": cosine}
             if self._cache is not None:
                 await asyncio.to_thread(self._cache.set, key, verdict)
+        self._verdicts[key] = verdict  # also without a cache: checked once per client
         if not verdict["ok"]:
             raise UnsupportedCapability(
                 f"the embeddings endpoint {base}{path} answers a batch of texts differently "
