@@ -97,6 +97,8 @@ class Estimate:
     total_queries: int
     assumptions: tuple[str, ...] = ()
     by_role: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # per role: tokens scaled from the provider's counts in cached answers, or the byte bound
+    tokens_basis: tuple[str, ...] = ()
 
 
 @dataclass
@@ -269,6 +271,7 @@ class Client:
                 "(first run asks the server's tokenizer): nothing counted as cached for scores"
             )
         out = dict(queries=0, requests=0, input_tokens=0, cached=0, total=0)
+        basis: list[str] = []  # how each role's tokens were counted
         cost = 0.0
         by_role: dict[str, dict[str, int]] = {}
         unknown_server = bool(assumptions)
@@ -279,12 +282,12 @@ class Client:
             self._split(adapter, plan, labels)
             factor = token_factor(adapter, plan, labels)
             if factor is not None and plan.specs:
-                assumptions.append(
+                basis.append(
                     f"{role}: input tokens scaled from {factor[1]} cached answer(s) of the "
                     f"provider (x{factor[0]:.3f} of the byte bound, +{SCALE_MARGIN:.0%} margin)"
                 )
             elif plan.specs:
-                assumptions.append(
+                basis.append(
                     f"{role}: input tokens are the byte bound (no cached answer to scale from); "
                     "the provider will count fewer, often 3-4x fewer"
                 )
@@ -314,6 +317,7 @@ class Client:
             total_queries=out["total"],
             assumptions=tuple(assumptions),
             by_role=by_role,
+            tokens_basis=tuple(basis),
         )
 
     # -- planning (no I/O) ------------------------------------------------------------------------

@@ -354,7 +354,7 @@ class Experiment:
             input_tokens=int(est.input_tokens),
             cost_usd=float(est.cost_usd),
             cached_queries=int(est.cached_queries),
-            assumptions=tuple(getattr(est, "assumptions", ())),
+            assumptions=(*getattr(est, "assumptions", ()), *getattr(est, "tokens_basis", ())),
             by_role=dict(getattr(est, "by_role", {})),
             over_budget=over_budget(self.config, est),
         )

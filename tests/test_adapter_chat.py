@@ -318,9 +318,9 @@ def test_estimate_scaled_from_cached_answers_is_within_15_percent(
             est = client.estimate(CHAT_TASK, texts)
             client.features(CHAT_TASK, texts)
             run = client.ledger.summary()
-    assert any("byte bound" in a for a in blind.assumptions)
+    assert any("byte bound" in a for a in blind.tokens_basis)
     assert blind.input_tokens > 2 * first.input_tokens  # the bound: far above the truth
-    assert any("scaled from 11 cached answer(s)" in a for a in est.assumptions)
+    assert any("scaled from 11 cached answer(s)" in a for a in est.tokens_basis)
     assert est.queries == run.queries_paid == 30
     assert 0.95 * run.input_tokens <= est.input_tokens <= 1.15 * run.input_tokens
     assert 0.95 * run.cost_usd <= est.cost_usd <= 1.15 * run.cost_usd
