@@ -43,6 +43,7 @@ from ._task import Task
 from .adapters import (
     HFInferenceAdapter,
     LocalAdapter,
+    OpenAIChatAdapter,
     OpenAICompatibleAdapter,
     Prices,
     TEIAdapter,
@@ -110,6 +111,7 @@ __all__ = [
     "MalformedResponse",
     "MultiTokenLabelWarning",
     "NotFittedError",
+    "OpenAIChatAdapter",
     "OpenAICompatibleAdapter",
     "Prices",
     "PrototypeClassifier",

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from collections import Counter, deque
@@ -51,6 +52,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
+from ._batch_check import MIN_COSINE, PROBES, agreement, probe_key, verdict_key
 from ._bookkeeper import Bookkeeper
 from ._budget import BudgetLimits, Usage
 from ._cache import CacheConfig, ResponseCache, cache_key
@@ -66,6 +68,7 @@ from ._exceptions import (
     MultiTokenLabelWarning,
     ProviderStatusError,
     TransportError,
+    UnsupportedCapability,
     warn,
 )
 from ._features import FeatureMeta, Features
@@ -73,7 +76,7 @@ from ._ledger import Ledger, LedgerRecord, Reservation, Settlement
 from ._ratelimit import RateLimiter
 from ._retry import Attempts, Retrier, TruncatedResponse, error_for_status, map_httpx_error
 from ._task import Task
-from .adapters._base import Adapter, Label, Prompt, RequestSpec, Role
+from .adapters._base import Adapter, Label, Prompt, RequestSpec, Role, price_for
 
 __all__ = ["Client", "Estimate"]
 
@@ -105,6 +108,8 @@ class Estimate:
     total_queries: int
     assumptions: tuple[str, ...] = ()
     by_role: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # per role: tokens scaled from the provider's counts in cached answers, or the byte bound
+    tokens_basis: tuple[str, ...] = ()
 
 
 @dataclass
@@ -215,7 +220,7 @@ class Client:
         max_concurrency: int = 8,
         run_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        api_key_env: str | None = None,
+        api_key_env: str | Mapping[str, str | None] | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
@@ -240,7 +245,7 @@ class Client:
                 self._tmp = tempfile.TemporaryDirectory(prefix="dect-maas-ledger-")
                 ledger = self._tmp.name
             self._ledger, self._owns_ledger = Ledger(ledger, budget, run_id=run_id), True
-        self._credentials = Credentials(api_key_env) if api_key_env is not None else None
+        self._credentials = role_credentials(adapter, api_key_env)
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._transport = transport
         self._max_concurrency = max_concurrency
@@ -251,6 +256,7 @@ class Client:
         self._bookkeeper: Bookkeeper[_Commit, Outcome] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._labels: dict[str, tuple[int, ...]] = {}
+        self._verdicts: dict[str, Any] = {}  # batching checks, by endpoint (see _batch_check)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -283,6 +289,9 @@ class Client:
         for plan in plans:
             plan.found = await self._lookup(plan.keys)
             self._split(adapter, plan, labels)
+        for plan in plans:
+            if plan.role == "vectors" and any(len(s.indices) > 1 for s in plan.specs):
+                await self._check_batching(adapter)
         report = _progress(progress, sum(len(p.prompts) for p in plans))
         report(sum(sum(1 for k in p.keys if k in p.found) for p in plans))  # true hits
         for plan in plans:
@@ -309,6 +318,7 @@ class Client:
                 "(first run asks the server's tokenizer): nothing counted as cached for scores"
             )
         out = dict(queries=0, requests=0, input_tokens=0, cached=0, total=0)
+        basis: list[str] = []  # how each role's tokens were counted
         cost = 0.0
         by_role: dict[str, dict[str, int]] = {}
         unknown_server = bool(assumptions)
@@ -317,7 +327,20 @@ class Client:
             known = not unknown_server and (role == "vectors" or not missing)
             plan.found = self._cache_get_many(plan.keys) if known else {}
             self._split(adapter, plan, labels)
-            tokens = sum(s.input_tokens for s in plan.specs)
+            factor = token_factor(adapter, plan, labels)
+            if factor is not None and plan.specs:
+                basis.append(
+                    f"{role}: input tokens scaled from {factor[1]} cached answer(s) of the "
+                    f"provider (x{factor[0]:.3f} of the byte bound, +{SCALE_MARGIN:.0%} margin)"
+                )
+            elif plan.specs:
+                basis.append(
+                    f"{role}: input tokens are the byte bound (no cached answer to scale from); "
+                    "the provider will count fewer, often 3-4x fewer"
+                )
+            scale = factor[0] * (1 + SCALE_MARGIN) if factor is not None else 1.0
+            sizes = [min(s.input_tokens, math.ceil(s.input_tokens * scale)) for s in plan.specs]
+            tokens = sum(sizes)
             row = {
                 "queries": len(plan.misses),
                 "requests": len(plan.specs),
@@ -330,9 +353,8 @@ class Client:
             out["input_tokens"] += tokens
             out["cached"] += row["cached_queries"]
             out["total"] += len(plan.prompts)
-            cost += sum(
-                adapter.prices.cost(requests=1, input_tokens=s.input_tokens) for s in plan.specs
-            )
+            price = price_for(adapter, role)
+            cost += sum(price.cost(requests=1, input_tokens=n) for n in sizes)
         return Estimate(
             queries=out["queries"],
             requests=out["requests"],
@@ -342,6 +364,7 @@ class Client:
             total_queries=out["total"],
             assumptions=tuple(assumptions),
             by_role=by_role,
+            tokens_basis=tuple(basis),
         )
 
     # -- planning (no I/O) ------------------------------------------------------------------------
@@ -586,7 +609,7 @@ class Client:
             queries=len(spec.indices),
             requests=1,
             input_tokens=n_tokens,
-            cost_usd=c.adapter.prices.cost(requests=1, input_tokens=n_tokens),
+            cost_usd=price_for(c.adapter, spec.role).cost(requests=1, input_tokens=n_tokens),
         )
         done = LedgerRecord(
             provider=c.adapter.provider,
@@ -615,6 +638,44 @@ class Client:
         if outcome is None:  # try_reserve reserves or refuses
             raise RuntimeError("the ledger neither reserved nor refused")
         return outcome
+
+    async def _paid(self, adapter: Adapter, spec: RequestSpec, keys: list[str]) -> list[Record]:
+        """One request through the whole paid path (reserve, send, store, settle), alone."""
+        reservation = await self._reserve(adapter, spec)
+        answer = await self._call(adapter, spec, keys, reservation)
+        await _outlast(self._commit(adapter, answer, None))
+        return answer.records
+
+    async def _check_batching(self, adapter: Adapter) -> None:
+        """Refuse a vectors endpoint whose batched answers differ from single ones (checked once
+        per endpoint, model and pooling; the verdict is cached). See ``_batch_check``."""
+        base, path = adapter.endpoint("vectors")
+        key = verdict_key(base + path, adapter.model_for("vectors"), adapter.hidden_kind("vectors"))
+        verdict = self._verdicts.get(key)
+        if verdict is None and self._cache is not None:
+            verdict = await asyncio.to_thread(self._cache.get, key)
+        if verdict is None:
+            prompts = [Prompt(i, text) for i, text in enumerate(PROBES)]
+            specs = adapter.build_requests("vectors", prompts, ())
+            if len(specs) != 1:
+                return  # the endpoint takes one input per request: nothing to check
+            alone = [adapter.build_requests("vectors", [p], ())[0] for p in prompts]
+            got = []
+            for spec in [specs[0], *alone]:
+                keys = [probe_key(spec.to_json(), i) for i in range(len(spec.indices))]
+                got.append([r["h"] for r in await self._paid(adapter, spec, keys)])
+            cosine = agreement(got[0], [got[1][0], got[2][0]])
+            verdict = {"ok": cosine >= MIN_COSINE, "cosine": cosine}
+            if self._cache is not None:
+                await asyncio.to_thread(self._cache.set, key, verdict)
+        self._verdicts[key] = verdict  # also without a cache: checked once per client
+        if not verdict["ok"]:
+            raise UnsupportedCapability(
+                f"the embeddings endpoint {base}{path} answers a batch of texts differently "
+                f"from the same texts sent alone (cosine {float(verdict['cosine']):.2f}): it "
+                "mis-batches, as llama-cpp-python does. Send one text per request: "
+                "embeddings_batch_size = 1 in the config (max_embedding_inputs=1 in Python)"
+            )
 
     async def _attempt(
         self, adapter: Adapter, spec: RequestSpec, reservation: Reservation, sent: list[bool]
@@ -646,8 +707,9 @@ class Client:
             self._ledger.mark_sent(reservation)  # not in a thread: it must not be cancelled
             flag.append(True)
         headers = {"Content-Type": "application/json", **spec.headers}
-        if self._credentials is not None:
-            headers.update(self._credentials.headers())
+        credentials = self._credentials.get(_key_role(spec.role))
+        if credentials is not None:
+            headers.update(credentials.headers())
         content = None if spec.body is None else json.dumps(spec.body, separators=(",", ":"))
         http = self._http_client()
         try:
@@ -656,7 +718,7 @@ class Client:
             raise map_httpx_error(exc, spec.describe()) from exc
         self._limiter.observe(rate_key, response.status_code, response.headers)
         if not 200 <= response.status_code < 300:
-            scrub = self._credentials.scrub if self._credentials else (lambda s: s)
+            scrub = credentials.scrub if credentials else (lambda s: s)
             raise error_for_status(
                 response.status_code,
                 response.headers,
@@ -774,7 +836,13 @@ class Client:
             _, _, body = await self._http_json(adapter, spec)
             return adapter.parse_tokenize(spec, body)
 
-        ids = await self._retrier.call(once, Attempts())
+        try:
+            ids = await self._retrier.call(once, Attempts())
+        except ProviderStatusError as exc:
+            if not getattr(adapter, "tokenize_optional", False) or exc.status not in (404, 405):
+                raise
+            logger.info("%s has no tokenize route: label words matched by string", spec.url)
+            return []
         logger.info("%s %s: label word -> %d token(s), free", adapter.provider, spec.path, len(ids))
         return ids
 
@@ -980,7 +1048,7 @@ class Client:
     def __repr__(self) -> str:
         return (
             f"Client(adapter={type(self.adapter).__name__}(model={self.adapter.model!r}), "
-            f"credentials={self._credentials!r}, ledger={str(self._ledger.directory)!r})"
+            f"credentials={_show(self._credentials)}, ledger={str(self._ledger.directory)!r})"
         )
 
 
@@ -1078,13 +1146,78 @@ def _cache_error(cache: ResponseCache | None, exc: BaseException) -> BaseExcepti
     )
 
 
+#: Added to a token count scaled from cached answers, so that an estimate errs high.
+SCALE_MARGIN = 0.05
+
+
+def token_factor(
+    adapter: Adapter, plan: _Plan, labels: Sequence[Label], sample: int = 200
+) -> tuple[float, int] | None:
+    """(provider tokens / byte bound, answers used) over up to ``sample`` cached answers of this
+    plan that carry the provider's token count, or None when none does."""
+    seen = [
+        (p, r["t"])
+        for p, k in zip(plan.prompts, plan.keys, strict=True)
+        if (r := plan.found.get(k)) is not None and isinstance(r.get("t"), int)
+    ][:sample]
+    if not seen:
+        return None
+    bound = sum(adapter.build_requests(plan.role, [p], labels)[0].input_tokens for p, _ in seen)
+    return (sum(t for _, t in seen) / bound if bound else 1.0), len(seen)
+
+
+def role_credentials(
+    adapter: Adapter, api_key_env: str | Mapping[str, str | None] | None
+) -> dict[str, Credentials]:
+    """Which key goes to which endpoint role (``"scores"``, ``"vectors"``).
+
+    A mapping names a variable per role (``None``: no key). One name is sent to the scores
+    endpoint, and to the vectors endpoint only when that is on the same host: scores at vendor A
+    and vectors at vendor B must never send A's key to B.
+    """
+    if api_key_env is None:
+        return {}
+    if isinstance(api_key_env, str):
+        out = {"scores": Credentials(api_key_env)}
+        base, _ = adapter.endpoint("scores") if _serves_scores(adapter) else ("", "")
+        vbase, _ = adapter.endpoint("vectors")
+        if not base or _origin(vbase) == _origin(base):
+            out["vectors"] = out["scores"]
+        return out
+    unknown = sorted(set(api_key_env) - {"scores", "vectors"})
+    if unknown:
+        raise ConfigError(f"api_key_env has unknown role(s) {unknown}; use 'scores' and 'vectors'")
+    return {role: Credentials(env) for role, env in api_key_env.items() if env is not None}
+
+
+def _serves_scores(adapter: Adapter) -> bool:
+    return adapter.capabilities("scores").scores != "none"
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = httpx.URL(url)
+    return parts.scheme, parts.netloc.decode("ascii")
+
+
+def _key_role(role: Role) -> str:
+    return "vectors" if role == "vectors" else "scores"
+
+
+def _show(credentials: Mapping[str, Credentials]) -> str:
+    if not credentials:
+        return "None"
+    if len({id(c) for c in credentials.values()}) == 1 and len(credentials) == 2:
+        return repr(next(iter(credentials.values())))
+    return "{" + ", ".join(f"{r!r}: {c!r}" for r, c in credentials.items()) + "}"
+
+
 def _worst(adapter: Adapter, spec: RequestSpec) -> Usage:
     """What a request may cost at most: the budget reserves this before it leaves."""
     return Usage(
         queries=len(spec.indices),
         requests=1,
         input_tokens=spec.input_tokens,
-        cost_usd=adapter.prices.cost(requests=1, input_tokens=spec.input_tokens),
+        cost_usd=price_for(adapter, spec.role).cost(requests=1, input_tokens=spec.input_tokens),
     )
 
 

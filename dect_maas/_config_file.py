@@ -83,32 +83,47 @@ class ProviderSection(_Section):
 
     ``kind``: ``local`` (this project's server), ``openai`` (OpenAI-compatible completions with
     logprobs: OpenAI, vLLM, llama.cpp, ...; vectors from ``embeddings_base_url``/``_model``),
+    ``openai_chat`` (the same through chat completions: most hosted models), ``embeddings``
+    (an OpenAI-compatible ``/embeddings`` endpoint alone, for models with no logprobs),
     ``hf_inference`` (fill-mask + feature-extraction) or ``tei`` (text-embeddings-inference:
     vectors only, so only the prototype decoder and the linear probe apply).
+
+    The scores endpoint uses ``base_url``, ``model``, ``api_key_env`` and the ``price_*`` keys;
+    the vectors endpoint the ``embeddings_*`` ones, each defaulting to the scores endpoint's
+    (a key goes to the vectors endpoint only when it is on the same host, or named for it).
     """
 
-    kind: Literal["local", "openai", "hf_inference", "tei"] = "local"
+    kind: Literal["local", "openai", "openai_chat", "embeddings", "hf_inference", "tei"] = "local"
     base_url: str | None = None
     model: str | None = None
     embeddings_base_url: str | None = None
     embeddings_model: str | None = None
     api_key_env: str | None = None
+    embeddings_api_key_env: str | None = None
     top_k: int | None = Field(default=None, ge=1)
     exact_token_ids: bool = False
-    tokenize_api: Literal["llama-cpp-python", "vllm", "llama.cpp", "none"] | None = None
+    tokenize_api: Literal["llama-cpp-python", "vllm", "llama.cpp", "dect-maas", "none"] | None = (
+        None
+    )
+    system_prompt: str | None = None
+    combine_forms: Literal["logsumexp", "max", "as-written"] | None = None
+    embeddings_batch_size: int | None = Field(default=None, ge=1)
     label_token_ids: dict[str, list[int]] | None = None
     mask_token: str | None = None
     pooling: Literal["mean", "last"] | None = None
     max_prompts_per_request: int | None = Field(default=None, ge=1)
     price_per_million_input_tokens: float | None = Field(default=None, ge=0)
     price_per_request: float | None = Field(default=None, ge=0)
+    price_per_million_output_tokens: float | None = Field(default=None, ge=0)
+    embeddings_price_per_million_input_tokens: float | None = Field(default=None, ge=0)
+    embeddings_price_per_request: float | None = Field(default=None, ge=0)
     timeout_s: float = Field(default=600.0, gt=0)
     max_concurrency: int = Field(default=4, ge=1)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=5, ge=1)
 
-    @field_validator("api_key_env")
+    @field_validator("api_key_env", "embeddings_api_key_env")
     @classmethod
     def _env_name(cls, v: str | None) -> str | None:
         if v is not None and not _ENV_NAME.match(v):
@@ -121,10 +136,18 @@ class ProviderSection(_Section):
 
     @model_validator(mode="after")
     def _needs(self) -> ProviderSection:
-        if self.kind in ("local", "openai", "tei") and self.base_url is None:
+        if self.kind == "embeddings":
+            if self.base_url is None and self.embeddings_base_url is None:
+                raise ValueError("kind 'embeddings' needs embeddings_base_url (or base_url)")
+            if not (self.embeddings_model or self.model):
+                raise ValueError("kind 'embeddings' needs embeddings_model (or model)")
+            return self
+        if self.kind in ("local", "openai", "openai_chat", "tei") and self.base_url is None:
             raise ValueError(f"kind {self.kind!r} needs base_url")
-        if self.kind in ("openai", "hf_inference") and not self.model:
+        if self.kind in ("openai", "openai_chat", "hf_inference") and not self.model:
             raise ValueError(f"kind {self.kind!r} needs model (the name the endpoint serves)")
+        if self.kind != "openai_chat" and (self.system_prompt or self.combine_forms):
+            raise ValueError("system_prompt and combine_forms apply to kind 'openai_chat' only")
         return self
 
     @field_validator("base_url", "embeddings_base_url")

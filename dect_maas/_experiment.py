@@ -15,12 +15,14 @@ import platform
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from os import PathLike
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from ._config_file import ExperimentConfig, load_config, merge
 from ._data import load_split, sample_k_shot  # sample_k_shot: OpenPrompt's sampler
@@ -53,6 +55,8 @@ class ExperimentEstimate:
     cost_usd: float
     cached_queries: int
     assumptions: tuple[str, ...] = ()
+    by_role: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    over_budget: tuple[str, ...] = ()  # the config's budget limits this run alone would pass
 
     @property
     def queries_to_pay(self) -> int:
@@ -68,6 +72,8 @@ class ExperimentEstimate:
             "requests": self.requests,
             "input_tokens": self.input_tokens,
             "cost_usd": self.cost_usd,
+            "by_role": {r: dict(v) for r, v in self.by_role.items()},
+            "over_budget": list(self.over_budget),
             "assumptions": list(self.assumptions),
         }
 
@@ -181,7 +187,9 @@ class Experiment:
             input_tokens=int(est.input_tokens),
             cost_usd=float(est.cost_usd),
             cached_queries=int(est.cached_queries),
-            assumptions=tuple(getattr(est, "assumptions", ())),
+            assumptions=(*getattr(est, "assumptions", ()), *getattr(est, "tokens_basis", ())),
+            by_role=dict(getattr(est, "by_role", {})),
+            over_budget=over_budget(self.config, est),
         )
 
     # -- running ----------------------------------------------------------------------------------
@@ -280,6 +288,7 @@ class Experiment:
             started_at=started,
             versions=package_versions(),
             skipped=skipped,
+            censored=censored_share(all_f, task.classes),
         )
         if out_dir is not None:
             _write_report(result, out_dir)
@@ -395,6 +404,31 @@ def _load_split(config: ExperimentConfig, which: str, task: Task) -> _Split:
         labels=[str(label) for label in ex.labels],
         ids=None if ex.ids is None else list(ex.ids),
     )
+
+
+def over_budget(config: ExperimentConfig, est: Any) -> tuple[str, ...]:
+    """The budget limits of ``config`` that the estimated run would pass, in words."""
+    b = config.budget
+    checks = [
+        ("max_queries", b.max_queries, est.queries, "queries"),
+        ("max_requests", b.max_requests, est.requests, "requests"),
+        ("max_input_tokens", b.max_input_tokens, est.input_tokens, "input tokens"),
+        ("max_cost_usd", b.max_cost_usd, est.cost_usd, "USD"),
+    ]
+    return tuple(
+        f"budget.{key} = {limit} but this run would need about {need:g} {what}"
+        for key, limit, need, what in checks
+        if limit is not None and need > limit
+    )
+
+
+def censored_share(features: Any, classes: Sequence[str]) -> dict[str, float]:
+    """Per class, the share of queried examples whose label score is an upper bound (top-k
+    censoring); empty when the scores are exact or there are none."""
+    if features.censored is None:
+        return {}
+    share = np.asarray(features.censored, dtype=np.float64).mean(axis=0)  # [C]
+    return {c: round(float(v), 4) for c, v in zip(classes, share, strict=True)}
 
 
 def _all_inputs(plan: QueryPlan, train: _Split, test: _Split) -> tuple[list[str], list[str] | None]:

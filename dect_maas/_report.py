@@ -20,6 +20,7 @@ from ._config_file import ExperimentConfig
 from ._metrics import mean_std
 
 __all__ = [
+    "SCORE_METHODS",
     "ExperimentResult",
     "MethodRun",
     "QueryPlan",
@@ -27,6 +28,9 @@ __all__ = [
     "render_markdown",
     "write_report",
 ]
+
+#: The methods that read label-word scores (and so suffer from censored ones).
+SCORE_METHODS = ("dect", "auto_dect", "zero_shot", "calibrated_zero_shot")
 
 PLOTS_MISSING = "plots skipped: matplotlib is not installed (pip install 'dect-maas[plots]')"
 _ZERO_SHOT = ("zero_shot", "calibrated_zero_shot")
@@ -117,6 +121,8 @@ class ExperimentResult:
     versions: dict[str, str]
     skipped: dict[str, str] = field(default_factory=dict)
     output_dir: Path | None = None
+    # per class: the share of its label scores that are upper bounds (top-k censoring)
+    censored: dict[str, float] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
@@ -181,6 +187,11 @@ class ExperimentResult:
             "wall_seconds": self.wall_seconds,
             "query_seconds": self.query_seconds,
             "skipped_methods": self.skipped,
+            "censored": {
+                "per_class": self.censored,
+                "overall": float(np.mean(list(self.censored.values()))) if self.censored else 0.0,
+                "methods_affected": [m for m in self.methods if m in SCORE_METHODS],
+            },
             "runs": [r.to_dict() for r in self.runs],
             "summary": [
                 {
@@ -279,6 +290,14 @@ def usage_lines(result: ExperimentResult) -> list[str]:
         )
     if result.queries_paid == 0:
         lines.append("this run paid zero queries: every answer came from the cache")
+    if result.censored and any(result.censored.values()):
+        overall = 100 * float(np.mean(list(result.censored.values())))
+        per = ", ".join(f"{c} {100 * v:.0f}%" for c, v in result.censored.items())
+        affected = [m for m in result.methods if m in SCORE_METHODS]
+        lines.append(
+            f"censored label scores (outside the provider's top-k, kept as upper bounds): "
+            f"{overall:.1f}% ({per}); affects {', '.join(affected) or 'no method run'}"
+        )
     return lines
 
 
@@ -481,6 +500,10 @@ def _seconds(s: float) -> str:
 
 
 def _money(x: float) -> str:
+    """Plain decimals, never scientific notation: three significant digits below a cent."""
     if x == 0 or not math.isfinite(x):
         return "$0 (unpriced or free)" if x == 0 else "unknown"
-    return f"${x:.4f}" if x >= 0.01 else f"${x:.2e}"
+    if x >= 0.01:
+        return f"${x:.4f}"
+    digits = min(12, 2 - math.floor(math.log10(x)))
+    return f"${x:.{digits}f}"

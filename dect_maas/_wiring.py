@@ -23,6 +23,7 @@ from .adapters import (
     Adapter,
     HFInferenceAdapter,
     LocalAdapter,
+    OpenAIChatAdapter,
     OpenAICompatibleAdapter,
     Prices,
     TEIAdapter,
@@ -31,7 +32,7 @@ from .adapters import (
 if TYPE_CHECKING:
     from ._estimator import FeatureClassifier
 
-__all__ = ["build_client", "make_adapter", "make_estimator"]
+__all__ = ["api_keys", "build_client", "make_adapter", "make_estimator"]
 
 
 def build_client(config: ExperimentConfig, run_id: str) -> Client:
@@ -48,10 +49,21 @@ def build_client(config: ExperimentConfig, run_id: str) -> Client:
         retry=RetryPolicy(max_attempts=p.max_attempts),
         max_concurrency=p.max_concurrency,
         run_id=run_id,
-        api_key_env=p.api_key_env,
+        api_key_env=api_keys(p),
         # a read may take minutes on a busy model server; a dead host should not
         timeout=httpx.Timeout(p.timeout_s, connect=min(CONNECT_TIMEOUT_S, p.timeout_s)),
     )
+
+
+def api_keys(p: ProviderSection) -> str | dict[str, str | None] | None:
+    """The key variable per endpoint role: one name (the client sends it to the vectors endpoint
+    only on the scores endpoint's host), or a table when the vectors key is named apart."""
+    if p.kind == "embeddings":
+        env = p.embeddings_api_key_env or p.api_key_env
+        return {"scores": None, "vectors": env} if env else None
+    if p.embeddings_api_key_env is not None:
+        return {"scores": p.api_key_env, "vectors": p.embeddings_api_key_env}
+    return p.api_key_env
 
 
 def make_adapter(p: ProviderSection) -> Adapter:
@@ -59,17 +71,47 @@ def make_adapter(p: ProviderSection) -> Adapter:
     prices = Prices(
         per_million_input_tokens=p.price_per_million_input_tokens or 0.0,
         per_request=p.price_per_request or 0.0,
+        per_million_output_tokens=p.price_per_million_output_tokens or 0.0,
+    )
+    vector_prices = Prices(
+        per_million_input_tokens=(
+            p.embeddings_price_per_million_input_tokens
+            if p.embeddings_price_per_million_input_tokens is not None
+            else prices.per_million_input_tokens
+        ),
+        per_request=(
+            p.embeddings_price_per_request
+            if p.embeddings_price_per_request is not None
+            else prices.per_request
+        ),
     )
     opt: dict[str, Any] = {}
     if p.label_token_ids is not None:
-        if p.kind not in ("local", "openai"):
+        if p.kind not in ("local", "openai", "openai_chat"):
             raise ConfigError(
                 f"provider.label_token_ids: the {p.kind} provider takes no token ids "
                 "(hf_inference scores label words by their text, tei gives no scores); remove it"
             )
         opt["label_token_ids"] = {k: tuple(v) for k, v in p.label_token_ids.items()}
-    if p.pooling is not None and p.kind in ("openai", "hf_inference"):
+    if p.pooling is not None and p.kind in ("openai", "openai_chat", "embeddings", "hf_inference"):
         opt["pooling"] = p.pooling
+    if p.embeddings_batch_size is not None and p.kind in ("openai", "openai_chat", "embeddings"):
+        opt["max_embedding_inputs"] = p.embeddings_batch_size
+    if p.kind == "embeddings":
+        base = p.embeddings_base_url or p.base_url
+        model = p.embeddings_model or p.model
+        assert base is not None
+        assert model is not None  # validated by ProviderSection
+        return OpenAICompatibleAdapter(
+            base_url=base,
+            model=model,
+            scores=False,
+            embeddings_base_url=base,
+            embeddings_model=model,
+            embeddings_prices=vector_prices,
+            tokenize_api="none",
+            **opt,
+        )
     if p.kind == "local":
         assert p.base_url is not None  # validated by ProviderSection
         if p.max_prompts_per_request is not None:
@@ -77,24 +119,34 @@ def make_adapter(p: ProviderSection) -> Adapter:
         if p.mask_token is not None:
             opt["mask_token"] = p.mask_token
         return LocalAdapter(base_url=p.base_url, model=p.model or "local", prices=prices, **opt)
-    if p.kind == "openai":
+    if p.kind in ("openai", "openai_chat"):
         assert p.base_url is not None
         assert p.model is not None
         if p.top_k is not None:
             opt["top_logprobs"] = p.top_k
-        if p.max_prompts_per_request is not None:
-            opt["max_prompts_per_request"] = p.max_prompts_per_request
         if p.tokenize_api is not None:
             opt["tokenize_api"] = p.tokenize_api
-        return OpenAICompatibleAdapter(
+        common: dict[str, Any] = dict(
             base_url=p.base_url,
             model=p.model,
             exact_token_ids=p.exact_token_ids,
             embeddings_model=p.embeddings_model,
             embeddings_base_url=p.embeddings_base_url,
             prices=prices,
-            **opt,
+            embeddings_prices=vector_prices,
         )
+        if p.kind == "openai_chat":
+            if p.combine_forms == "as-written":
+                opt["surface_forms"] = False
+            elif p.combine_forms is not None:
+                opt["combine"] = p.combine_forms
+            try:
+                return OpenAIChatAdapter(system=p.system_prompt, **common, **opt)
+            except ValueError as exc:  # top_logprobs above the chat cap
+                raise ConfigError(f"provider.top_k: {exc}") from None
+        if p.max_prompts_per_request is not None:
+            opt["max_prompts_per_request"] = p.max_prompts_per_request
+        return OpenAICompatibleAdapter(**common, **opt)
     if p.kind == "hf_inference":
         assert p.model is not None
         if p.mask_token is not None:

@@ -310,11 +310,22 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     )
     print(f"requests: {est.requests}")
     print(f"input tokens (estimate): {est.input_tokens}")
-    print(f"cost (upper estimate): ${est.cost_usd:.6f}")
+    print(f"cost (estimate): {_money(est.cost_usd)}")
+    for role, row in est.by_role.items():
+        print(f"  {role}: {row['queries']} queries, {row['requests']} requests, "
+              f"{row['input_tokens']} input tokens")  # fmt: skip
     for note in est.assumptions:
         print(f"note: {note}")
+    for limit in est.over_budget:
+        print(f"warning: {limit}: the run would stop there (raise the limit or run fewer shots)")
     print("nothing was sent")
     return EXIT_OK
+
+
+def _money(x: float) -> str:
+    from ._report import _money as money
+
+    return money(x)
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:

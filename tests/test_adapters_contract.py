@@ -28,6 +28,7 @@ from dect_maas.adapters import (
     HFInferenceAdapter,
     Label,
     LocalAdapter,
+    OpenAIChatAdapter,
     OpenAICompatibleAdapter,
     Prompt,
     RequestSpec,
@@ -95,6 +96,35 @@ def vllm_exact_body(spec: RequestSpec) -> Any:
         c["logprobs"]["top_logprobs"] = [
             {"token_id:13321": -7.5, "token_id:4527": -4.9, "token_id:1109": -4.15}
         ]
+    return body
+
+
+def chat_body(spec: RequestSpec) -> Any:
+    """OpenAI chat with top_logprobs: two forms of "great", none of "terrible", a -9999 sentinel."""
+    top = [("The", -0.5), ("Great", -1.0), ("great", -2.0), (" bad", -3.0), ("x", -9999.0)]
+    entries = [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]
+    return {
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "The"},
+                "logprobs": {"content": [{**entries[0], "top_logprobs": entries}]},
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 1, "total_tokens": 31},
+    }
+
+
+def vllm_chat_exact_body(spec: RequestSpec) -> Any:
+    body = chat_body(spec)
+    content = body["choices"][0]["logprobs"]["content"][0]
+    content["top_logprobs"] = [
+        {"token": f"token_id:{i}", "logprob": v, "bytes": None}
+        for i, v in ((13321, -7.5), (4527, -4.9), (1109, -4.15))
+    ]
     return body
 
 
@@ -173,6 +203,29 @@ CASES = [
         CAUSAL,
         Task("{mask} is what {text} was", {"a": "x", "b": "y"}),
         {"scores": vllm_exact_body},
+        [-7.5, -4.9, -4.15],
+        [False, False, False],
+    ),
+    Case(
+        "openai-chat-topk+embeddings",
+        OpenAIChatAdapter(
+            "https://api.example.com/v1",
+            "gpt-4o-mini",
+            system="Answer with one word.",
+            embeddings_model="text-embedding-3-small",
+        ),
+        CAUSAL,
+        Task("{mask} is what {text} was", {"a": "x", "b": "y"}),
+        {"scores": chat_body, "vectors": embeddings_body},
+        [-3.0, -3.0, math.log(math.exp(-1.0) + math.exp(-2.0))],
+        [True, False, False],
+    ),
+    Case(
+        "openai-chat-vllm-exact",
+        OpenAIChatAdapter("http://vllm:8000", "m", exact_token_ids=True, tokenize_api="vllm"),
+        CAUSAL,
+        Task("{mask} is what {text} was", {"a": "x", "b": "y"}),
+        {"scores": vllm_chat_exact_body},
         [-7.5, -4.9, -4.15],
         [False, False, False],
     ),
@@ -378,7 +431,7 @@ def test_exact_scores_need_token_ids_before_anything_is_sent() -> None:
 def test_a_spec_never_describes_more_than_it_carries() -> None:
     spec = specs(CASES[0], "features")[0]
     text = spec.describe()
-    assert text.startswith("POST /v1/features")
+    assert text.startswith("POST http://srv/v1/features")  # the full URL that was sent
     assert "content-free" not in text
     many = replace(spec, indices=(*range(20), -1))
     assert "and 13 more" in many.describe()

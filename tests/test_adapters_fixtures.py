@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dect_maas import CensoredScoreWarning, ServerError, Task
+from dect_maas._batch_check import verdict_key
 from dect_maas._client import Client
 from dect_maas._config import RetryPolicy
 from dect_maas._retry import error_for_status
@@ -141,6 +142,12 @@ def test_per_token_embeddings_are_pooled_and_the_choice_recorded(
     with client(
         replay, tmp_path, scores=False, embeddings_base_url=EMBEDDING, pooling=pooling
     ) as c:
+        # This recording is the server's mis-batched answer (only data[0] is right); here only
+        # its pooling is checked, so the one-time batching check (which would refuse this
+        # server: tests/test_batch_check.py) is marked as passed for this client.
+        key = verdict_key(f"{EMBEDDING}/v1/embeddings", c.adapter.model_for("vectors"),
+                          c.adapter.hidden_kind("vectors"))  # fmt: skip
+        c._verdicts[key] = {"ok": True, "cosine": 1.0}
         feats = c.features(TASK, texts)
     per_token = [np.asarray(d["embedding"]) for d in rec["response"]["json"]["data"]]
     assert [v.shape for v in per_token] == [(7, 576), (5, 576)]

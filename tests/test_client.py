@@ -210,7 +210,8 @@ def test_estimate_matches_what_the_run_then_spends(tmp_path: Path) -> None:
         after = client.estimate(TASK, TEXTS)
     assert (est.queries, est.requests, est.cached_queries) == (6, 2, 5)
     assert (spent.queries, spent.requests) == (est.queries, est.requests)
-    assert 0 < spent.input_tokens <= est.input_tokens  # the estimate is the worst case
+    # scaled from the provider's counts in the cache: never more than 5% below what is spent
+    assert 0 < 0.95 * spent.input_tokens <= est.input_tokens
     assert (after.queries, after.requests, after.cached_queries) == (0, 0, 11)
 
 

@@ -118,7 +118,8 @@ def test_second_run_pays_zero_queries_and_estimate_matches(served: Any, tmp_path
     assert est.assumptions == ()
     assert (est.queries, est.cached_queries, est.requests) == (3, 2, 2)
     assert (spent.queries, spent.requests) == (est.queries, est.requests)
-    assert 0 < spent.input_tokens <= est.input_tokens
+    # scaled from the provider's counts in the cache: never more than 5% below what is spent
+    assert 0 < 0.95 * spent.input_tokens <= est.input_tokens
     assert again == spent  # the second run paid nothing
     assert second == first
     assert summary.cache_hits == 2 + 5

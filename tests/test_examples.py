@@ -165,8 +165,9 @@ def test_openai_compatible_example_against_the_local_server(
     )
     result = Experiment.from_config(EXAMPLES / "openai_compatible.toml", overrides=overrides).run()
     n = result.plan.n_test + result.plan.n_train_union
-    # two endpoints: scores (+ the content-free prompt) and vectors are separate queries
-    assert result.queries_paid == 2 * n + 1
+    # two endpoints: scores (+ the content-free prompt) and vectors are separate queries, and
+    # the embeddings endpoint's one-time batching check pays 4 (two texts together, then alone)
+    assert result.queries_paid == 2 * n + 1 + 4
     assert {r.method for r in result.runs} == {
         "dect",
         "zero_shot",
@@ -218,7 +219,8 @@ def test_embeddings_only_example_against_a_tei_stand_in(tmp_path: Path, tei_url:
     overrides = small(tmp_path, provider={"base_url": tei_url}, data={"test": {"limit": 20}})
     result = Experiment.from_config(EXAMPLES / "embeddings_tei.toml", overrides=overrides).run()
     # vectors only: no content-free prompt
-    assert result.queries_paid == result.plan.n_test + result.plan.n_train_union
+    # + 4: the endpoint's one-time batching check (two texts together, then each alone)
+    assert result.queries_paid == result.plan.n_test + result.plan.n_train_union + 4
     assert {r.method for r in result.runs} == {"prototype", "linear_probe"}
     again = Experiment.from_config(EXAMPLES / "embeddings_tei.toml", overrides=overrides).run()
     assert again.queries_paid == 0

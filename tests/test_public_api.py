@@ -18,8 +18,8 @@ EXPORTED = {
     "MultiTokenLabelWarning",
     # querying and paying
     "Client", "Estimate", "RetryPolicy", "RateLimit", "Prices", "LocalAdapter",
-    "OpenAICompatibleAdapter", "HFInferenceAdapter", "TEIAdapter", "CacheConfig",
-    "ResponseCache", "cache_key", "BudgetLimits", "Usage", "Ledger", "LedgerRecord",
+    "OpenAICompatibleAdapter", "OpenAIChatAdapter", "HFInferenceAdapter", "TEIAdapter",
+    "CacheConfig", "ResponseCache", "cache_key", "BudgetLimits", "Usage", "Ledger", "LedgerRecord",
     "LedgerSummary",
     # decoders and evaluation
     "DecTClassifier", "AutoDecTClassifier", "ZeroShotClassifier", "PrototypeClassifier",

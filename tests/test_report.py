@@ -146,3 +146,40 @@ def test_without_matplotlib_the_report_says_how_to_get_plots(
     assert PLOTS_MISSING in files["markdown"].read_text()
     assert "pip install 'dect-maas[plots]'" in PLOTS_MISSING
     assert json.loads(files["json"].read_text())["notes"] == [PLOTS_MISSING]
+
+
+def test_censored_share_per_class_is_in_the_report_and_the_summary(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from dect_maas import Features
+    from dect_maas._experiment import censored_share
+    from dect_maas._report import usage_lines, write_report
+
+    feats = Features(
+        [[-1.0, -2.0], [-1.5, -3.0], [-2.0, -3.0], [-1.0, -2.5]],
+        censored=[[False, True], [False, True], [True, True], [False, False]],
+    )
+    share = censored_share(feats, ["neg", "pos"])
+    assert share == {"neg": 0.25, "pos": 0.75}
+    assert censored_share(Features([[0.0, 1.0]]), ["neg", "pos"]) == {}  # exact scores
+    result = replace(make_result(tmp_path), censored=share)
+    line = next(x for x in usage_lines(result) if x.startswith("censored"))
+    assert "50.0% (neg 25%, pos 75%)" in line
+    assert "affects dect, zero_shot" in line
+    files = write_report(result, tmp_path / "out")
+    data = json.loads(files["json"].read_text())
+    assert data["censored"] == {
+        "per_class": {"neg": 0.25, "pos": 0.75},
+        "overall": 0.5,
+        "methods_affected": ["dect", "zero_shot"],
+    }
+    assert "pos 75%" in files["markdown"].read_text()
+    exact = make_result(tmp_path)
+    assert not any(x.startswith("censored") for x in usage_lines(exact))
+
+
+def test_dollars_print_as_plain_decimals(tmp_path: Path) -> None:
+    from dect_maas._report import usage_lines
+
+    line = next(x for x in usage_lines(make_result(tmp_path, cost=0.000514)) if "cost" in x)
+    assert line == "cost: $0.000514"

@@ -3,6 +3,7 @@
 from ._base import Adapter, Capabilities, Label, Prices, Prompt, RequestSpec
 from .hf_inference import HFInferenceAdapter
 from .local import LocalAdapter
+from .openai_chat import OpenAIChatAdapter
 from .openai_compat import OpenAICompatibleAdapter
 from .tei import TEIAdapter
 
@@ -12,6 +13,7 @@ __all__ = [
     "HFInferenceAdapter",
     "Label",
     "LocalAdapter",
+    "OpenAIChatAdapter",
     "OpenAICompatibleAdapter",
     "Prices",
     "Prompt",

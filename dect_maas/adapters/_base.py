@@ -41,6 +41,7 @@ __all__ = [
     "decode_vector",
     "encode_vector",
     "estimate_tokens",
+    "price_for",
     "split_tokens",
 ]
 
@@ -52,13 +53,29 @@ JSON = Any
 
 @dataclass(frozen=True)
 class Prices:
-    """What a provider bills: USD per million input tokens and per request (both overridable)."""
+    """What an endpoint bills: USD per million input and output tokens and per request."""
 
     per_million_input_tokens: float = 0.0
     per_request: float = 0.0
+    per_million_output_tokens: float = 0.0
 
     def cost(self, *, requests: int, input_tokens: int) -> float:
         return self.per_request * requests + self.per_million_input_tokens * input_tokens / 1e6
+
+    def generating(self, tokens_per_request: int) -> Prices:
+        """These prices for requests that each generate ``tokens_per_request`` tokens (scoring
+        asks for ``max_tokens: 1``): the output tokens' price folded into the per-request one."""
+        out = self.per_million_output_tokens * tokens_per_request / 1e6
+        return Prices(self.per_million_input_tokens, self.per_request + out)
+
+
+def price_for(adapter: Any, role: Role) -> Prices:
+    """What one request of ``role`` costs at ``adapter``: its ``role_prices(role)`` where it has
+    one (scores and vectors may be billed by different vendors), else its one ``prices``."""
+    per_role = getattr(adapter, "role_prices", None)
+    prices = per_role(role) if callable(per_role) else adapter.prices
+    assert isinstance(prices, Prices)
+    return prices
 
 
 @dataclass(frozen=True)
@@ -131,12 +148,12 @@ class RequestSpec:
         return self.base_url.rstrip("/") + self.path
 
     def describe(self) -> str:
-        """For logs and errors: never holds a credential (specs carry none)."""
+        """For logs and errors: the full URL sent (specs carry no credential)."""
         if not self.indices:
-            return f"{self.method} {self.path}"
+            return f"{self.method} {self.url}"
         shown = ", ".join("content-free" if i < 0 else str(i) for i in self.indices[:8])
         more = f" and {len(self.indices) - 8} more" if len(self.indices) > 8 else ""
-        return f"{self.method} {self.path} for example(s) {shown}{more}"
+        return f"{self.method} {self.url} for example(s) {shown}{more}"
 
     def to_json(self) -> str:
         return json.dumps(

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
 from dect_maas._task import Task
 
@@ -43,11 +44,12 @@ from ._base import (
 )
 from .local import parse_token_ids
 
-__all__ = ["OpenAICompatibleAdapter"]
+__all__ = ["OpenAICompatibleAdapter", "openai_path", "server_root"]
 
-TokenizeAPI = Literal["llama-cpp-python", "vllm", "llama.cpp", "dect-maas", "none"]
+TokenizeAPI = Literal["auto", "llama-cpp-python", "vllm", "llama.cpp", "dect-maas", "none"]
 _TOKENIZE: dict[str, tuple[str, str]] = {
     # api -> (path, field holding the text)
+    "auto": ("/extras/tokenize", "input"),  # llama-cpp-python's; string matching where it 404s
     "llama-cpp-python": ("/extras/tokenize", "input"),
     "vllm": ("/tokenize", "prompt"),
     "llama.cpp": ("/tokenize", "content"),
@@ -61,8 +63,13 @@ class OpenAICompatibleAdapter(NoDiscovery):
 
     ``max_prompts_per_request``: 1 for llama.cpp (it refuses a list of prompts with a 500); OpenAI
     and vLLM take many. ``embeddings_model`` / ``embeddings_base_url``: set either to query
-    vectors. Label ids: ``label_token_ids`` (label string -> ids), else ``tokenizer`` (a callable,
-    e.g. tiktoken's ``encode``), else the server's tokenize endpoint (``tokenize_api``).
+    vectors. ``prices`` bill the scores endpoint (its output-token price for the one token each
+    request generates), ``embeddings_prices`` (default ``prices``) the vectors endpoint.
+    ``max_embedding_inputs``: texts per embeddings request (1 for llama-cpp-python, which answers
+    only the first text of a batch correctly). Label ids: ``label_token_ids`` (label string ->
+    ids), else ``tokenizer`` (a callable, e.g. tiktoken's ``encode``), else the server's tokenize
+    endpoint (``tokenize_api``; ``"auto"`` tries llama-cpp-python's and matches candidates by
+    string where the server has none).
     """
 
     base_url: str
@@ -75,12 +82,13 @@ class OpenAICompatibleAdapter(NoDiscovery):
     embeddings_base_url: str | None = None
     max_embedding_inputs: int = 64
     pooling: Literal["mean", "last"] = "mean"
-    tokenize_api: TokenizeAPI = "llama-cpp-python"
+    tokenize_api: TokenizeAPI = "auto"
     label_token_ids: Mapping[str, Sequence[int]] | None = None
     tokenizer: Callable[[str], Sequence[int]] | None = field(default=None, compare=False)
     extra_body: Mapping[str, JSON] = field(default_factory=dict)
     revision: str | None = None
     prices: Prices = field(default_factory=Prices)
+    embeddings_prices: Prices | None = None
     provider: str = "openai-compatible"
 
     name: ClassVar[str] = "openai-compatible"
@@ -88,6 +96,12 @@ class OpenAICompatibleAdapter(NoDiscovery):
 
     def __post_init__(self) -> None:
         check_urls(self)
+
+    def role_prices(self, role: Role) -> Prices:
+        """Scores requests generate one token (``max_tokens: 1``); vectors may be billed apart."""
+        if role == "vectors":
+            return self.embeddings_prices or self.prices
+        return self.prices.generating(1)
 
     @property
     def vectors(self) -> bool:
@@ -130,8 +144,12 @@ class OpenAICompatibleAdapter(NoDiscovery):
 
     def endpoint(self, role: Role) -> tuple[str, str]:
         if role == "vectors":
-            return self.embeddings_base_url or self.base_url, "/v1/embeddings"
-        return self.base_url, "/v1/completions"
+            base = self.embeddings_base_url or self.base_url
+            return base, openai_path(base, "embeddings")
+        return self.base_url, self._route("completions")
+
+    def _route(self, route: str) -> str:
+        return openai_path(self.base_url, route)
 
     def prompt(self, role: Role, task: Task, text: str, text_b: str | None) -> str:
         if role == "vectors":
@@ -238,6 +256,12 @@ class OpenAICompatibleAdapter(NoDiscovery):
             out.append({"s": None, "c": None, "h": encode_vector(vec), "t": tokens[i], "fp": None})
         return out
 
+    @property
+    def tokenize_optional(self) -> bool:
+        """With ``tokenize_api="auto"`` a server with no tokenize route (OpenAI, Together, vLLM,
+        llama.cpp's own server answer 404) is fine: top-k candidates are matched by string."""
+        return self.tokenize_api == "auto" and not self.exact_token_ids
+
     def tokenize_request(self, text: str) -> RequestSpec | None:
         if self.known_label_ids(text) is not None or self.tokenize_api == "none":
             return None
@@ -246,7 +270,7 @@ class OpenAICompatibleAdapter(NoDiscovery):
         if self.tokenize_api == "vllm":
             body.update(model=self.model, add_special_tokens=False)
         return RequestSpec(
-            role="scores", method="POST", base_url=self.base_url, path=path, body=body
+            role="scores", method="POST", base_url=server_root(self.base_url), path=path, body=body
         )
 
     def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]:
@@ -279,6 +303,20 @@ class OpenAICompatibleAdapter(NoDiscovery):
             extra["embeddings_model"] = self.embeddings_model or self.model
             extra["embeddings_base_url"] = self.embeddings_base_url or self.base_url
         return extra
+
+
+def openai_path(base_url: str, route: str) -> str:
+    """The path of ``route`` under ``base_url``: ``/v1/<route>`` under a bare host
+    (``http://host:8000``), ``/<route>`` under a base with a path, which is openai-python's form
+    (``https://api.openai.com/v1``, ``https://api.deepinfra.com/v1/openai``)."""
+    return f"/{route}" if urlsplit(base_url).path.strip("/") else f"/v1/{route}"
+
+
+def server_root(base_url: str) -> str:
+    """The server's root for its own (non-OpenAI) routes such as ``/tokenize``: ``base_url``
+    without a trailing ``/v1``."""
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
 def _prompt_tokens(body: JSON, n: int) -> list[int | None]:

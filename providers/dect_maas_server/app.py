@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import Batcher, Metrics
 from .engine import Engine
 from .guard import Guard
-from .routes import completions, embeddings, features, fill_mask, info, tokenize
+from .routes import chat, completions, embeddings, features, fill_mask, info, tokenize
 from .routes.features import features_body
 from .state import ApiError, AppState, Limits, error_response, validation_message
 
@@ -52,7 +52,15 @@ class RouteModule(Protocol):
 
 
 #: The route modules, registered in this order.
-ROUTES: tuple[RouteModule, ...] = (info, features, tokenize, completions, embeddings, fill_mask)
+ROUTES: tuple[RouteModule, ...] = (
+    info,
+    features,
+    tokenize,
+    completions,
+    chat,
+    embeddings,
+    fill_mask,
+)
 
 
 def create_app(

@@ -121,10 +121,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}") from None
 
 
-def fingerprint(model: torch.nn.Module, tokenizer: Any, kind: str) -> str:
-    """Hash of the weights (as loaded, dtype included), the tokenizer and the scoring code."""
+def fingerprint(model: torch.nn.Module, tokenizer: Any, kind: str, settings: str = "") -> str:
+    """Hash of the weights (as loaded, dtype included), the tokenizer, the scoring code and the
+    server ``settings`` that change answers (the truncation limit): clients key caches on it."""
     h = hashlib.sha256()
     h.update(f"dect-maas-server scoring v{SCORING_VERSION}\n{kind}\n".encode())
+    if settings:
+        h.update(f"settings {settings}\n".encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}\n".encode())
@@ -218,7 +221,9 @@ class Engine:
         )
         self._backend = _own_backend(tokenizer)
         self._head_gather = not self._keep_arg and self._head_gather_works()
-        self.fingerprint = fingerprint(model, tokenizer, kind)
+        self.fingerprint = fingerprint(
+            model, tokenizer, kind, settings=f"max_input_tokens={self.max_input_tokens}"
+        )
 
     # -- tokenizing -------------------------------------------------------------------------
 

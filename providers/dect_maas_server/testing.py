@@ -22,7 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["TINY_WORDS", "make_tiny_model", "run_server"]
+__all__ = [
+    "TINY_CHAT_TEMPLATE",
+    "TINY_WORDS",
+    "make_tiny_chat_model",
+    "make_tiny_model",
+    "run_server",
+]
 
 #: The words the tiny tokenizers know as whole tokens (with and without a leading space).
 _WORD_TEXT = """
@@ -164,6 +170,23 @@ def make_tiny_model(kind: Literal["masked", "causal"], path: str | os.PathLike[s
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+#: A ChatML template (as SmolLM2's, with a shorter system default) for the tiny causal model.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a critic<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_chat_model(path: str | os.PathLike[str]) -> Path:
+    """The tiny causal LM with a chat template (``chat_template.jinja``), for chat routes."""
+    out = make_tiny_model("causal", path)
+    (out / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
     return out
 
 

@@ -28,8 +28,13 @@ def test_detect_kind_from_config() -> None:
 def test_fingerprint_follows_weights_and_tokenizer(tiny_masked: Path) -> None:
     engine = load_engine(str(tiny_masked))
     first = engine.fingerprint
-    assert first == fingerprint(engine.model, engine.tokenizer, "masked")
-    assert first != fingerprint(engine.model, engine.tokenizer, "causal")
+    settings = f"max_input_tokens={engine.max_input_tokens}"
+    assert first == fingerprint(engine.model, engine.tokenizer, "masked", settings)
+    assert first != fingerprint(engine.model, engine.tokenizer, "causal", settings)
+    # truncation changes answers: a server restarted with another limit must not share cache keys
+    assert load_engine(str(tiny_masked), max_input_tokens=16).fingerprint != first
+    assert load_engine(str(tiny_masked)).fingerprint == first
+    first = fingerprint(engine.model, engine.tokenizer, "masked")
     with torch.no_grad():
         param = next(engine.model.parameters())
         param[0, 0] += 1e-3
