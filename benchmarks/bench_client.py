@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from faultserver import FakeModel, FaultServer, MockProvider, SlowCache  # noqa: E402
 
 from dect_maas import CacheConfig, Client, LocalAdapter, Task  # noqa: E402
-from dect_maas._ledger import Reservation  # noqa: E402
+from dect_maas.client.ledger import Reservation  # noqa: E402
 
 TASK = Task("{text} Overall, it was {mask}", {"negative": "bad", "positive": "great"})
 
@@ -264,7 +264,7 @@ def bench_bookkeeping(n: int, tmp: Path) -> dict[str, Any]:
     import numpy as np
 
     from dect_maas import Ledger, LedgerRecord, Usage
-    from dect_maas._cache import ResponseCache, cache_key
+    from dect_maas.client.cache import ResponseCache, cache_key
 
     cache = ResponseCache(CacheConfig(tmp / "bk-cache"))
     ledger = Ledger(tmp / "bk-ledger")

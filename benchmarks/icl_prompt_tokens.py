@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import DATA, TASKS
 
 from dect_maas import Task, load_examples, sample_k_shot
-from dect_maas._icl import ICLTask, demonstration, demonstration_order
+from dect_maas.experiments.icl import ICLTask, demonstration, demonstration_order
 
 
 def main() -> int:

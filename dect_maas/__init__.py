@@ -7,11 +7,6 @@ train a small decoder locally (Cui et al., "Decoder Tuning", ACL 2023).
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from ._cache import CacheConfig, ResponseCache, cache_key
-from ._client import Client, Estimate
-from ._config import RateLimit, RetryPolicy
-from ._config_file import ExperimentConfig
-from ._data import Examples, load_examples, sample_k_shot
 from ._exceptions import (
     AuthenticationError,
     BudgetExceeded,
@@ -35,9 +30,7 @@ from ._exceptions import (
     TransportError,
     UnsupportedCapability,
 )
-from ._experiment import Experiment, ExperimentResult
 from ._features import FeatureMeta, Features
-from ._ledger import BudgetLimits, Ledger, LedgerRecord, LedgerSummary, Usage
 from ._metrics import accuracy, confusion_matrix, macro_f1, mean_std
 from ._task import Task
 from .adapters import (
@@ -48,22 +41,29 @@ from .adapters import (
     Prices,
     TEIAdapter,
 )
+from .client.cache import CacheConfig, ResponseCache, cache_key
+from .client.client import Client, Estimate
+from .client.ledger import BudgetLimits, Ledger, LedgerRecord, LedgerSummary, Usage
+from .client.settings import RateLimit, RetryPolicy
+from .experiments.config_file import ExperimentConfig
+from .experiments.data import Examples, load_examples, sample_k_shot
+from .experiments.runner import Experiment, ExperimentResult
 
 if TYPE_CHECKING:
-    from ._auto import AutoDecTClassifier
-    from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
-    from ._estimator import DecTClassifier
+    from .decoders.auto import AutoDecTClassifier
+    from .decoders.baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
+    from .decoders.estimator import DecTClassifier
 
 __version__ = "0.1.0"
 
 # The estimators need torch, which takes seconds to import; the client, the ledger and the CLI's
 # dry runs do not. These names are imported on first use (PEP 562), so `import dect_maas` is light.
 _LAZY = {
-    "AutoDecTClassifier": "._auto",
-    "DecTClassifier": "._estimator",
-    "LinearProbeClassifier": "._baselines",
-    "PrototypeClassifier": "._baselines",
-    "ZeroShotClassifier": "._baselines",
+    "AutoDecTClassifier": ".decoders.auto",
+    "DecTClassifier": ".decoders.estimator",
+    "LinearProbeClassifier": ".decoders.baselines",
+    "PrototypeClassifier": ".decoders.baselines",
+    "ZeroShotClassifier": ".decoders.baselines",
 }
 
 

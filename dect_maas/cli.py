@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from ._demo import SERVER_INSTALL_HINT, run_demo
 from ._exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -41,7 +40,8 @@ from ._exceptions import (
     ProviderError,
     UnsupportedCapability,
 )
-from ._ledger import Ledger
+from .client.ledger import Ledger
+from .experiments.demo import SERVER_INSTALL_HINT, run_demo
 
 __all__ = ["EXIT_BUDGET", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_OK", "EXIT_PROVIDER", "main"]
 
@@ -246,10 +246,10 @@ def _stop_on_signals() -> Any:
     a function that puts the previous handlers back."""
     import signal
 
-    from ._client import _interrupted, clear_stop, request_stop
+    from .client.client import _interrupted, clear_stop, request_stop
 
     def handle(signum: int, frame: Any) -> None:
-        from ._client import _StopFlag
+        from .client.client import _StopFlag
 
         if _StopFlag.signum is not None:  # a second signal: leave now
             print(f"dect-maas: error: signal {signum} again: exiting now", file=sys.stderr)
@@ -283,8 +283,8 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ._experiment import Experiment
-    from ._report import summary_lines
+    from .experiments.report import summary_lines
+    from .experiments.runner import Experiment
 
     exp = Experiment.from_config(args.config, run_id=args.run_id)
     result = exp.run(progress=args.progress, on_event=_info)
@@ -296,7 +296,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from ._experiment import Experiment
+    from .experiments.runner import Experiment
 
     est = Experiment.from_config(args.config).estimate()
     if args.json:
@@ -323,7 +323,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _money(x: float) -> str:
-    from ._report import _money as money
+    from .experiments.report import _money as money
 
     return money(x)
 
@@ -332,7 +332,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
     directory = args.ledger_dir or args.path
     if directory is None and args.config is not None:
-        from ._config_file import load_config
+        from .experiments.config_file import load_config
 
         directory = load_config(args.config).ledger_dir
     if directory is None:
@@ -340,7 +340,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     if not Path(directory).exists():
         raise UsageError(f"ledger folder {directory} does not exist")
     if args.action == "reset":
-        from ._ledger import reset_ledger
+        from .client.ledger import reset_ledger
 
         aside = reset_ledger(directory)
         if aside is None:
@@ -407,7 +407,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from ._predict import predict_file
+    from .experiments.predict import predict_file
 
     n = predict_file(
         args.model,

@@ -21,10 +21,10 @@ from dect_maas import (
     Task,
     UnsupportedCapability,
 )
-from dect_maas._cache import CacheConfig
-from dect_maas._client import Client
 from dect_maas.adapters import Label, OpenAIChatAdapter, OpenAICompatibleAdapter, Prices, Prompt
 from dect_maas.adapters.openai_chat import surface_forms
+from dect_maas.client.cache import CacheConfig
+from dect_maas.client.client import Client
 
 TASK = Task("Review: {text}\nSentiment: {mask}", {"neg": "negative", "pos": ["positive", "good"]})
 LABELS = (Label(" negative"), Label(" positive"), Label(" good"))

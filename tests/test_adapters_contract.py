@@ -299,7 +299,7 @@ def test_requests_are_deterministic_serialisable_and_batched(case: Case) -> None
 
 
 def _keys(case: Case, adapter: Any, labels: tuple[Label, ...] = LABELS) -> list[str]:
-    from dect_maas._client import Client
+    from dect_maas.client.client import Client
 
     client = Client(adapter, cache=None, transport=httpx.MockTransport(_no_io))
     try:
@@ -406,7 +406,7 @@ def test_unsupported_task_is_refused_before_any_request(case: Case) -> None:
         sent.append(request)
         return httpx.Response(500)
 
-    from dect_maas._client import Client
+    from dect_maas.client.client import Client
 
     with pytest.raises(UnsupportedCapability) as info:
         case.adapter.roles(case.bad_task)

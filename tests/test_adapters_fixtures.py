@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from dect_maas import CensoredScoreWarning, ServerError, Task
-from dect_maas._batch_check import verdict_key
-from dect_maas._client import Client
-from dect_maas._config import RetryPolicy
-from dect_maas._retry import error_for_status
 from dect_maas.adapters import OpenAICompatibleAdapter
+from dect_maas.client.batch_check import verdict_key
+from dect_maas.client.client import Client
+from dect_maas.client.retry import error_for_status
+from dect_maas.client.settings import RetryPolicy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "llamacpp"
 SCORING, EMBEDDING = "http://llama-scores.test", "http://llama-embed.test"

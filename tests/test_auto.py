@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dect_maas import AutoDecTClassifier, DecTClassifier, Features, ZeroShotClassifier
-from dect_maas._auto import STEP_CHECKPOINTS, Candidate, _rank, _Scored, grid_logits
 from dect_maas._exceptions import ConfigError
+from dect_maas.decoders.auto import STEP_CHECKPOINTS, Candidate, _rank, _Scored, grid_logits
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from dect_maas import CacheConfig, Client, Task, UnsupportedCapability
-from dect_maas._batch_check import PROBES, agreement
 from dect_maas.adapters import OpenAICompatibleAdapter
+from dect_maas.client.batch_check import PROBES, agreement
 
 TASK = Task("{text} It was {mask}", {"neg": "bad", "pos": "great"})
 TEXTS = ["a dull film", "i loved it", "bad plot", "great fun", "meh"]

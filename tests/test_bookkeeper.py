@@ -7,7 +7,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from dect_maas._bookkeeper import Bookkeeper
+from dect_maas.client.bookkeeper import Bookkeeper
 
 
 class Recorder:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dect_maas import BudgetExceeded, BudgetLimits, ConfigError, Ledger, LedgerRecord, Usage
-from dect_maas._budget import LIMIT_NAMES
+from dect_maas.client.budget import LIMIT_NAMES
 
 FAKE_KEY = "sk-test-9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a"
 

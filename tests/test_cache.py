@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from dect_maas import CacheConfig, CacheError, ConfigError, ResponseCache, cache_key
-from dect_maas._cache import _CREDENTIAL_NAMES, SCHEMA_VERSION, _is_credential_name
+from dect_maas.client.cache import _CREDENTIAL_NAMES, SCHEMA_VERSION, _is_credential_name
 
 FAKE_KEY = "sk-test-7f3a9c1e5b2d4f60a8e1c3b5d7f9a1c3"
 

@@ -352,8 +352,8 @@ def test_auto_dect_runs_and_its_chosen_settings_are_in_the_report(
 
 
 def test_class_prior_from_the_config_reaches_auto_dect(tmp_path: Path) -> None:
-    from dect_maas._config_file import load_config
-    from dect_maas._wiring import make_estimator
+    from dect_maas.experiments.config_file import load_config
+    from dect_maas.experiments.wiring import make_estimator
 
     cfg = write_config(tmp_path, "http://127.0.0.1:1")
     base = cfg.read_text()

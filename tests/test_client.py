@@ -25,11 +25,11 @@ from dect_maas import (
     QuotaExhausted,
     Task,
 )
-from dect_maas._budget import BudgetLimits, Usage
-from dect_maas._cache import CacheConfig
-from dect_maas._client import AHEAD, Client
-from dect_maas._config import RateLimit, RetryPolicy
 from dect_maas.adapters import LocalAdapter
+from dect_maas.client.budget import BudgetLimits, Usage
+from dect_maas.client.cache import CacheConfig
+from dect_maas.client.client import AHEAD, Client
+from dect_maas.client.settings import RateLimit, RetryPolicy
 
 TASK = Task("{text} Overall, it was {mask}", {"neg": ["bad", "awful"], "pos": "great"})
 TEXTS = [f"review number {i}" for i in range(10)]
@@ -506,8 +506,8 @@ def test_a_closed_client_can_be_used_again(tmp_path: Path) -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(), min_size=1, max_size=8))
 def test_fast_example_keys_equal_cache_key(texts: list[str]) -> None:
-    from dect_maas._cache import cache_key
-    from dect_maas._client import _example_keys
+    from dect_maas.client.cache import cache_key
+    from dect_maas.client.client import _example_keys
 
     adapter = LocalAdapter("http://fake", kind="causal", revision="r")
     labels = ()

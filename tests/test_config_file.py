@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dect_maas import ConfigError
-from dect_maas._config_file import ExperimentConfig, load_config
+from dect_maas.experiments.config_file import ExperimentConfig, load_config
 
 BASE = """
 name = "movies"
@@ -194,7 +194,7 @@ def test_from_dict_defaults() -> None:
 
 
 def test_label_token_ids_only_for_providers_that_take_them(tmp_path: Path) -> None:
-    from dect_maas._wiring import make_adapter
+    from dect_maas.experiments.wiring import make_adapter
 
     ids = "label_token_ids = { negative = [1], positive = [2] }"
     hf = BASE.replace('kind = "local"', f'kind = "hf_inference"\nmodel = "roberta-base"\n{ids}')

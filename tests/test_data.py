@@ -249,7 +249,7 @@ def test_k_shot_errors():
 
 
 def test_load_split_maps_labels_to_class_names_and_keeps_the_first_limit(tmp_path):
-    from dect_maas._data import load_split
+    from dect_maas.experiments.data import load_split
 
     p = tmp_path / "s.jsonl"
     rows = [{"t": "a", "y": 1}, {"t": "b", "y": "neg"}, {"t": "c", "y": "0"}, {"t": "d", "y": 2}]

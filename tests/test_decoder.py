@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dect_maas._decoder import (
+from dect_maas.decoders.dect import (
     DecTDecoder,
     calibrate,
     calibration_vector,

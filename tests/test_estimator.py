@@ -16,7 +16,7 @@ from dect_maas import (
     FeaturesError,
     NotFittedError,
 )
-from dect_maas._decoder import DecTDecoder
+from dect_maas.decoders.dect import DecTDecoder
 
 
 def blobs(n_per_class=16, n_classes=3, dim=32, seed=0, sep=3.0, informative_scores=False):

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from dect_maas import Experiment, Ledger
-from dect_maas._config_file import load_config
+from dect_maas.experiments.config_file import load_config
 
 pytest.importorskip("dect_maas_server")
 from dect_maas_server.testing import make_tiny_model, run_server

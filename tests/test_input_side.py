@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from dect_maas import Experiment, Ledger, Task
-from dect_maas._bbt import bbt_loss, random_projection
 from dect_maas._exceptions import UnsupportedCapability
-from dect_maas._icl import (
+from dect_maas.experiments.bbt import bbt_loss, random_projection
+from dect_maas.experiments.icl import (
     ICLTask,
     demonstration,
     demonstration_order,
@@ -253,7 +253,7 @@ def test_bbt_spends_its_budget_in_calls_and_improves_the_training_loss(
     scored = [p for p in curve if "test_accuracy" in p]
     assert 0 < scored[0]["train_input_tokens"] < scored[1]["train_input_tokens"]
     assert scored[1]["train_input_tokens"] == c["train_input_tokens"]
-    from dect_maas._cost_report import cost_rows
+    from dect_maas.experiments.cost_report import cost_rows
 
     row = next(r for r in cost_rows(result) if r["method"] == "bbt")
     assert row["calls"] == 40
@@ -286,7 +286,7 @@ def test_report_puts_every_method_on_one_footing(server_url: str, tmp_path: Path
     cfg = config(server_url, tmp_path, methods=["dect", "icl"], predict_n=500)
     cfg["provider"]["price_per_million_input_tokens"] = 2.0
     result = Experiment.from_config(cfg).run()
-    from dect_maas._cost_report import cost_rows
+    from dect_maas.experiments.cost_report import cost_rows
 
     rows = {r["method"]: r for r in cost_rows(result)}
     per_query = result.usage["input_tokens"] / result.queries_paid
@@ -321,8 +321,8 @@ def test_bbt_without_cma_says_how_to_install_it(
 ) -> None:
     import sys
 
-    from dect_maas._bbt import check_bbt
     from dect_maas._exceptions import ConfigError
+    from dect_maas.experiments.bbt import check_bbt
 
     monkeypatch.setitem(sys.modules, "cma", None)  # import cma -> ImportError
 

@@ -24,7 +24,7 @@ from dect_maas import (
     LedgerSummary,
     Usage,
 )
-from dect_maas._ledger import LEDGER_FILENAME, Reservation, Settlement, _pid_start
+from dect_maas.client.ledger import LEDGER_FILENAME, Reservation, Settlement, _pid_start
 
 
 class FakeClock:

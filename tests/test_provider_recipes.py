@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dect_maas._config_file import load_config
-from dect_maas._wiring import api_keys, make_adapter
 from dect_maas.cli import main
+from dect_maas.experiments.config_file import load_config
+from dect_maas.experiments.wiring import api_keys, make_adapter
 
 RECIPES = Path(__file__).resolve().parent.parent / "examples" / "providers"
 EXPECTED = {

@@ -18,9 +18,9 @@ from dect_maas import (
     Prices,
     Task,
 )
-from dect_maas._config_file import ExperimentConfig
-from dect_maas._wiring import api_keys, make_adapter
 from dect_maas.adapters._base import price_for
+from dect_maas.experiments.config_file import ExperimentConfig
+from dect_maas.experiments.wiring import api_keys, make_adapter
 
 TASK = Task("{text} It was {mask}", {"negative": ["bad", "terrible"], "positive": "great"})
 TEXTS = ["the movie was great fun", "a dull and boring film"]

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from dect_maas import ConfigError
-from dect_maas._config import RateLimit
-from dect_maas._ratelimit import RateLimiter, parse_duration_s
+from dect_maas.client.ratelimit import RateLimiter, parse_duration_s
+from dect_maas.client.settings import RateLimit
 
 KEY = ("openai", "gpt")
 

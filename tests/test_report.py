@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dect_maas._config_file import ExperimentConfig
-from dect_maas._experiment import ExperimentResult, MethodRun, QueryPlan
-from dect_maas._report import PLOTS_MISSING, format_table, write_report
+from dect_maas.experiments.config_file import ExperimentConfig
+from dect_maas.experiments.report import PLOTS_MISSING, format_table, write_report
+from dect_maas.experiments.runner import ExperimentResult, MethodRun, QueryPlan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -152,8 +152,8 @@ def test_censored_share_per_class_is_in_the_report_and_the_summary(tmp_path: Pat
     from dataclasses import replace
 
     from dect_maas import Features
-    from dect_maas._experiment import censored_share
-    from dect_maas._report import usage_lines, write_report
+    from dect_maas.experiments.report import usage_lines, write_report
+    from dect_maas.experiments.runner import censored_share
 
     feats = Features(
         [[-1.0, -2.0], [-1.5, -3.0], [-2.0, -3.0], [-1.0, -2.5]],
@@ -179,7 +179,7 @@ def test_censored_share_per_class_is_in_the_report_and_the_summary(tmp_path: Pat
 
 
 def test_dollars_print_as_plain_decimals(tmp_path: Path) -> None:
-    from dect_maas._report import usage_lines
+    from dect_maas.experiments.report import usage_lines
 
     line = next(x for x in usage_lines(make_result(tmp_path, cost=0.000514)) if "cost" in x)
     assert line == "cost: $0.000514"

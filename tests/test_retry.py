@@ -21,8 +21,7 @@ from dect_maas import (
     ServerError,
     TransportError,
 )
-from dect_maas._config import RetryPolicy
-from dect_maas._retry import (
+from dect_maas.client.retry import (
     Attempts,
     Retrier,
     RetryableStatus,
@@ -32,6 +31,7 @@ from dect_maas._retry import (
     map_httpx_error,
     retry_after_s,
 )
+from dect_maas.client.settings import RetryPolicy
 
 
 class FakeTime:

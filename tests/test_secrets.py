@@ -22,7 +22,7 @@ from dect_maas import (
     ServerError,
     Task,
 )
-from dect_maas._config import Credentials
+from dect_maas.client.settings import Credentials
 
 KEY = "sk-test-Zq81x0PLAINTEXT-SECRET-9931"
 ENV = "DECT_MAAS_TEST_KEY"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from faultserver import FaultServer
 
-from dect_maas._budget import Usage
-from dect_maas._ledger import Ledger
+from dect_maas.client.budget import Usage
+from dect_maas.client.ledger import Ledger
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "examples" / "data"

@@ -17,11 +17,11 @@ import pytest
 from faultserver import MockProvider
 
 from dect_maas import CacheError, LedgerError, Task
-from dect_maas._budget import BudgetLimits, Usage
-from dect_maas._cache import CacheConfig, ResponseCache
-from dect_maas._client import Client
-from dect_maas._ledger import LEDGER_FILENAME, Ledger, reset_ledger
 from dect_maas.adapters import LocalAdapter
+from dect_maas.client.budget import BudgetLimits, Usage
+from dect_maas.client.cache import CacheConfig, ResponseCache
+from dect_maas.client.client import Client
+from dect_maas.client.ledger import LEDGER_FILENAME, Ledger, reset_ledger
 
 TASK = Task("{text} Overall, it was {mask}", {"neg": ["bad", "awful"], "pos": "great"})
 TEXTS = [f"review number {i}" for i in range(10)]
@@ -29,8 +29,8 @@ TEXTS = [f"review number {i}" for i in range(10)]
 CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from dect_maas._budget import BudgetLimits, Usage
-    from dect_maas._ledger import Ledger
+    from dect_maas.client.budget import BudgetLimits, Usage
+    from dect_maas.client.ledger import Ledger
     ledger = Ledger(sys.argv[1], BudgetLimits(max_queries=100))
     sent = ledger.reserve(Usage(queries=7, requests=1, input_tokens=70, cost_usd=0.5))
     ledger.mark_sent(sent)          # the request left: its outcome is unknown from here on
@@ -197,7 +197,7 @@ def ledger_spent(tmp_path: Path) -> int:
 
 
 def _record(queries: int) -> Any:
-    from dect_maas._ledger import LedgerRecord
+    from dect_maas.client.ledger import LedgerRecord
 
     return LedgerRecord(provider="p", model="m", endpoint="e", queries=queries)
 

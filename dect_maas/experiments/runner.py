@@ -24,15 +24,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._config_file import ExperimentConfig, load_config, merge
-from ._data import load_split, sample_k_shot  # sample_k_shot: OpenPrompt's sampler
-from ._exceptions import ConfigError
-from ._features import Features
-from ._metrics import accuracy, macro_f1
-from ._report import ExperimentResult, MethodRun, QueryPlan
-from ._report import write_report as _write_report
-from ._task import Task
-from ._wiring import build_client, make_estimator
+from dect_maas._exceptions import ConfigError
+from dect_maas._features import Features
+from dect_maas._metrics import accuracy, macro_f1
+from dect_maas._task import Task
+
+from .config_file import ExperimentConfig, load_config, merge
+from .data import load_split, sample_k_shot  # sample_k_shot: OpenPrompt's sampler
+from .report import ExperimentResult, MethodRun, QueryPlan
+from .report import write_report as _write_report
+from .wiring import build_client, make_estimator
 
 __all__ = ["Experiment", "ExperimentEstimate", "ExperimentResult", "MethodRun", "QueryPlan"]
 
@@ -205,7 +206,7 @@ class Experiment:
 
         say = on_event or (lambda msg: logger.info("%s", msg))
         if "bbt" in self.config.methods:
-            from ._bbt import check_bbt
+            from .bbt import check_bbt
 
             # no soft-prompt input or no cma: refused before any query is paid
             check_bbt(self.config, self._client_factory, self.run_id)
@@ -317,8 +318,8 @@ def _run_input_side(
     wanted = [m for m in exp.config.methods if m in _INPUT_SIDE and m not in skipped]
     if not wanted:
         return []
-    from ._bbt import run_bbt
-    from ._icl import ICL_METHODS, run_icl
+    from .bbt import run_bbt
+    from .icl import ICL_METHODS, run_icl
 
     runs: list[MethodRun] = []
     icl = [m for m in wanted if m in ICL_METHODS]

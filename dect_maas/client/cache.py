@@ -34,7 +34,7 @@ from typing import Any
 import diskcache
 import numpy as np
 
-from ._exceptions import CacheError, ConfigError
+from dect_maas._exceptions import CacheError, ConfigError
 
 __all__ = [
     "SCHEMA_VERSION",

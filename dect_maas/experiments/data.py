@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._exceptions import ConfigError
+from dect_maas._exceptions import ConfigError
 
 __all__ = ["Examples", "load_examples", "load_split", "read_text", "sample_k_shot"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from ._exceptions import BudgetExceeded, ConfigError
+from dect_maas._exceptions import BudgetExceeded, ConfigError
 
 __all__ = ["LIMIT_NAMES", "BudgetLimits", "Usage", "check_limits"]
 

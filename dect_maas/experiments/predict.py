@@ -10,10 +10,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._config_file import ExperimentConfig, load_config
-from ._data import read_text
-from ._exceptions import ConfigError
-from ._wiring import build_client
+from dect_maas._exceptions import ConfigError
+
+from .config_file import ExperimentConfig, load_config
+from .data import read_text
+from .wiring import build_client
 
 __all__ = ["config_for_model", "predict_file", "read_texts"]
 
@@ -74,7 +75,7 @@ def predict_file(
     output: Path | None = None,
     progress: bool = False,
 ) -> int:
-    from ._estimator import DecTClassifier  # torch, only when a model is applied
+    from dect_maas.decoders.estimator import DecTClassifier  # torch, only when a model is applied
 
     if not model_path.exists():
         raise ConfigError(f"{model_path}: model file not found")

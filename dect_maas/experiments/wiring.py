@@ -13,13 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
-from ._budget import BudgetLimits
-from ._cache import CacheConfig
-from ._client import CONNECT_TIMEOUT_S, Client
-from ._config import RateLimit, RetryPolicy
-from ._config_file import ExperimentConfig, ProviderSection
-from ._exceptions import ConfigError
-from .adapters import (
+from dect_maas._exceptions import ConfigError
+from dect_maas.adapters import (
     Adapter,
     HFInferenceAdapter,
     LocalAdapter,
@@ -28,9 +23,15 @@ from .adapters import (
     Prices,
     TEIAdapter,
 )
+from dect_maas.client.budget import BudgetLimits
+from dect_maas.client.cache import CacheConfig
+from dect_maas.client.client import CONNECT_TIMEOUT_S, Client
+from dect_maas.client.settings import RateLimit, RetryPolicy
+
+from .config_file import ExperimentConfig, ProviderSection
 
 if TYPE_CHECKING:
-    from ._estimator import FeatureClassifier
+    from dect_maas.decoders.estimator import FeatureClassifier
 
 __all__ = ["api_keys", "build_client", "make_adapter", "make_estimator"]
 
@@ -174,9 +175,13 @@ def make_estimator(
     """
     # The one import inside a function: the estimators load torch, which the client, the
     # ledger and the CLI's dry runs (`dect-maas estimate`) never need.
-    from ._auto import AutoDecTClassifier
-    from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
-    from ._estimator import DecTClassifier
+    from dect_maas.decoders.auto import AutoDecTClassifier
+    from dect_maas.decoders.baselines import (
+        LinearProbeClassifier,
+        PrototypeClassifier,
+        ZeroShotClassifier,
+    )
+    from dect_maas.decoders.estimator import DecTClassifier
 
     d = config.decoder
     decoder_args: dict[str, Any] = {

@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ._data import read_text
-from ._exceptions import ConfigError
-from ._input_config import BBTSection, ICLSection
-from ._task import Task
-from ._urls import mask_url, url_problem
+from dect_maas._exceptions import ConfigError
+from dect_maas._task import Task
+from dect_maas._urls import mask_url, url_problem
+
+from .data import read_text
+from .input_config import BBTSection, ICLSection
 
 if sys.version_info >= (3, 11):
     import tomllib

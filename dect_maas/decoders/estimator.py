@@ -20,7 +20,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ._decoder import (
+from dect_maas._exceptions import ConfigError, FeaturesError, NotFittedError
+from dect_maas._features import Features, npz_problem
+
+from .dect import (
     CalibrationKind,
     DecTDecoder,
     PrototypeInit,
@@ -33,8 +36,6 @@ from ._decoder import (
     span_basis,
     train_decoder,
 )
-from ._exceptions import ConfigError, FeaturesError, NotFittedError
-from ._features import Features, npz_problem
 
 __all__ = ["DecTClassifier"]
 

@@ -17,8 +17,11 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from ._decoder import CalibrationKind, calibrate
-from ._estimator import (
+from dect_maas._exceptions import ConfigError, FeaturesError
+from dect_maas._features import Features
+
+from .dect import CalibrationKind, calibrate
+from .estimator import (
     DecTClassifier,
     FeatureClassifier,
     Labels,
@@ -27,8 +30,6 @@ from ._estimator import (
     resolve_calibration,
     resolve_classes,
 )
-from ._exceptions import ConfigError, FeaturesError
-from ._features import Features
 
 __all__ = ["LinearProbeClassifier", "PrototypeClassifier", "ZeroShotClassifier"]
 

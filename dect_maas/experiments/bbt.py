@@ -27,8 +27,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._exceptions import ConfigError, UnsupportedCapability
-from ._task import Task
+from dect_maas._exceptions import ConfigError, UnsupportedCapability
+from dect_maas._task import Task
 
 __all__ = ["bbt_loss", "random_projection", "run_bbt"]
 
@@ -122,8 +122,9 @@ def run_bbt(
     progress: bool = False,
 ) -> Any:
     """Optimise z on one k-shot set within ``bbt.budget`` calls; evaluate the best prompt."""
-    from . import accuracy, macro_f1
-    from ._experiment import MethodRun
+    from dect_maas import accuracy, macro_f1
+
+    from .runner import MethodRun
 
     b = config.bbt
     cma = _cma()

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._task import Task
+from dect_maas._task import Task
 
 __all__ = ["ICLTask", "demonstration", "demonstration_order", "demonstrations_kept"]
 
@@ -103,8 +103,9 @@ def run_icl(
     progress: bool = False,
 ) -> list[Any]:
     """Query the ICL prompts of one k-shot set and score them; one MethodRun per ICL method."""
-    from . import ZeroShotClassifier, accuracy, macro_f1
-    from ._experiment import MethodRun
+    from dect_maas import ZeroShotClassifier, accuracy, macro_f1
+
+    from .runner import MethodRun
 
     section = config.icl
     n_test = (

@@ -62,8 +62,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from ._budget import BudgetLimits, Usage, check_limits
-from ._exceptions import BudgetExceeded, ConfigError, LedgerError
+from dect_maas._exceptions import BudgetExceeded, ConfigError, LedgerError
+
+from .budget import BudgetLimits, Usage, check_limits
 
 __all__ = [
     "LEDGER_FILENAME",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ._experiment import ExperimentResult
+    from .runner import ExperimentResult
 
 __all__ = ["INPUT_SIDE", "cost_rows", "cost_table", "plot_accuracy_vs_cost"]
 

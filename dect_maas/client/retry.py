@@ -20,8 +20,7 @@ from typing import Any, TypeVar
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from ._config import RetryPolicy
-from ._exceptions import (
+from dect_maas._exceptions import (
     AuthenticationError,
     ConfigError,
     DectError,
@@ -33,6 +32,8 @@ from ._exceptions import (
     ServerError,
     TransportError,
 )
+
+from .settings import RetryPolicy
 
 __all__ = [
     "Attempts",

@@ -14,8 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from ._config import RateLimit
-from ._retry import retry_after_s
+from .retry import retry_after_s
+from .settings import RateLimit
 
 __all__ = ["RateLimiter", "TokenBucket", "parse_duration_s"]
 

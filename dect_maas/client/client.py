@@ -52,12 +52,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
-from ._batch_check import MIN_COSINE, PROBES, agreement, probe_key, verdict_key
-from ._bookkeeper import Bookkeeper
-from ._budget import BudgetLimits, Usage
-from ._cache import CacheConfig, ResponseCache, cache_key
-from ._config import Credentials, RateLimit, RetryPolicy
-from ._exceptions import (
+from dect_maas._exceptions import (
     BudgetExceeded,
     CacheError,
     CensoredScoreWarning,
@@ -71,12 +66,18 @@ from ._exceptions import (
     UnsupportedCapability,
     warn,
 )
-from ._features import FeatureMeta, Features
-from ._ledger import Ledger, LedgerRecord, Reservation, Settlement
-from ._ratelimit import RateLimiter
-from ._retry import Attempts, Retrier, TruncatedResponse, error_for_status, map_httpx_error
-from ._task import Task
-from .adapters._base import Adapter, Label, Prompt, RequestSpec, Role, price_for
+from dect_maas._features import FeatureMeta, Features
+from dect_maas._task import Task
+from dect_maas.adapters._base import Adapter, Label, Prompt, RequestSpec, Role, price_for
+
+from .batch_check import MIN_COSINE, PROBES, agreement, probe_key, verdict_key
+from .bookkeeper import Bookkeeper
+from .budget import BudgetLimits, Usage
+from .cache import CacheConfig, ResponseCache, cache_key
+from .ledger import Ledger, LedgerRecord, Reservation, Settlement
+from .ratelimit import RateLimiter
+from .retry import Attempts, Retrier, TruncatedResponse, error_for_status, map_httpx_error
+from .settings import Credentials, RateLimit, RetryPolicy
 
 __all__ = ["Client", "Estimate"]
 

@@ -3,7 +3,7 @@
 This module is search policy only: which candidates, scored how, chosen by which rule. Every
 candidate is a public estimator with public settings (`Candidate.estimator`), and the winner is
 refitted on all training rows through that estimator's own ``fit``. The searched DecT settings
-are scored in batches by the decoder's one trainer (`dect_maas._decoder.train_members`), doing
+are scored in batches by the decoder's one trainer (`dect_maas.decoders.dect.train_members`), doing
 exactly what ``DecTClassifier(basis="span", ...).fit`` does on each fold.
 
 Candidates, in the order that breaks ties (see `_rank`):
@@ -52,8 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
-from ._decoder import (
+from dect_maas._exceptions import ConfigError
+from dect_maas._features import Features
+
+from .baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
+from .dect import (
     Representation,
     calibrate,
     initial_parameters,
@@ -62,7 +65,7 @@ from ._decoder import (
     span_basis,
     train_members,
 )
-from ._estimator import (
+from .estimator import (
     DecTClassifier,
     FeatureClassifier,
     Labels,
@@ -70,8 +73,6 @@ from ._estimator import (
     resolve_calibration,
     training_labels,
 )
-from ._exceptions import ConfigError
-from ._features import Features
 
 __all__ = ["DEFAULT_GRID", "STEP_CHECKPOINTS", "AutoDecTClassifier", "Candidate"]
 

@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ._exceptions import ConfigError
+from dect_maas._exceptions import ConfigError
 
 __all__ = ["Credentials", "RateLimit", "RetryPolicy"]
 

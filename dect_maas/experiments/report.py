@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ._config_file import ExperimentConfig
-from ._metrics import mean_std
+from dect_maas._metrics import mean_std
+
+from .config_file import ExperimentConfig
 
 __all__ = [
     "SCORE_METHODS",
@@ -225,7 +226,7 @@ def write_report(result: ExperimentResult, out_dir: Path) -> dict[str, Path]:
     if plot_note:
         data["notes"] = [plot_note]
     if any(r.cost is not None for r in result.runs):
-        from ._cost_report import cost_rows
+        from .cost_report import cost_rows
 
         data["cost_on_one_footing"] = cost_rows(result)
     json_path = out_dir / "report.json"
@@ -336,7 +337,7 @@ def render_markdown(
         "",
     ]
     if any(r.cost is not None for r in result.runs):
-        from ._cost_report import cost_table
+        from .cost_report import cost_table
 
         parts += [
             "## Cost on one footing (docs/input_side.md)",
@@ -470,7 +471,7 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
     fig.savefig(path, dpi=120)
     files["accuracy_vs_queries"] = path
     if any(r.cost is not None for r in result.runs):
-        from ._cost_report import plot_accuracy_vs_cost
+        from .cost_report import plot_accuracy_vs_cost
 
         cost_plot = plot_accuracy_vs_cost(result, out_dir)
         if cost_plot is not None:

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import ConfigError, DectError
+from dect_maas._exceptions import ConfigError, DectError
 
 logger = logging.getLogger("dect_maas.demo")
 
@@ -51,7 +51,7 @@ def find_examples_dir() -> Path:
     """The repository's ``examples/`` folder (the demo data ships there, next to the package)."""
     env = os.environ.get("DECT_MAAS_EXAMPLES_DIR")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent.parent / "examples")
+    candidates.append(Path(__file__).resolve().parents[2] / "examples")
     for c in candidates:
         if (c / "data" / "movies_train.jsonl").exists():
             return c
@@ -76,7 +76,7 @@ def demo_config(
     seeds: Sequence[int] = (0, 1, 2),
     test_limit: int | None = None,
 ) -> Any:
-    from ._config_file import METHOD_NAMES, ExperimentConfig
+    from .config_file import METHOD_NAMES, ExperimentConfig
 
     data = find_examples_dir() / "data"
     test: dict[str, Any] = {"path": str(data / "movies_test.jsonl")}
@@ -246,8 +246,8 @@ def run_demo(
     port: int | None = None,
 ) -> int:
     """The ``dect-maas demo`` command; prints the table on stdout, progress on stderr."""
-    from ._experiment import Experiment
-    from ._report import summary_lines
+    from .report import summary_lines
+    from .runner import Experiment
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
