@@ -135,7 +135,7 @@ def test_large_vectors_are_stored_compactly(tmp_path: Path) -> None:
     hidden = np.random.default_rng(1).normal(size=576).astype(np.float32)
     with ResponseCache(CacheConfig(tmp_path)) as cache:
         cache.set(cache_key({"i": 1}), {"hidden": hidden, "scores": [0.0, 1.0]})
-        rows = cache._cache._sql("SELECT value FROM Cache WHERE key != ?", ("x",)).fetchall()
+        rows = cache._store._cache._sql("SELECT value FROM Cache WHERE key != ?", ("x",)).fetchall()
     sizes = sorted(len(r[0]) for r in rows)
     assert 2304 < sizes[-1] < 2304 + 200
 

@@ -24,7 +24,7 @@ import math
 import os
 import re
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -35,6 +35,8 @@ import diskcache
 import numpy as np
 
 from dect_maas._exceptions import CacheError, ConfigError
+
+from .storage import POSTGRES_INSTALL_HINT, CacheStore, is_database_url, parse_database_url
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -88,7 +90,7 @@ _VALUE_CREDENTIAL_NAMES = _CREDENTIAL_NAMES - {"token"}
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Where the response cache lives.
+    """Where the response cache lives: a folder, or a ``postgresql://`` URL (``storage.py``).
 
     ``size_limit_bytes`` is only diskcache's bookkeeping ceiling: eviction is always off, since
     every entry was paid for. Put ``directory`` on a local disk (SQLite over NFS is not safe).
@@ -100,6 +102,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if not str(self.directory):
             raise ConfigError("CacheConfig.directory must name a folder")
+        if is_database_url(self.directory):
+            parse_database_url(str(self.directory), "CacheConfig.directory")
         if isinstance(self.size_limit_bytes, bool) or not isinstance(self.size_limit_bytes, int):
             raise ConfigError("CacheConfig.size_limit_bytes must be an int")
         if self.size_limit_bytes <= 0:
@@ -109,6 +113,7 @@ class CacheConfig:
 
     @property
     def path(self) -> Path:
+        """The folder (for a ``postgresql://`` URL, use ``ResponseCache.location``)."""
         return Path(os.path.expanduser(self.directory))
 
 
@@ -232,17 +237,12 @@ class _BytesOnlyDisk(diskcache.Disk):  # type: ignore[misc]
         return super().fetch(mode, filename, value, read)
 
 
-class ResponseCache:
-    """Per-example provider responses on disk, keyed by ``cache_key`` digests.
-
-    Values are JSON-like mappings; numpy arrays inside them come back as read-only numpy arrays
-    of the same dtype and shape, long float lists come back as exact float lists. Safe to share
-    between threads and processes.
-    """
+class _DiskcacheStore:
+    """The embedded backend: a diskcache folder, eviction off (every entry was paid for)."""
 
     def __init__(self, config: CacheConfig) -> None:
-        self.config = config
         directory = config.path
+        self.location = str(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._cache = diskcache.Cache(
@@ -256,32 +256,95 @@ class ResponseCache:
             )
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the response cache at {directory}: {exc}") from exc
+        # diskcache ignores misspelt settings; check that the one that matters took hold.
+        if self._cache.eviction_policy != "none":
+            self._cache.close()
+            raise CacheError(f"the response cache at {directory} would evict entries")
+
+    def stamp(self, value: bytes) -> bytes | None:
+        with self._cache.transact():
+            # Stamp a new folder atomically: processes opening it together all see one stamp.
+            if _SCHEMA_KEY not in self._cache and len(self._cache) == 0:
+                self._cache.set(_SCHEMA_KEY, value)
         try:
-            # diskcache ignores misspelt settings; check that the one that matters took hold.
-            if self._cache.eviction_policy != "none":
-                raise CacheError(f"the response cache at {directory} would evict entries")
+            found = self._cache.get(_SCHEMA_KEY)
+        except CacheError:
+            return None
+        return found if isinstance(found, bytes) else None
+
+    def get(self, key: str) -> bytes | None:
+        raw = self._cache.get(key)
+        return raw if raw is None else bytes(raw)
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        # diskcache's public get, one key at a time: with eviction off a read is one indexed
+        # SELECT and writes nothing (benchmarks/bench_cache.py: well above 20,000 examples/s).
+        get = self._cache.get
+        out: dict[str, bytes] = {}
+        for key in keys:
+            raw = get(key)
+            if raw is not None:
+                out[key] = raw
+        return out
+
+    def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        if len(items) == 1:
+            self._cache.set(*items[0])
+            return
+        with self._cache.transact():
+            for key, data in items:
+                self._cache.set(key, data)
+
+    def contains(self, key: str) -> bool:
+        return key in self._cache
+
+    def count(self) -> int:
+        return max(0, len(self._cache) - 1)  # minus the schema stamp
+
+    def keys(self) -> Iterator[str]:
+        return (k for k in self._cache.iterkeys() if k != _SCHEMA_KEY)
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+class ResponseCache:
+    """Per-example provider responses, keyed by ``cache_key`` digests.
+
+    Values are JSON-like mappings; numpy arrays inside them come back as read-only numpy arrays
+    of the same dtype and shape, long float lists come back as exact float lists. Safe to share
+    between threads and processes. ``config.directory`` is a folder (the embedded diskcache
+    store) or a ``postgresql://`` URL (a database shared by several machines; see ``storage.py``).
+    """
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self._store: CacheStore = (
+            _postgres_store(str(config.directory))
+            if is_database_url(config.directory)
+            else _DiskcacheStore(config)
+        )
+        self.location = self._store.location
+        """The cache folder, or its database URL as it may be shown."""
+        try:
             self._check_schema()
         except BaseException:
-            self._cache.close()
+            self._store.close()
             raise
 
     def _check_schema(self) -> None:
         stamp = json.dumps({"schema": SCHEMA_VERSION, "library": "dect-maas"}).encode()
-        with self._cache.transact():
-            # Stamp a new folder atomically: processes opening it together all see one stamp.
-            if _SCHEMA_KEY not in self._cache and len(self._cache) == 0:
-                self._cache.set(_SCHEMA_KEY, stamp)
+        raw = self._store.stamp(stamp)
         try:
-            raw = self._cache.get(_SCHEMA_KEY)
-            found = json.loads(raw)["schema"]
-        except (TypeError, ValueError, KeyError, CacheError) as exc:
+            found = json.loads(raw)["schema"]  # type: ignore[arg-type]
+        except (TypeError, ValueError, KeyError) as exc:
             raise CacheError(
-                f"{self.config.path} holds a cache that dect-maas did not write; "
+                f"{self.location} holds a cache that dect-maas did not write; "
                 "point CacheConfig.directory at an empty or dect-maas folder"
             ) from exc
         if found != SCHEMA_VERSION:
             raise CacheError(
-                f"the response cache at {self.config.path} has schema version {found}, this "
+                f"the response cache at {self.location} has schema version {found}, this "
                 f"dect-maas reads version {SCHEMA_VERSION}. Point CacheConfig.directory at a new "
                 "folder (the old responses stay where they are; a matching dect-maas can read "
                 "them), or delete that folder to start afresh."
@@ -290,7 +353,7 @@ class ResponseCache:
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored value for ``key``, or None when absent."""
         _check_key(key)
-        raw = self._cache.get(key)
+        raw = self._store.get(key)
         if raw is None:
             return None
         return _decode_value(raw, key)
@@ -304,21 +367,12 @@ class ResponseCache:
         return _decode_many(self._fetch_raw_many(list(dict.fromkeys(keys))))
 
     def _fetch_raw_many(self, keys: list[str]) -> dict[str, bytes]:
-        # diskcache's public get, one key at a time: with eviction off a read is one indexed
-        # SELECT and writes nothing (benchmarks/bench_cache.py: well above 20,000 examples/s).
-        get = self._cache.get
-        out: dict[str, bytes] = {}
-        for key in keys:
-            raw = get(key)
-            if raw is not None:
-                out[key] = raw
-        return out
+        return self._store.get_many(keys)
 
     def set(self, key: str, value: Mapping[str, Any]) -> None:
         """Store ``value`` under ``key`` (replacing any previous value)."""
         _check_key(key)
-        data = _encode_value(value)
-        self._cache.set(key, data)
+        self._store.set_many([(key, _encode_value(value))])
 
     def set_many(self, items: Mapping[str, Mapping[str, Any]]) -> None:
         """Store several values in one transaction: all of them are written, or none."""
@@ -326,20 +380,34 @@ class ResponseCache:
         for key, value in items.items():
             _check_key(key)
             encoded.append((key, _encode_value(value)))
-        with self._cache.transact():
-            for key, data in encoded:
-                self._cache.set(key, data)
+        self._store.set_many(encoded)
+
+    def keys(self) -> Iterator[str]:
+        """Every stored key (for copying a cache elsewhere)."""
+        return self._store.keys()
+
+    def get_raw_many(self, keys: list[str]) -> dict[str, bytes]:
+        """Encoded values as stored (for copying a cache elsewhere without decoding)."""
+        _check_keys(keys)
+        return self._store.get_many(keys)
+
+    def set_raw_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Store encoded values as they are, after checking each one decodes."""
+        for key, raw in items:
+            _check_key(key)
+            _decode_value(raw, key)
+        self._store.set_many(items)
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str) or not _is_key(key):
             return False
-        return key in self._cache
+        return self._store.contains(key)
 
     def __len__(self) -> int:
-        return max(0, len(self._cache) - 1)  # minus the schema stamp
+        return self._store.count()
 
     def close(self) -> None:
-        self._cache.close()
+        self._store.close()
 
     def __enter__(self) -> ResponseCache:
         return self
@@ -353,7 +421,17 @@ class ResponseCache:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ResponseCache(directory={str(self.config.path)!r})"
+        if is_database_url(self.config.directory):
+            return f"ResponseCache(url={self.location!r})"
+        return f"ResponseCache(directory={self.location!r})"
+
+
+def _postgres_store(url: str) -> CacheStore:
+    try:
+        from .pg import PgCacheStore
+    except ImportError:
+        raise ConfigError(POSTGRES_INSTALL_HINT) from None
+    return PgCacheStore(url)
 
 
 def _is_key(key: str) -> bool:

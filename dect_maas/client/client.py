@@ -1049,7 +1049,7 @@ class Client:
     def __repr__(self) -> str:
         return (
             f"Client(adapter={type(self.adapter).__name__}(model={self.adapter.model!r}), "
-            f"credentials={_show(self._credentials)}, ledger={str(self._ledger.directory)!r})"
+            f"credentials={_show(self._credentials)}, ledger={self._ledger.location!r})"
         )
 
 
@@ -1137,7 +1137,7 @@ def _cache_error(cache: ResponseCache | None, exc: BaseException) -> BaseExcepti
     """A cache write failure as a ``CacheError`` naming the cache's folder."""
     if isinstance(exc, CacheError) or not isinstance(exc, Exception) or cache is None:
         return exc
-    where = cache.config.path
+    where = cache.location
     text = str(exc)
     full = "full" in text or getattr(exc, "errno", None) == 28
     what = "disk full" if full else f"{type(exc).__name__}"

@@ -65,6 +65,7 @@ from typing import Any, Literal
 from dect_maas._exceptions import BudgetExceeded, ConfigError, LedgerError
 
 from .budget import BudgetLimits, Usage, check_limits
+from .storage import POSTGRES_INSTALL_HINT, LedgerStore, SqlConnection, is_database_url
 
 __all__ = [
     "LEDGER_FILENAME",
@@ -324,67 +325,51 @@ class Ledger:
     ) -> None:
         if not isinstance(limits, BudgetLimits):
             raise ConfigError(f"limits must be a BudgetLimits, got {type(limits).__name__}")
-        self.directory = Path(os.path.expanduser(directory))
         self.limits = limits
         self._clock = clock
         self.run_id = _check_run_id(run_id) if run_id is not None else self._new_run_id()
         self._host = socket.gethostname()
         self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._pid_start = ""
+        self.directory: Path | None = None
+        self.path: Path | None = None
+        self._store: LedgerStore
+        if is_database_url(directory):
+            self._store = _postgres_store(str(directory))
+        else:
+            self.directory = Path(os.path.expanduser(directory))
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LedgerError(
+                    f"cannot create the ledger folder {self.directory}: {exc}"
+                ) from exc
+            self.path = self.directory / LEDGER_FILENAME
+            self._store = SqliteLedgerStore(self.path)
+        self.location = self._store.location
+        """The ledger file, or its database URL as it may be shown (never with a password)."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LedgerError(f"cannot create the ledger folder {self.directory}: {exc}") from exc
-        self.path = self.directory / LEDGER_FILENAME
-        _create_if_absent(self.path)
-        with self._transaction() as conn:
-            row = _schema_row(conn, self.path)
-            if row == "1":  # before write ahead: whether a request left is unknown, so "sent"
-                conn.execute("ALTER TABLE reservations ADD COLUMN sent INTEGER NOT NULL DEFAULT 1")
-                conn.execute(
-                    "UPDATE meta SET value = ? WHERE key = 'schema'",
-                    (str(LEDGER_SCHEMA_VERSION),),
-                )
-            elif row != str(LEDGER_SCHEMA_VERSION):
-                raise ConfigError(
-                    f"the ledger at {self.directory} has schema version {row}, this dect-maas "
-                    f"uses {LEDGER_SCHEMA_VERSION}; use a new ledger folder (keep the old one: "
-                    "it is the record of what was paid)"
-                )
-        self.release_stale()
+            self._store.prepare()
+            self.release_stale()
+        except BaseException:
+            self._store.close()
+            raise
 
-    # -- connection and transactions -------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():
-            # A connection must not cross a fork: the child opens its own.
-            conn = _connect(self.path)
-            self._conn, self._pid = conn, os.getpid()
-            self._pid_start = _pid_start(self._pid)
-        return self._conn
+    # -- transactions ------------------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        if self._pid not in (-1, os.getpid()):
-            self._lock = threading.RLock()  # forked: a copied lock may be held by a lost thread
-        with self._lock, _storage_errors(self.path):
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _transaction(self, write: bool = True) -> Iterator[SqlConnection]:
+        if self._pid != os.getpid():
+            if self._pid != -1:
+                self._lock = threading.RLock()  # forked: a copied lock may be held by a lost thread
+            self._pid, self._pid_start = os.getpid(), _pid_start(os.getpid())
+        with self._lock, self._store.transaction(write) as conn:
+            yield conn
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+            self._store.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -398,7 +383,8 @@ class Ledger:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Ledger(directory={str(self.directory)!r}, run_id={self.run_id!r}, {self.limits!r})"
+        where = f"directory={str(self.directory)!r}" if self.directory else f"url={self.location!r}"
+        return f"Ledger({where}, run_id={self.run_id!r}, {self.limits!r})"
 
     # -- budget ----------------------------------------------------------------------------
 
@@ -427,7 +413,7 @@ class Ledger:
             return self._reserve_in(conn, usage, provider, model, endpoint)
 
     def _reserve_in(
-        self, conn: sqlite3.Connection, usage: Usage, provider: str, model: str, endpoint: str
+        self, conn: SqlConnection, usage: Usage, provider: str, model: str, endpoint: str
     ) -> Reservation | BudgetExceeded:
         """Reserve inside an open transaction; the refusal is returned, nothing reserved."""
         asked = usage.as_ints()
@@ -559,7 +545,7 @@ class Ledger:
             ).rowcount
         if marked != 1:
             raise ConfigError(
-                f"reservation {reservation.id} is not open in the ledger at {self.path}: "
+                f"reservation {reservation.id} is not open in the ledger at {self.location}: "
                 "it was closed already or released as stale"
             )
 
@@ -585,7 +571,7 @@ class Ledger:
             self._close_in(conn, reservation, spent, record)
 
     def _close_in(
-        self, conn: sqlite3.Connection, reservation: Reservation, spent: Usage, record: LedgerRecord
+        self, conn: SqlConnection, reservation: Reservation, spent: Usage, record: LedgerRecord
     ) -> None:
         """Inside an open transaction: the reservation goes, ``spent`` and ``record`` stay."""
         deleted = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
@@ -599,7 +585,7 @@ class Ledger:
             }
             if not statuses:
                 raise ConfigError(
-                    f"reservation {reservation.id} is not in the ledger at {self.directory}"
+                    f"reservation {reservation.id} is not in the ledger at {self.location}"
                 )
             if statuses == {"unknown"}:
                 # settled at its worst case already: count only what the actual usage exceeds
@@ -645,7 +631,7 @@ class Ledger:
             released = self._release_stale_in(conn, older_than_s)
         return released
 
-    def _release_stale_in(self, conn: sqlite3.Connection, older_than_s: float | None) -> int:
+    def _release_stale_in(self, conn: SqlConnection, older_than_s: float | None) -> int:
         now = self._clock()
         rows = conn.execute(
             "SELECT id, run_id, host, pid, pid_start, created, provider, model, endpoint, "
@@ -695,9 +681,7 @@ class Ledger:
             _insert_record(conn, record, rid)
             released += 1
         if released:
-            logger.warning(
-                "released %d stale budget reservation(s) in %s", released, self.directory
-            )
+            logger.warning("released %d stale budget reservation(s) in %s", released, self.location)
         return released
 
     # -- reading ---------------------------------------------------------------------------
@@ -788,7 +772,7 @@ class Ledger:
 
 
 def _totals(
-    conn: sqlite3.Connection,
+    conn: SqlConnection,
 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """Spent and reserved over the whole folder, as exact integer vectors."""
     spent = _ints(conn.execute(f"SELECT {_SUMS} FROM spent").fetchone())
@@ -806,19 +790,18 @@ def _ints(row: tuple[Any, ...]) -> tuple[int, int, int, int]:
     return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
 
-def _add_spent(conn: sqlite3.Connection, run_id: str, usage: Usage) -> None:
+def _add_spent(conn: SqlConnection, run_id: str, usage: Usage) -> None:
     conn.execute(
         "INSERT INTO spent VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
-        "queries = queries + excluded.queries, requests = requests + excluded.requests, "
-        "input_tokens = input_tokens + excluded.input_tokens, "
-        "cost_pico = cost_pico + excluded.cost_pico",
+        "queries = spent.queries + excluded.queries, "
+        "requests = spent.requests + excluded.requests, "
+        "input_tokens = spent.input_tokens + excluded.input_tokens, "
+        "cost_pico = spent.cost_pico + excluded.cost_pico",
         (run_id, *usage.as_ints()),
     )
 
 
-def _insert_record(
-    conn: sqlite3.Connection, record: LedgerRecord, reservation_id: str | None
-) -> None:
+def _insert_record(conn: SqlConnection, record: LedgerRecord, reservation_id: str | None) -> None:
     data = record.to_dict()
     columns = ", ".join(_RECORD_COLUMNS)
     marks = ", ".join("?" * len(_RECORD_COLUMNS))
@@ -990,7 +973,7 @@ def _create_if_absent(path: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _schema_row(conn: sqlite3.Connection, path: Path) -> str:
+def _schema_row(conn: SqlConnection, path: Path) -> str:
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     except sqlite3.OperationalError as exc:
@@ -1024,6 +1007,65 @@ def _ledger_error(path: Path, exc: BaseException) -> LedgerError:
     if "full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
         return LedgerError(f"cannot write the ledger {path}: disk full ({text}); nothing sent")
     return LedgerError(f"ledger {path}: {type(exc).__name__}: {text}")
+
+
+class SqliteLedgerStore:
+    """The embedded backend: one SQLite file in WAL mode, one connection per process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+
+    def prepare(self) -> None:
+        _create_if_absent(self.path)
+        with self.transaction() as conn:
+            row = _schema_row(conn, self.path)
+            if row == "1":  # before write ahead: whether a request left is unknown, so "sent"
+                conn.execute("ALTER TABLE reservations ADD COLUMN sent INTEGER NOT NULL DEFAULT 1")
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema'",
+                    (str(LEDGER_SCHEMA_VERSION),),
+                )
+            elif row != str(LEDGER_SCHEMA_VERSION):
+                raise ConfigError(
+                    f"the ledger at {self.path.parent} has schema version {row}, this dect-maas "
+                    f"uses {LEDGER_SCHEMA_VERSION}; use a new ledger folder (keep the old one: "
+                    "it is the record of what was paid)"
+                )
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            # A connection must not cross a fork: the child opens its own.
+            self._conn, self._pid = _connect(self.path), os.getpid()
+        return self._conn
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        with _storage_errors(self.path):
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+
+def _postgres_store(url: str) -> LedgerStore:
+    try:
+        from .pg import PgLedgerStore
+    except ImportError:
+        raise ConfigError(POSTGRES_INSTALL_HINT) from None
+    return PgLedgerStore(url, LEDGER_SCHEMA_VERSION)
 
 
 def reset_ledger(directory: Path | str) -> Path | None:
