@@ -41,6 +41,7 @@ from ._exceptions import (
     UnsupportedCapability,
 )
 from .client.ledger import Ledger
+from .client.storage import display_target, is_database_url
 from .experiments.demo import SERVER_INSTALL_HINT, run_demo
 
 __all__ = ["EXIT_BUDGET", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_OK", "EXIT_PROVIDER", "main"]
@@ -163,9 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["summary", "export", "runs", "reset"],
         help="reset: move a damaged or emptied ledger file aside so a new budget can start",
     )
-    p.add_argument("path", nargs="?", type=Path, default=None, help="the ledger folder or file")
+    p.add_argument(
+        "path", nargs="?", type=_store_arg, default=None, help="the ledger folder or file, or URL"
+    )
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--ledger-dir", type=Path, default=None, help="the ledger folder")
+    where.add_argument(
+        "--ledger-dir", type=_store_arg, default=None, help="the ledger folder or postgresql:// URL"
+    )
     where.add_argument("--config", type=Path, default=None, help="take the ledger folder from it")
     p.add_argument("--run", default=None, help="only this run id")
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="export format")
@@ -173,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="export file (default: stdout for jsonl/csv)"
     )
     p.add_argument("--json", action="store_true", help="summary as JSON")
+
+    p = sub.add_parser(
+        "storage", parents=[common], help="copy a ledger and cache into PostgreSQL (or back)"
+    )
+    p.add_argument("action", choices=["copy"])
+    p.add_argument("--to", required=True, type=_store_arg, help="postgresql:// URL (or folder)")
+    p.add_argument("--config", type=Path, default=None, help="take both folders from it")
+    p.add_argument("--ledger-dir", type=_store_arg, default=None, help="the ledger to copy")
+    p.add_argument("--cache-dir", type=_store_arg, default=None, help="the cache to copy")
 
     p = sub.add_parser(
         "serve",
@@ -337,7 +351,9 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         directory = load_config(args.config).ledger_dir
     if directory is None:
         raise UsageError("ledger: give --ledger-dir DIR or --config CONFIG")
-    if not Path(directory).exists():
+    if is_database_url(directory) and args.action == "reset":
+        raise UsageError("reset moves a damaged ledger file aside; a PostgreSQL ledger has none")
+    if not is_database_url(directory) and not Path(directory).exists():
         raise UsageError(f"ledger folder {directory} does not exist")
     if args.action == "reset":
         from .client.ledger import reset_ledger
@@ -359,7 +375,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
                 print(json.dumps(summary, indent=2, default=str))
             else:
                 label = args.run or "all runs"
-                print(f"ledger {directory} ({label}):")
+                print(f"ledger {display_target(directory)} ({label}):")
                 for key, value in summary.items():
                     print(f"  {key}: {value}")
             return EXIT_OK
@@ -379,6 +395,48 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         close = getattr(ledger, "close", None)
         if close is not None:
             close()
+
+
+def _store_arg(text: str) -> Path | str:
+    """A folder, or a postgresql:// URL kept as it is (a Path would fold its '//')."""
+    return text if is_database_url(text) else Path(text)
+
+
+def _cmd_storage(args: argparse.Namespace) -> int:
+    from .client.cache import CacheConfig, ResponseCache
+    from .client.transfer import copy_cache, copy_ledger
+
+    ledger_dir, cache_dir = args.ledger_dir, args.cache_dir
+    if args.config is not None:
+        from .experiments.config_file import load_config
+
+        config = load_config(args.config)
+        ledger_dir = ledger_dir or config.ledger_dir
+        cache_dir = cache_dir or config.cache_dir
+    if ledger_dir is None and cache_dir is None:
+        raise UsageError("storage copy: give --config CONFIG, or --ledger-dir and/or --cache-dir")
+    for what, where in (("ledger", ledger_dir), ("cache", cache_dir)):
+        if where is not None and not is_database_url(where) and not Path(where).exists():
+            raise UsageError(f"{what} folder {where} does not exist")
+    shown = display_target(args.to)
+    if ledger_dir is not None:
+        with Ledger(ledger_dir) as source, Ledger(args.to) as target:
+            done = copy_ledger(source, target)
+        _info(
+            f"ledger: copied {done.records} records, {done.spent_runs} run totals and "
+            f"{done.reservations} open reservations from {display_target(ledger_dir)} to {shown}"
+        )
+    if cache_dir is not None:
+        with (
+            ResponseCache(CacheConfig(cache_dir)) as cache_from,
+            ResponseCache(CacheConfig(args.to)) as cache_to,
+        ):
+            done = copy_cache(cache_from, cache_to)
+        _info(
+            f"cache: copied {done.cache_entries} entries ({done.cache_already_there} were there "
+            f"already) from {display_target(cache_dir)} to {shown}"
+        )
+    return EXIT_OK
 
 
 def _export(ledger: Any, path: Path, fmt: str, run: str | None) -> int | None:
@@ -439,6 +497,7 @@ _COMMANDS = {
     "run": _cmd_run,
     "estimate": _cmd_estimate,
     "ledger": _cmd_ledger,
+    "storage": _cmd_storage,
     "serve": _cmd_serve,
     "predict": _cmd_predict,
 }

@@ -179,12 +179,8 @@ def parse_database_url(url: str, what: str = "database URL") -> DatabaseUrl:
     conninfo = urlunsplit(
         ("postgresql", netloc, parts.path, "&".join(f"{k}={quote(v)}" for k, v in rest), "")
     )
-    shown = [(k, v) for k, v in query if k != "password_env"]
-    display = urlunsplit(
-        ("postgresql", netloc, parts.path, "&".join(f"{k}={v}" for k, v in shown), "")
-    )
-    if password_env is not None:
-        display += ("&" if shown else "?") + f"password_env={password_env}"
+    # Shown as given: a password (in the user info or the query) was refused above.
+    display = urlunsplit(("postgresql", netloc, parts.path, parts.query, ""))
     return DatabaseUrl(conninfo, display, schema, password_env)
 
 

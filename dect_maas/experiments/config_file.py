@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dect_maas._exceptions import ConfigError
 from dect_maas._task import Task
 from dect_maas._urls import mask_url, url_problem
+from dect_maas.client.storage import is_database_url, parse_database_url
 
 from .data import read_text
 from .input_config import BBTSection, ICLSection
@@ -260,9 +261,18 @@ class ExperimentConfig(_Section):
     bbt: BBTSection = BBTSection()
     # the report prices predicting this many new examples with each trained method
     predict_n: int = Field(default=1000, ge=1)
-    cache_dir: Path = DEFAULT_HOME / "cache"
-    ledger_dir: Path = DEFAULT_HOME / "ledger"
+    # a folder, or a postgresql:// URL: one budget and cache for a team (docs/storage.md)
+    cache_dir: Path | str = DEFAULT_HOME / "cache"
+    ledger_dir: Path | str = DEFAULT_HOME / "ledger"
     output_dir: Path = Path("runs")
+
+    @field_validator("cache_dir", "ledger_dir", mode="before")
+    @classmethod
+    def _store(cls, v: Any) -> Any:
+        if is_database_url(v):
+            parse_database_url(v, "the URL")  # refuses a password in it
+            return v
+        return Path(v) if isinstance(v, str) else v
 
     @field_validator("shots")
     @classmethod
@@ -306,8 +316,12 @@ class ExperimentConfig(_Section):
         return self.model_copy(
             update={
                 "data": data,
-                "cache_dir": fix(self.cache_dir),
-                "ledger_dir": fix(self.ledger_dir),
+                "cache_dir": fix(self.cache_dir)
+                if isinstance(self.cache_dir, Path)
+                else self.cache_dir,
+                "ledger_dir": fix(self.ledger_dir)
+                if isinstance(self.ledger_dir, Path)
+                else self.ledger_dir,
                 "output_dir": fix(self.output_dir),
             }
         )
