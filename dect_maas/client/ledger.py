@@ -158,6 +158,7 @@ _RECORD_COLUMNS = (
 _NO_LIMITS = BudgetLimits()
 _SUMS = "COALESCE(SUM(queries), 0), COALESCE(SUM(requests), 0), "
 _SUMS += "COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cost_pico), 0)"
+_TOTALS = f"SELECT * FROM (SELECT {_SUMS} FROM spent) s, (SELECT {_SUMS} FROM reservations) r"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -775,9 +776,8 @@ def _totals(
     conn: SqlConnection,
 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """Spent and reserved over the whole folder, as exact integer vectors."""
-    spent = _ints(conn.execute(f"SELECT {_SUMS} FROM spent").fetchone())
-    reserved = _ints(conn.execute(f"SELECT {_SUMS} FROM reservations").fetchone())
-    return spent, reserved
+    row = conn.execute(_TOTALS).fetchone()  # one statement: one round trip to a server
+    return _ints(row[:4]), _ints(row[4:])
 
 
 def _excess(actual: Usage, reserved: Usage) -> Usage:

@@ -22,7 +22,8 @@ import functools
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from hashlib import sha256
 from typing import Any
 
 import psycopg
@@ -40,6 +41,7 @@ POOL_MAX = 4
 # A pool that cannot hand out a connection within this many seconds reports the database down.
 POOL_TIMEOUT_S = 30.0
 _GET_CHUNK = 2000
+_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 _ABANDONED: list[Any] = []  # pools inherited through fork: never closed by the child
 
 LEDGER_DDL = """
@@ -215,6 +217,8 @@ class PgLedgerStore:
         self.location = self._db.location
         self._version = schema_version
         self._lock_name = f"dect_maas.ledger:{self.url.schema}"
+        key = int.from_bytes(sha256(self._lock_name.encode()).digest()[:8], "big", signed=True)
+        self._begin_write = f"BEGIN; SELECT pg_advisory_xact_lock({key})"
 
     def prepare(self) -> None:
         self._db.check_reachable()
@@ -235,12 +239,17 @@ class PgLedgerStore:
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[_PgConnection]:
-        with self._db.connection() as conn, self._db.errors(), conn.transaction():
-            if write:
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_name,))
-            else:
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            yield _PgConnection(conn)
+        # BEGIN and the lock travel as one message: each round trip to the server counts.
+        begin = self._begin_write if write else _BEGIN_READ
+        with self._db.connection() as conn, self._db.errors():
+            conn.execute(begin)
+            try:
+                yield _PgConnection(conn)
+            except BaseException:
+                with suppress(psycopg.Error):  # a broken connection has no transaction left
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
