@@ -360,12 +360,17 @@ class Ledger:
     # -- transactions ------------------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self, write: bool = True) -> Iterator[SqlConnection]:
+    def _transaction(self, write: bool = True, durable: bool = True) -> Iterator[SqlConnection]:
+        """``durable=False``: the commit may reach the server's disk a moment later (a store
+        whose commits are each flushed on their own may batch it). Only ``mark_sent`` must be on
+        disk before it returns: a store's log is written in order, so flushing it flushes every
+        commit before it, and a commit lost with the server at most brings a reservation back,
+        which then counts at its worst case. Never an undercount."""
         if self._pid != os.getpid():
             if self._pid != -1:
                 self._lock = threading.RLock()  # forked: a copied lock may be held by a lost thread
             self._pid, self._pid_start = os.getpid(), _pid_start(os.getpid())
-        with self._lock, self._store.transaction(write) as conn:
+        with self._lock, self._store.transaction(write, durable) as conn:
             yield conn
 
     def close(self) -> None:
@@ -410,7 +415,7 @@ class Ledger:
         """``reserve``, with the refusal returned instead of raised: for a caller that reserves
         ahead and asks again later (a refusal beside requests still in flight may not last)."""
         usage.validate("reserved usage")
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             return self._reserve_in(conn, usage, provider, model, endpoint)
 
     def _reserve_in(
@@ -493,7 +498,7 @@ class Ledger:
             )
             closing.append((s, record))
         outcomes: list[Reservation | BudgetExceeded | None] = []
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             for s, record in closing:
                 self._close_in(conn, s.reservation, s.actual, record)
             for s, record in closing:
@@ -530,7 +535,7 @@ class Ledger:
         request failed, or it was cancelled). A request that left must be settled or refunded
         instead. Releasing twice, or after a release as stale, does nothing.
         """
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
 
     def mark_sent(self, reservation: Reservation) -> None:
@@ -568,7 +573,7 @@ class Ledger:
     ) -> None:
         if not record.time or not record.run_id:
             record = self._complete(record, reservation.run_id)
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             self._close_in(conn, reservation, spent, record)
 
     def _close_in(
@@ -615,7 +620,7 @@ class Ledger:
             attempts=0,
         )
         record = self._complete(record, self.run_id)
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             _insert_record(conn, record, None)
 
     def release_stale(self, *, older_than_s: float | None = None) -> int:
@@ -1042,7 +1047,8 @@ class SqliteLedgerStore:
         return self._conn
 
     @contextmanager
-    def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, write: bool = True, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        # ``durable`` is moot here: WAL with synchronous=NORMAL, every commit alike (docstring)
         with _storage_errors(self.path):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")

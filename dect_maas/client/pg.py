@@ -219,6 +219,9 @@ class PgLedgerStore:
         self._lock_name = f"dect_maas.ledger:{self.url.schema}"
         key = int.from_bytes(sha256(self._lock_name.encode()).digest()[:8], "big", signed=True)
         self._begin_write = f"BEGIN; SELECT pg_advisory_xact_lock({key})"
+        self._begin_write_async = (
+            f"BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({key})"
+        )
 
     def prepare(self) -> None:
         self._db.check_reachable()
@@ -238,9 +241,14 @@ class PgLedgerStore:
                 )
 
     @contextmanager
-    def transaction(self, write: bool = True) -> Iterator[_PgConnection]:
+    def transaction(self, write: bool = True, durable: bool = True) -> Iterator[_PgConnection]:
         # BEGIN and the lock travel as one message: each round trip to the server counts.
-        begin = self._begin_write if write else _BEGIN_READ
+        # Not durable: synchronous_commit off for this transaction only; the next durable
+        # commit (a mark_sent) flushes the WAL up to and including it.
+        if not write:
+            begin = _BEGIN_READ
+        else:
+            begin = self._begin_write if durable else self._begin_write_async
         with self._db.connection() as conn, self._db.errors():
             conn.execute(begin)
             try:
@@ -302,6 +310,8 @@ class PgCacheStore:
         if not items:
             return
         with self._db.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            # durable before it returns (default synchronous_commit): the ledger may live on
+            # another server, so its commits cannot be relied on to flush this one
             cur.executemany(
                 "INSERT INTO cache_entries (key, value) VALUES (%s, %s) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value, stored = now()",

@@ -87,7 +87,11 @@ class LedgerStore(Protocol):
     def prepare(self) -> None:
         """Create the schema if absent, migrate an older one, refuse a newer one."""
 
-    def transaction(self, write: bool = True) -> AbstractContextManager[SqlConnection]: ...
+    def transaction(
+        self, write: bool = True, durable: bool = True
+    ) -> AbstractContextManager[SqlConnection]:
+        """``durable=False`` allows the commit to reach the disk later, in log order (see
+        ``Ledger._transaction`` for why that never undercounts)."""
 
     def close(self) -> None: ...
 
