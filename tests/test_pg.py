@@ -9,6 +9,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -236,3 +239,49 @@ def test_storage_copy_moves_a_ledger_and_cache_into_postgresql(
     again = main([*args[:4], "--to", pg_schema_url])  # the ledger only, a second time
     assert again == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# -- examples in flight --------------------------------------------------------------------------
+
+
+def test_a_claimed_example_is_waited_for_not_paid_again(pg_schema_url: str) -> None:
+    keys = [cache_key({"i": i}) for i in range(6)]
+    first = ResponseCache(CacheConfig(pg_schema_url))
+    second = ResponseCache(CacheConfig(pg_schema_url))
+    try:
+        assert first.claim_many(keys[:4]) == {}  # misses: claimed by first, which pays
+        result: dict[str, object] = {}
+
+        def other_machine() -> None:
+            result.update(second.claim_many(keys))  # waits for keys 0-3, claims 4 and 5
+
+        waiter = threading.Thread(target=other_machine)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # still waiting for the first's answers
+        first.set_many({k: {"s": [float(i)] * 20} for i, k in enumerate(keys[:4])})
+        waiter.join(30)
+        assert not waiter.is_alive()
+        assert sorted(result) == sorted(keys[:4])  # answers it did not pay for
+    finally:
+        second.close()  # releases 4 and 5
+        first.close()
+
+
+_CLAIMER = textwrap.dedent(
+    """
+    import os, sys
+    from dect_maas.client.cache import CacheConfig, ResponseCache, cache_key
+    cache = ResponseCache(CacheConfig(sys.argv[1]))
+    cache.claim_many([cache_key({"i": 0})])
+    os._exit(0)  # dies holding the claim
+    """
+)
+
+
+def test_a_claim_of_a_dead_process_is_taken_over(pg_schema_url: str) -> None:
+    subprocess.run([sys.executable, "-c", _CLAIMER, pg_schema_url], check=True, timeout=60)
+    with ResponseCache(CacheConfig(pg_schema_url)) as cache:
+        start = time.monotonic()
+        assert cache.claim_many([cache_key({"i": 0})]) == {}  # ours now, no wait
+        assert time.monotonic() - start < 5

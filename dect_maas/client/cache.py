@@ -20,10 +20,12 @@ float parse.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
@@ -45,7 +47,11 @@ __all__ = [
     "cache_key",
 ]
 
+logger = logging.getLogger("dect_maas")
+
 SCHEMA_VERSION = 1
+CLAIM_WAIT_S = 300.0
+"""How long ``claim_many`` waits for an example another live process is paying for."""
 """Version of the value format and key recipe; a cache written with another one is refused."""
 
 _SCHEMA_KEY = "__dect_maas_cache_schema__"
@@ -295,6 +301,14 @@ class _DiskcacheStore:
             for key, data in items:
                 self._cache.set(key, data)
 
+    def claim(
+        self, keys: list[str], owner: Any, take_over: bool = False
+    ) -> tuple[dict[str, bytes], list[str]]:
+        return self.get_many(keys), []  # one machine's folder: no claims (see claim_many)
+
+    def release_claims(self, owner: Any) -> None:
+        pass
+
     def contains(self, key: str) -> bool:
         return key in self._cache
 
@@ -326,6 +340,8 @@ class ResponseCache:
         )
         self.location = self._store.location
         """The cache folder, or its database URL as it may be shown."""
+        self._claimant = _claimant() if is_database_url(config.directory) else None
+        self._claimed = False
         try:
             self._check_schema()
         except BaseException:
@@ -369,6 +385,31 @@ class ResponseCache:
     def _fetch_raw_many(self, keys: list[str]) -> dict[str, bytes]:
         return self._store.get_many(keys)
 
+    def claim_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``get_many`` for a caller about to pay for the missing keys.
+
+        On a database shared by several machines, the missing keys are claimed for this cache
+        until their answers are stored (or it closes), and keys another live process has
+        claimed are waited for (at most ``CLAIM_WAIT_S``, then claimed here): two machines
+        that miss the same example at the same moment pay for it once. The embedded folder
+        has no claims: it is ``get_many``.
+        """
+        _check_keys(keys)
+        wanted = list(dict.fromkeys(keys))
+        if self._claimant is None:
+            return self.get_many(wanted)
+        self._claimed = True
+        found, waiting = self._store.claim(wanted, self._claimant)
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        pause = 0.05
+        while waiting:
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
+            late = time.monotonic() > deadline
+            more, waiting = self._store.claim(waiting, self._claimant, take_over=late)
+            found.update(more)
+        return _decode_many(found)
+
     def set(self, key: str, value: Mapping[str, Any]) -> None:
         """Store ``value`` under ``key`` (replacing any previous value)."""
         _check_key(key)
@@ -407,7 +448,13 @@ class ResponseCache:
         return self._store.count()
 
     def close(self) -> None:
-        self._store.close()
+        try:
+            if self._claimant is not None and self._claimed:
+                self._store.release_claims(self._claimant)
+        except CacheError as exc:  # left to expire, or to be taken over once this process ends
+            logger.warning("could not release this process's cache claims: %s", exc)
+        finally:
+            self._store.close()
 
     def __enter__(self) -> ResponseCache:
         return self
@@ -424,6 +471,12 @@ class ResponseCache:
         if is_database_url(self.config.directory):
             return f"ResponseCache(url={self.location!r})"
         return f"ResponseCache(directory={self.location!r})"
+
+
+def _claimant() -> Any:
+    from .pg import Claimant
+
+    return Claimant()
 
 
 def _postgres_store(url: str) -> CacheStore:

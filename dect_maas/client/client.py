@@ -745,7 +745,7 @@ class Client:
     async def _lookup(self, keys: Sequence[str]) -> dict[str, Record]:
         if self._cache is None:
             return {}
-        return await asyncio.to_thread(self._cache_get_many, keys)
+        return await asyncio.to_thread(self._cache.claim_many, keys)  # pays once (cache.py)
 
     async def _record_hits(self, adapter: Adapter, plan: _Plan) -> None:
         hits = len(plan.prompts) - len(plan.misses)

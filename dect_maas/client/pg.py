@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from hashlib import sha256
@@ -32,9 +35,15 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from dect_maas._exceptions import CacheError, ConfigError, DectError, LedgerError
 
+from .ledger import _pid_start, _same_process_alive
 from .storage import DatabaseUrl, SqlCursor, connect_kwargs, parse_database_url
 
-__all__ = ["PgCacheStore", "PgLedgerStore"]
+__all__ = ["Claimant", "PgCacheStore", "PgLedgerStore"]
+
+#: A claim on an example in flight is taken over after this long even if its holder looks alive
+#: (a process on another host cannot be checked): a request to a busy model server may take
+#: minutes, a claim held longer is most likely a machine that died.
+CLAIM_TTL_S = 600.0
 
 CONNECT_TIMEOUT_S = 10
 POOL_MAX = 4
@@ -97,6 +106,15 @@ CREATE TABLE IF NOT EXISTS cache_entries (
     value BYTEA NOT NULL,
     stored TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS cache_claims (
+    key TEXT COLLATE "C" PRIMARY KEY,
+    owner TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    pid_start TEXT NOT NULL,
+    claimed DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cache_claims_owner ON cache_claims (owner);
 """
 
 
@@ -263,6 +281,25 @@ class PgLedgerStore:
         self._db.close()
 
 
+class Claimant:
+    """Who holds a claim: one cache in one process (host, pid and its start time, as the
+    ledger's reservations keep them)."""
+
+    def __init__(self) -> None:
+        self.id = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.pid_start = _pid_start(self.pid)
+
+    def row(self) -> tuple[str, str, int, str, float]:
+        return (self.id, self.host, self.pid, self.pid_start, time.time())
+
+    def live(self, host: str, pid: int, pid_start: str, claimed: float) -> bool:
+        if time.time() - claimed > CLAIM_TTL_S:
+            return False
+        return host != self.host or _same_process_alive(pid, pid_start)
+
+
 class PgCacheStore:
     """Response-cache entries in PostgreSQL: one row per example, never evicted."""
 
@@ -272,7 +309,7 @@ class PgCacheStore:
         self.location = self._db.location
         self._db.check_reachable()
         try:
-            self._db.create_schema(CACHE_DDL, "cache_meta", f"dect_maas.cache:{self.url.schema}")
+            self._db.create_schema(CACHE_DDL, "cache_claims", f"dect_maas.cache:{self.url.schema}")
         except BaseException:
             self._db.close()
             raise
@@ -306,10 +343,50 @@ class PgCacheStore:
                 out.update(cur.fetchall())
         return out
 
+    def claim(
+        self, keys: list[str], owner: Claimant, take_over: bool = False
+    ) -> tuple[dict[str, bytes], list[str]]:
+        """In one transaction: the stored values of ``keys``; a claim for ``owner`` on each
+        missing key that no live process holds (or on all of them, ``take_over``); and the
+        keys another live process holds, whose answers are on their way."""
+        with self._db.connection() as conn, conn.transaction():
+            found = dict(
+                conn.execute(
+                    "SELECT key, value FROM cache_entries WHERE key = ANY(%s)", (keys,)
+                ).fetchall()
+            )
+            missing = [k for k in keys if k not in found]
+            if not missing:
+                return found, []
+            conn.execute(
+                "INSERT INTO cache_claims (key, owner, host, pid, pid_start, claimed) "
+                "SELECT k, %s, %s, %s, %s, %s FROM unnest(%s::text[]) AS k "
+                "ON CONFLICT (key) DO NOTHING",
+                (*owner.row(), missing),
+            )
+            held = conn.execute(
+                "SELECT key, owner, host, pid, pid_start, claimed FROM cache_claims "
+                "WHERE key = ANY(%s) AND owner <> %s",
+                (missing, owner.id),
+            ).fetchall()
+            stale = [r[0] for r in held if take_over or not owner.live(*r[2:])]
+            if stale:
+                conn.execute(
+                    "UPDATE cache_claims SET owner = %s, host = %s, pid = %s, pid_start = %s, "
+                    "claimed = %s WHERE key = ANY(%s)",
+                    (*owner.row(), stale),
+                )
+            return found, sorted({r[0] for r in held} - set(stale))
+
+    def release_claims(self, owner: Claimant) -> None:
+        with self._db.connection() as conn:
+            conn.execute("DELETE FROM cache_claims WHERE owner = %s", (owner.id,))
+
     def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         if not items:
             return
         with self._db.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute("DELETE FROM cache_claims WHERE key = ANY(%s)", ([k for k, _ in items],))
             # durable before it returns (default synchronous_commit): the ledger may live on
             # another server, so its commits cannot be relied on to flush this one
             cur.executemany(

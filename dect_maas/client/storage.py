@@ -111,6 +111,14 @@ class CacheStore(Protocol):
     def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Store all of ``items`` in one transaction, or none (replacing older values)."""
 
+    def claim(
+        self, keys: list[str], owner: Any, take_over: bool = False
+    ) -> tuple[dict[str, bytes], list[str]]:
+        """Stored values of ``keys``, claims for ``owner`` on the missing ones nobody live
+        holds, and the keys held by another live process (``ResponseCache.claim_many``)."""
+
+    def release_claims(self, owner: Any) -> None: ...
+
     def contains(self, key: str) -> bool: ...
 
     def count(self) -> int:
