@@ -14,7 +14,7 @@ Two schedules, each on a fresh ledger and cache:
 
 Figures per schedule: ``answered`` (queries the server computed, from its ``/metrics``) against
 ``limit`` (must never be above), ``ledger_queries`` (what the ledger counts spent; never below
-``answered``), ``distinct_examples`` (entries in the shared cache) and ``paid_twice`` =
+``answered``), ``distinct_examples`` (example answers in the shared cache) and ``paid_twice`` =
 ``answered - distinct_examples`` (queries the server computed for an example that was already
 paid for).
 
@@ -88,7 +88,10 @@ def schedule(name: str, pg: str, url: str, root: Path, args: argparse.Namespace)
         spent = ledger.spent().queries
         reserved = ledger.reserved().queries
     with ResponseCache(CacheConfig(store)) as cache:
-        distinct = len(cache)
+        # one example's answer carries scores ("s"); the rest are free lookups the client keeps
+        # (the server's model info, label-word token ids)
+        values = cache.get_many(list(cache.keys()))
+        distinct = sum(1 for v in values.values() if "s" in v)
     return {
         "schedule": name,
         "processes": 8,
