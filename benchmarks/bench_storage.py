@@ -77,12 +77,16 @@ def bench_hits(where: str, n: int, dim: int, repeats: int) -> dict[str, Any]:
         write_s = time.perf_counter() - start
     with ResponseCache(CacheConfig(where)) as cache:  # a fresh open, as a second run does
         assert len(cache.get_many(keys)) == n
-        times = []
+        times, claims = [], []
         for _ in range(repeats):
             start = time.perf_counter()
             cache.get_many(keys)
             times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            assert len(cache.claim_many(keys)) == n  # the client's lookup (claims what is missing)
+            claims.append(time.perf_counter() - start)
     return {
+        "claim_many_examples_per_s": round(n / statistics.median(claims)),
         "examples": n,
         "get_many_examples_per_s": round(n / statistics.median(times)),
         "get_many_best_examples_per_s": round(n / min(times)),

@@ -350,11 +350,14 @@ class PgCacheStore:
         missing key that no live process holds (or on all of them, ``take_over``); and the
         keys another live process holds, whose answers are on their way."""
         with self._db.connection() as conn, conn.transaction():
-            found = dict(
-                conn.execute(
-                    "SELECT key, value FROM cache_entries WHERE key = ANY(%s)", (keys,)
-                ).fetchall()
-            )
+            cur = conn.cursor(binary=True)  # bytea as bytes, not hex text
+            found: dict[str, bytes] = {}
+            for start in range(0, len(keys), _GET_CHUNK):
+                cur.execute(
+                    "SELECT key, value FROM cache_entries WHERE key = ANY(%s)",
+                    (keys[start : start + _GET_CHUNK],),
+                )
+                found.update(cur.fetchall())
             missing = [k for k in keys if k not in found]
             if not missing:
                 return found, []
