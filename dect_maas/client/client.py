@@ -361,17 +361,18 @@ class Client:
         blocking call: a cancellation (a signal's deadline) happens only while waiting on the
         rate limiter or the network, never half-way through a write.
         """
-        flight = _Flight(reservation=await self._reserve(adapter, spec, held), since=self._clock())
+        reservation = await self._reserve(adapter, spec, held)  # 1
+        flight = _Flight(reservation=reservation, since=self._clock())
         held.count += 1
         try:
             try:
-                records = await self._retrier.call(
+                records = await self._retrier.call(  # 2
                     lambda: self._attempt(adapter, spec, flight), flight
                 )
             except BaseException as exc:
                 self._close_failed(adapter, spec, flight, exc)
                 raise
-            self._store_and_settle(adapter, spec, keys, records, flight)
+            self._store_and_settle(adapter, spec, keys, records, flight)  # 3, 4
         finally:
             held.release()
         return records
