@@ -264,6 +264,13 @@ class SlowCache(ResponseCache):
 if __name__ == "__main__":  # a clean server in its own process: prints its URL, stops at EOF
     import sys
 
-    with FaultServer(rate=0.0).run() as base_url:
+    # optional argument: seconds every /v1/features answer waits first (a model's forward pass)
+    service_s = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+    server = (
+        FaultServer(rate=1.0, faults=("slow",), slow_s=service_s, paths=("/v1/features",))
+        if service_s
+        else FaultServer(rate=0.0)
+    )
+    with server.run() as base_url:
         print(base_url, flush=True)
         sys.stdin.read()

@@ -299,23 +299,13 @@ def test_requests_are_deterministic_serialisable_and_batched(case: Case) -> None
 
 
 def _keys(case: Case, adapter: Any, labels: tuple[Label, ...] = LABELS) -> list[str]:
-    from dect_maas.client.client import Client
+    from dect_maas.client.plan import plan_role
 
-    client = Client(adapter, cache=None, transport=httpx.MockTransport(_no_io))
-    try:
-        pairs = [(t, None) for t in TEXTS]
-        out = []
-        for role in adapter.roles(case.task):
-            out += client._plan(
-                adapter, role, case.task, pairs, labels if role != "vectors" else ()
-            ).keys
-        return out
-    finally:
-        client.close()
-
-
-def _no_io(request: httpx.Request) -> httpx.Response:
-    raise AssertionError(f"no request may be sent here, got {request.method} {request.url}")
+    pairs: list[tuple[str, str | None]] = [(t, None) for t in TEXTS]
+    out = []
+    for role in adapter.roles(case.task):
+        out += plan_role(adapter, role, case.task, pairs, labels if role != "vectors" else ()).keys
+    return out
 
 
 def test_cache_keys_are_stable_and_cover_what_changes_the_answer(case: Case) -> None:

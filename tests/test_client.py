@@ -24,11 +24,12 @@ from dect_maas import (
     ProviderStatusError,
     QuotaExhausted,
     Task,
+    TransportError,
 )
 from dect_maas.adapters import LocalAdapter
 from dect_maas.client.budget import BudgetLimits, Usage
 from dect_maas.client.cache import CacheConfig
-from dect_maas.client.client import AHEAD, Client
+from dect_maas.client.client import Client
 from dect_maas.client.settings import RateLimit, RetryPolicy
 
 TASK = Task("{text} Overall, it was {mask}", {"neg": ["bad", "awful"], "pos": "great"})
@@ -299,7 +300,11 @@ def test_bad_inputs_are_refused_before_any_request(tmp_path: Path) -> None:
         Client(LocalAdapter(), cache=None, max_concurrency=0)
 
 
-def test_a_truncated_body_is_retried_once_and_paid_once(tmp_path: Path) -> None:
+def test_a_truncated_body_is_retried_and_the_cut_attempt_counts_at_its_worst_case(
+    tmp_path: Path,
+) -> None:
+    # A 2xx cut short was answered (and may be billed) by the provider: the retry is another
+    # send it may bill too, so the first attempt is settled at its worst case before it leaves.
     provider = MockProvider()
     calls = {"n": 0}
 
@@ -314,11 +319,50 @@ def test_a_truncated_body_is_retried_once_and_paid_once(tmp_path: Path) -> None:
     with make(provider, tmp_path, batch=64, retry=policy) as client:
         feats = client.features(TASK, TEXTS)
         summary = client.ledger.summary()
+        records = [r for r in client.ledger.records() if r.cache == "miss"]
+        spent, reserved = client.ledger.spent(), client.ledger.reserved()
     np.testing.assert_allclose(feats.scores, expected(TEXTS), atol=1e-5)
     assert len(provider.sent()) == 2
-    assert summary.queries_paid == 11
-    assert summary.requests == 1
-    assert summary.attempts == 2
+    assert [(r.status, r.queries, r.attempts) for r in records] == [
+        ("unknown", 11, 1),
+        ("ok", 11, 1),
+    ]
+    assert (summary.queries_paid, summary.queries_unknown) == (11, 11)
+    assert summary.requests == summary.attempts == 2
+    assert spent.queries == 22
+    assert reserved == Usage()
+
+
+def test_retries_after_timeouts_never_pass_the_hard_limit(tmp_path: Path) -> None:
+    # Every attempt times out after the server did the work: each send may be billed. With
+    # max_queries=3 and one query per request, at most 3 sends may leave, whatever the retry
+    # policy allows, and the ledger counts each of them.
+    provider = MockProvider()
+
+    def time_out(request: httpx.Request) -> httpx.Response:
+        answer = provider(request)
+        if request.url.path == "/v1/features":
+            raise httpx.ReadTimeout("timed out", request=request)
+        return answer
+
+    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.001, max_backoff_s=0.001)
+    with make(
+        provider,
+        tmp_path,
+        batch=1,
+        retry=policy,
+        transport=httpx.MockTransport(time_out),
+        budget=BudgetLimits(max_queries=3),
+        max_concurrency=2,
+    ) as client:
+        with pytest.raises((BudgetExceeded, TransportError)):
+            client.features(TASK, [f"t{i}" for i in range(4)])
+        spent, reserved = client.ledger.spent(), client.ledger.reserved()
+        statuses = {r.status for r in client.ledger.records() if r.cache == "miss"}
+    assert len(provider.sent()) <= 3
+    assert spent.queries == len(provider.sent())
+    assert reserved == Usage()
+    assert statuses == {"unknown"}
 
 
 def test_cancelling_a_run_leaves_every_sent_request_on_the_ledger_and_nothing_reserved(
@@ -416,18 +460,20 @@ def test_a_failure_stops_new_sends_while_the_request_in_flight_is_settled(
     assert reserved == Usage()
 
 
-def test_requests_go_on_while_answers_are_written_and_writes_catch_up_in_batches(
+def test_each_answer_is_stored_and_settled_before_the_next_request_of_its_worker(
     tmp_path: Path,
 ) -> None:
+    # One worker: one reservation at a time, and every answer is in the cache (and settled ok)
+    # before the next request leaves, even when each cache write is slow.
     provider = MockProvider()
-    held: list[int] = []  # reservations held as each request arrives
+    seen: list[tuple[int, int]] = []  # (reservations held, answers settled) as each arrives
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/features":
-            held.append(client.ledger.reserved().requests)
+            seen.append((client.ledger.reserved().requests, client.ledger.summary().queries_paid))
         return provider(request)
 
-    cache = SlowCache(CacheConfig(tmp_path / "cache"), 0.03)  # a 30 ms write
+    cache = SlowCache(CacheConfig(tmp_path / "cache"), 0.01)  # a 10 ms write
     client = make(
         provider,
         tmp_path,
@@ -443,11 +489,8 @@ def test_requests_go_on_while_answers_are_written_and_writes_catch_up_in_batches
         reserved = client.ledger.reserved()
     answers = len(provider.sent())
     assert answers == 13  # 12 texts and the content-free query
-    # one worker: the request in flight and up to AHEAD more, reserved ahead
-    assert max(held) == AHEAD + 1
-    # the worker did not wait for each write: answers queued behind a slow one went in together
-    assert sum(cache.writes) == answers
-    assert len(cache.writes) < answers
+    assert seen == [(1, i) for i in range(answers)]
+    assert cache.writes == [1] * answers
     assert (summary.queries_paid, reserved) == (answers, Usage())
     assert feats.scores is not None
     np.testing.assert_allclose(feats.scores, expected(texts), atol=1e-5)
@@ -456,19 +499,20 @@ def test_requests_go_on_while_answers_are_written_and_writes_catch_up_in_batches
         assert again.ledger.summary(again.ledger.run_id).queries_paid == 0
 
 
-def test_a_request_refused_beside_those_reserved_ahead_is_asked_again_once_they_are_settled(
+def test_a_request_refused_beside_those_in_flight_is_asked_again_once_they_are_settled(
     tmp_path: Path,
 ) -> None:
     # Each request reserves its worst case (22 input tokens: a byte each, plus 4) and uses 5.
-    # 60 tokens hold two worst cases, not three: the second request reserved ahead is refused
-    # at first, then granted once the requests before it are settled. The run fits the
+    # 60 tokens hold two worst cases, not three: with three workers the third reservation is
+    # refused at first, then granted once a request in flight is settled. The run fits the
     # budget, so it must not fail.
     provider = MockProvider()
     held: list[int] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/features":
             held.append(client.ledger.reserved().requests)
+            await asyncio.sleep(0.01)
         return provider(request)
 
     client = make(
@@ -477,14 +521,14 @@ def test_a_request_refused_beside_those_reserved_ahead_is_asked_again_once_they_
         batch=1,
         transport=httpx.MockTransport(handler),
         budget=BudgetLimits(max_input_tokens=60),
-        max_concurrency=1,
+        max_concurrency=3,
     )
     texts = [f"t{i}" for i in range(6)]
     with client:
         feats = client.features(TASK, texts)
         spent, reserved = client.ledger.spent(), client.ledger.reserved()
     assert len(provider.sent()) == 7
-    assert max(held) == 2  # the budget, not AHEAD, bounded the window
+    assert max(held) == 2  # the budget bounded what was in flight
     assert spent.input_tokens <= 60
     assert reserved == Usage()
     assert feats.scores is not None
@@ -507,7 +551,7 @@ def test_a_closed_client_can_be_used_again(tmp_path: Path) -> None:
 @given(st.lists(st.text(), min_size=1, max_size=8))
 def test_fast_example_keys_equal_cache_key(texts: list[str]) -> None:
     from dect_maas.client.cache import cache_key
-    from dect_maas.client.client import _example_keys
+    from dect_maas.client.plan import example_keys
 
     adapter = LocalAdapter("http://fake", kind="causal", revision="r")
     labels = ()
@@ -517,4 +561,4 @@ def test_fast_example_keys_equal_cache_key(texts: list[str]) -> None:
 
     prefix = cache_key({"p": 1})
     want = [cache_key({"body": body_of(t), "prefix": prefix}) for t in texts]
-    assert _example_keys(prefix, body_of, texts) == want
+    assert example_keys(prefix, body_of, texts) == want
