@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dect_maas._exceptions import ConfigError
+from dect_maas._exceptions import ConfigError, FeaturesError
 from dect_maas._features import Features
 
 from .baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
@@ -77,9 +77,11 @@ from .estimator import (
 __all__ = ["DEFAULT_GRID", "STEP_CHECKPOINTS", "AutoDecTClassifier", "Candidate"]
 
 Method = Literal["zero_shot", "linear_probe", "prototype", "paper", "dect"]
+Prototypes = Literal["random", "class_means"]
 STEP_CHECKPOINTS: tuple[int, ...] = (10, 30)
 PROMPT_WEIGHTS: tuple[float, ...] = (8.0, 2.0, 0.5, 0.125, 0.0)  # prompt-heavy first
 LEARNING_RATES: tuple[float, ...] = (0.01, 0.05)
+CLASS_MEANS_LR = 0.05  # the class-mean family: prototypes start at the class means and train
 ANCHOR_WEIGHT = 2.0  # λ of the setting tried first: the prompt plus a decoder, prompt-heavy
 _MIN_HELD_OUT = 48  # repeat the folds until about this many held-out predictions per setting
 _TIE_SE = 1.0  # selection="1se": how many standard errors of a gap still count as a tie
@@ -101,6 +103,7 @@ class Candidate:
     lr: float = 0.01
     n_steps: int = 30
     representation: Representation = "raw"
+    prototypes: Prototypes = "random"
 
     @property
     def name(self) -> str:
@@ -110,7 +113,10 @@ class Candidate:
             return self.method
         cal = "+cal" if self.calibrate and self.prompt_weight else ""
         rep = ",content_free" if self.representation == "content_free" else ""
-        return f"dect(λ={self.prompt_weight:g}{cal},lr={self.lr:g},steps={self.n_steps}{rep})"
+        means = ",class_means" if self.prototypes == "class_means" else ""
+        return (
+            f"dect(λ={self.prompt_weight:g}{cal},lr={self.lr:g},steps={self.n_steps}{rep}{means})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
@@ -134,17 +140,30 @@ class Candidate:
             device=device,
             representation=self.representation,
             basis="span" if self.method == "dect" else "full",
+            prototype_init=self.prototypes,
+            learn_prototypes=self.prototypes == "class_means",
+            distance_scale=self.prototypes == "class_means",
         )
 
 
 def _dect_grid() -> tuple[Candidate, ...]:
-    """The searched DecT settings; ``n_steps`` is filled in from STEP_CHECKPOINTS."""
-    return tuple(
+    """The searched DecT settings; ``n_steps`` is filled in from STEP_CHECKPOINTS.
+
+    Random frozen prototypes (the paper's) at every λ, representation and learning rate; and a
+    class-mean family (prototypes start at the class means of û and train, with a learned
+    distance scale) at every λ, in the content-free representation, at ``CLASS_MEANS_LR``.
+    """
+    random = tuple(
         Candidate("dect", False, weight, lr, 0, rep)
         for rep in ("content_free", "raw")
         for lr in LEARNING_RATES
         for weight in PROMPT_WEIGHTS
     )
+    means = tuple(
+        Candidate("dect", False, weight, CLASS_MEANS_LR, 0, "content_free", "class_means")
+        for weight in PROMPT_WEIGHTS
+    )
+    return random + means
 
 
 DEFAULT_GRID: tuple[Candidate, ...] = _dect_grid()
@@ -157,6 +176,7 @@ class _Scored:
     accuracy: float
     log_loss: float
     per_row: npt.NDArray[np.float64]  # (N,) mean correctness over the folds that held it out
+    probs: Tensor | None = None  # (G, N, C) held-out class probabilities (prior-shifted)
 
 
 @dataclass(frozen=True)
@@ -208,8 +228,10 @@ class AutoDecTClassifier(FeatureClassifier):
         selection: Literal["1se", "best"] = "1se",
         one_shot: Literal["prompt", "paper"] = "prompt",
         class_prior: Mapping[Any, float] | None = None,
+        prompt_blend: float = 0.5,
     ) -> None:
         self.cv = cv
+        self.prompt_blend = prompt_blend
         self.one_shot = one_shot
         self.class_prior = class_prior
         self.selection = selection
@@ -225,6 +247,8 @@ class AutoDecTClassifier(FeatureClassifier):
     n_repeats_: int
     best_estimator_: FeatureClassifier
     prior_shift_: npt.NDArray[np.float32]
+    blend_weight_: float
+    blend_: dict[str, Any]
 
     def _check_params(self) -> None:
         for name in ("cv", "max_repeats", "projection_dim"):
@@ -237,6 +261,9 @@ class AutoDecTClassifier(FeatureClassifier):
             raise ConfigError(f"selection must be '1se' or 'best', got {self.selection!r}")
         if self.one_shot not in ("prompt", "paper"):
             raise ConfigError(f"one_shot must be 'prompt' or 'paper', got {self.one_shot!r}")
+        pb = self.prompt_blend
+        if isinstance(pb, bool) or not isinstance(pb, (int, float)) or not 0.0 <= pb < 1.0:
+            raise ConfigError(f"prompt_blend must be a number in [0, 1), got {pb!r}")
         rs = self.random_state
         if rs is not None and (isinstance(rs, bool) or not isinstance(rs, (int, np.integer))):
             raise ConfigError(f"random_state must be an int or None, got {rs!r}")
@@ -281,6 +308,8 @@ class AutoDecTClassifier(FeatureClassifier):
                 "reason": "one example per class: nothing can be held out, so the paper's "
                 "settings are used",
             }
+            self.blend_weight_ = 0.0
+            self.blend_ = {"weight": float(self.prompt_blend), "kept": False, "reason": "unchecked"}
             return self._refit(ctx, best)
 
         folds = self._folds(labels, counts, seed)
@@ -406,7 +435,63 @@ class AutoDecTClassifier(FeatureClassifier):
         else:
             reason += ": the highest accuracy"
         self.best_params_ = {**best.to_dict(), "reason": reason}
+        self._choose_blend(ctx, cands, results, order[0], top, gap_se[order[0]])
         return self._refit(ctx, best)
+
+    def _choose_blend(
+        self,
+        ctx: _Fit,
+        cands: list[Candidate],
+        results: list[_Scored],
+        chosen: int,
+        top: int,
+        chosen_se: float,
+    ) -> None:
+        """Mix the chosen model with the plain prompt where the held-out rows allow it.
+
+        Balanced shots measure balanced accuracy: they cannot show whether the mix of classes in
+        use is balanced. Everything trained on them (and calibrated zero-shot) assumes it is;
+        the prompt as the model gives it (plain zero-shot) keeps the model's own prior over the
+        label words instead. Mixing their probabilities, (1 − w)·p_chosen + w·p_prompt, hedges
+        between the two. The mixture counts as one more candidate, just before the chosen one
+        (closer to the prompt): it is kept when its accuracy gap to the most accurate candidate
+        is within one standard error of that gap, on the same held-out rows (`_rank`'s rule).
+        """
+        w = float(self.prompt_blend)
+        self.blend_weight_ = 0.0
+        plain = Candidate("zero_shot", False)
+        self.blend_ = {"weight": w, "kept": False}
+        if w == 0.0 or plain not in cands or cands[chosen] == plain:
+            why = "off" if w == 0.0 else "the choice is the plain prompt, or there is none"
+            self.blend_["reason"] = why
+            return
+        mixed = _blend_scores(ctx, results[chosen], results[cands.index(plain)], w)
+        diff = results[top].per_row - mixed.per_row
+        n = len(diff)
+        se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        if self.selection == "1se":
+            kept = float(diff.mean()) <= _TIE_SE * se + 1e-12
+            rule = "within one standard error of the best" if kept else "clearly behind the best"
+        else:
+            kept = mixed.accuracy > results[chosen].accuracy
+            rule = "more accurate than the choice" if kept else "not more accurate than the choice"
+        self.blend_.update(
+            kept=kept,
+            mean_accuracy=round(mixed.accuracy, 6),
+            log_loss=round(mixed.log_loss, 6),
+            se_of_gap_to_best=round(se, 6),
+            chosen_accuracy=round(results[chosen].accuracy, 6),
+            chosen_se_of_gap_to_best=round(float(chosen_se), 6),
+            reason=f"{w:g}·zero_shot + {1 - w:g}·{cands[chosen].name}: held-out accuracy "
+            f"{mixed.accuracy:.3f}, {rule} ({cands[top].name}, {results[top].accuracy:.3f})",
+        )
+        if kept:
+            self.blend_weight_ = w
+            self.best_score_ = float(mixed.accuracy)
+            self.best_params_["reason"] += (
+                f"; then mixed with the plain prompt ({self.blend_['reason']}): balanced shots "
+                "cannot show the class mix in use, and the plain prompt keeps the model's prior"
+            )
 
     def _refit(self, ctx: _Fit, best: Candidate) -> AutoDecTClassifier:
         """Fit the chosen candidate's public estimator on every training row."""
@@ -421,11 +506,25 @@ class AutoDecTClassifier(FeatureClassifier):
     # -- inference and persistence ---------------------------------------------------------------
 
     def decision_function(self, features: Features) -> npt.NDArray[np.float32]:
-        """The chosen model's class scores, shape (N, C)."""
+        """The chosen model's class scores, shape (N, C).
+
+        With a kept prompt blend: log((1 − w)·softmax(chosen) + w·softmax(plain prompt scores)).
+        """
         self._check_fitted()
         scores = self.best_estimator_.decision_function(features)
         if self.prior_shift_.any():
             scores = scores + self.prior_shift_
+        w = self.blend_weight_
+        if w:
+            if features.scores is None:
+                raise FeaturesError(
+                    "this model mixes in the prompt's label-word scores (prompt_blend); pass "
+                    "features with scores, as in training"
+                )
+            mixed = (1 - w) * torch.softmax(torch.from_numpy(scores).double(), -1) + (
+                w * torch.softmax(torch.from_numpy(features.scores).double(), -1)
+            )
+            scores = torch.log(mixed.clamp_min(1e-300)).float().numpy()
         return scores
 
     def _fitted_arrays(self) -> dict[str, npt.NDArray[Any]]:
@@ -440,6 +539,8 @@ class AutoDecTClassifier(FeatureClassifier):
             "cv_results_": self.cv_results_,
             "n_splits_": self.n_splits_,
             "n_repeats_": self.n_repeats_,
+            "blend_weight_": self.blend_weight_,
+            "blend_": self.blend_,
             "best_estimator": type(inner).__name__,
             "best_estimator_params": inner.get_params(),
             "best_estimator_fitted": inner._fitted_scalars(),
@@ -473,6 +574,8 @@ class AutoDecTClassifier(FeatureClassifier):
         self.cv_results_ = scalars["cv_results_"]
         self.n_splits_ = int(scalars["n_splits_"])
         self.n_repeats_ = int(scalars["n_repeats_"])
+        self.blend_weight_ = float(scalars.get("blend_weight_", 0.0))
+        self.blend_ = dict(scalars.get("blend_", {"weight": 0.0, "kept": False}))
 
 
 # -- search policy helpers (no state) -------------------------------------------------------------
@@ -517,7 +620,7 @@ def grid_logits(
         torch.from_numpy(labels),
         train,
         lr=[c.lr for c in members],
-        class_means=[False] * len(members),
+        class_means=[c.prototypes == "class_means" for c in members],
         checkpoints=STEP_CHECKPOINTS,
     )
     return trained.logits
@@ -538,9 +641,10 @@ def _order_prompts(cands: list[Candidate], results: list[_Scored]) -> list[Candi
     return [c for c, _ in ranked]
 
 
-def _closeness_to_prompt(c: Candidate) -> tuple[float, bool, float, int]:
+def _closeness_to_prompt(c: Candidate) -> tuple[float, bool, bool, float, int]:
     """Sort key of the searched settings: prompt-heavy first, then the least trained."""
-    return (-c.prompt_weight, c.representation != "content_free", c.lr, c.n_steps)
+    means = c.prototypes == "class_means"
+    return (-c.prompt_weight, means, c.representation != "content_free", c.lr, c.n_steps)
 
 
 def _unique(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -644,6 +748,15 @@ def _empty_results() -> dict[str, list[Any]]:
     return {k: [] for k in keys}
 
 
+def _blend_scores(ctx: _Fit, chosen: _Scored, prompt: _Scored, weight: float) -> _Scored:
+    """Held-out scores of (1 − w)·p_chosen + w·p_prompt on the rows ``chosen`` held out."""
+    assert chosen.probs is not None and prompt.probs is not None
+    held = chosen.probs.sum(-1) > 0  # (G, N)
+    mixed = (1 - weight) * chosen.probs + weight * prompt.probs[0][None]  # (G, N, C)
+    logits = torch.log(mixed.clamp_min(1e-300))
+    return _held_out_scores(logits, ctx.labels, held.numpy(), ctx.row_weights)
+
+
 def _held_out_scores(
     logits: Tensor,
     labels: npt.NDArray[np.int64],
@@ -664,4 +777,5 @@ def _held_out_scores(
     w = torch.from_numpy(row_weights)  # (N,)
     per_row = (correct * mask).sum(0) / times * w  # (N,)
     row_nll = (nll * mask).sum(0) / times * w  # (N,)
-    return _Scored(float(per_row.mean()), float(row_nll.mean()), per_row.numpy())
+    probs = torch.exp(logp) * mask[..., None]  # (G, N, C), zero where not held out
+    return _Scored(float(per_row.mean()), float(row_nll.mean()), per_row.numpy(), probs)
