@@ -71,7 +71,6 @@ def test_every_searched_member_is_the_public_estimator_fitted_on_its_fold(
     members = [
         Candidate("dect", True, 0.25, 0.01, 0, representation),  # type: ignore[arg-type]
         Candidate("dect", False, 0.0, 0.05, 0, representation),  # type: ignore[arg-type]
-        Candidate("dect", True, 2.0, 0.05, 0, representation, "class_means"),  # type: ignore[arg-type]
     ]
     logits = grid_logits(feats, labels, folds, members, 7, 128, 3)
     assert logits.shape == (len(STEP_CHECKPOINTS), 3, len(y), len(members), 3)
@@ -194,7 +193,6 @@ def test_results_are_json_and_save_load_round_trips(tmp_path: Path) -> None:
     assert json.loads(text)["best"] == model.best_params_
     n = len(model.cv_results_["name"])
     assert n == 2 + 20 + 3  # zero-shot x 2, 10 raw-representation settings x 2 step counts, 3 plain
-    # (the class-mean family needs the content-free vector)
     assert all(len(v) == n for v in model.cv_results_.values())
     assert sorted(model.cv_results_["rank"]) == list(range(1, n + 1))
     path = model.save(tmp_path / "auto")
@@ -344,13 +342,9 @@ def test_search_order_starts_with_dect_at_lambda_two_then_the_prompt_by_evidence
     weights = [p["prompt_weight"] for p in params[3:-3]]
     assert weights == sorted(weights, reverse=True)
     assert names[-3:] == ["paper", "prototype", "linear_probe"]
-    # at each λ the random-prototype settings come before the class-mean ones
-    for w in set(weights):
-        kinds = [p["prototypes"] for p in params[3:-3] if p["prompt_weight"] == w]
-        assert kinds == sorted(kinds, key=lambda k: k == "class_means")
     # zero-shot x 2, 2 representations x 2 rates x 5 weights x 2 step counts (the anchor is one of
-    # them, moved), the class-mean family (5 weights x 2 step counts), paper, prototype, probe
-    assert len(names) == 2 + 2 * 2 * 5 * 2 + 5 * 2 + 3
+    # them, moved), paper, prototype, probe
+    assert len(names) == 2 + 2 * 2 * 5 * 2 + 3
 
 
 def test_calibrated_zero_shot_wins_over_plain_when_it_is_better_on_the_shots() -> None:

@@ -77,11 +77,9 @@ from .estimator import (
 __all__ = ["DEFAULT_GRID", "STEP_CHECKPOINTS", "AutoDecTClassifier", "Candidate"]
 
 Method = Literal["zero_shot", "linear_probe", "prototype", "paper", "dect"]
-Prototypes = Literal["random", "class_means"]
 STEP_CHECKPOINTS: tuple[int, ...] = (10, 30)
 PROMPT_WEIGHTS: tuple[float, ...] = (8.0, 2.0, 0.5, 0.125, 0.0)  # prompt-heavy first
 LEARNING_RATES: tuple[float, ...] = (0.01, 0.05)
-CLASS_MEANS_LR = 0.05  # the class-mean family: prototypes start at the class means and train
 ANCHOR_WEIGHT = 2.0  # λ of the setting tried first: the prompt plus a decoder, prompt-heavy
 _MIN_HELD_OUT = 48  # repeat the folds until about this many held-out predictions per setting
 _TIE_SE = 1.0  # selection="1se": how many standard errors of a gap still count as a tie
@@ -103,7 +101,6 @@ class Candidate:
     lr: float = 0.01
     n_steps: int = 30
     representation: Representation = "raw"
-    prototypes: Prototypes = "random"
 
     @property
     def name(self) -> str:
@@ -113,10 +110,7 @@ class Candidate:
             return self.method
         cal = "+cal" if self.calibrate and self.prompt_weight else ""
         rep = ",content_free" if self.representation == "content_free" else ""
-        means = ",class_means" if self.prototypes == "class_means" else ""
-        return (
-            f"dect(λ={self.prompt_weight:g}{cal},lr={self.lr:g},steps={self.n_steps}{rep}{means})"
-        )
+        return f"dect(λ={self.prompt_weight:g}{cal},lr={self.lr:g},steps={self.n_steps}{rep})"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
@@ -140,30 +134,22 @@ class Candidate:
             device=device,
             representation=self.representation,
             basis="span" if self.method == "dect" else "full",
-            prototype_init=self.prototypes,
-            learn_prototypes=self.prototypes == "class_means",
-            distance_scale=self.prototypes == "class_means",
         )
 
 
 def _dect_grid() -> tuple[Candidate, ...]:
     """The searched DecT settings; ``n_steps`` is filled in from STEP_CHECKPOINTS.
 
-    Random frozen prototypes (the paper's) at every λ, representation and learning rate; and a
-    class-mean family (prototypes start at the class means of û and train, with a learned
-    distance scale) at every λ, in the content-free representation, at ``CLASS_MEANS_LR``.
+    Random frozen prototypes only: a class-mean family (prototypes started at the class means
+    and trained, with a learned distance scale) lost on the development splits wherever it was
+    chosen (docs/decoders.md).
     """
-    random = tuple(
+    return tuple(
         Candidate("dect", False, weight, lr, 0, rep)
         for rep in ("content_free", "raw")
         for lr in LEARNING_RATES
         for weight in PROMPT_WEIGHTS
     )
-    means = tuple(
-        Candidate("dect", False, weight, CLASS_MEANS_LR, 0, "content_free", "class_means")
-        for weight in PROMPT_WEIGHTS
-    )
-    return random + means
 
 
 DEFAULT_GRID: tuple[Candidate, ...] = _dect_grid()
@@ -620,7 +606,7 @@ def grid_logits(
         torch.from_numpy(labels),
         train,
         lr=[c.lr for c in members],
-        class_means=[c.prototypes == "class_means" for c in members],
+        class_means=[False] * len(members),
         checkpoints=STEP_CHECKPOINTS,
     )
     return trained.logits
@@ -641,10 +627,9 @@ def _order_prompts(cands: list[Candidate], results: list[_Scored]) -> list[Candi
     return [c for c, _ in ranked]
 
 
-def _closeness_to_prompt(c: Candidate) -> tuple[float, bool, bool, float, int]:
+def _closeness_to_prompt(c: Candidate) -> tuple[float, bool, float, int]:
     """Sort key of the searched settings: prompt-heavy first, then the least trained."""
-    means = c.prototypes == "class_means"
-    return (-c.prompt_weight, means, c.representation != "content_free", c.lr, c.n_steps)
+    return (-c.prompt_weight, c.representation != "content_free", c.lr, c.n_steps)
 
 
 def _unique(cands: Sequence[Candidate]) -> list[Candidate]:
