@@ -301,7 +301,8 @@ def markdown(results: dict[str, Any]) -> str:
             margins = [
                 f"{res['shots'][k]['balanced_margin_vs_best_baseline'][m]:+.1f}" for k in shots
             ]
-            lines.append(f"| {m} − best baseline, balanced accuracy | " + " | ".join(margins) + " |")
+            row = " | ".join(margins)
+            lines.append(f"| {m} − best baseline, balanced accuracy | {row} |")
         for k, why in res["skipped_shots"].items():
             lines.append(f"\n{k}-shot skipped: {why}.")
     return "\n".join(lines)
@@ -325,11 +326,7 @@ def target_summary(results: dict[str, Any], key: str = "margin_vs_best_baseline"
     for m in (*NEW, "paper_dect"):
         cells = [c for r in results["sets"].values() for c in r["shots"].values()]
         margins = [c[key][m] for c in cells]
-        at64 = [
-            r["shots"]["64"][key][m]
-            for r in results["sets"].values()
-            if "64" in r["shots"]
-        ]
+        at64 = [r["shots"]["64"][key][m] for r in results["sets"].values() if "64" in r["shots"]]
         ok = sum(v >= -1.0 for v in margins)
         m64 = f"{np.mean(at64):+.2f}" if at64 else "n/a"
         lines.append(f"| {m} | {ok} of {len(margins)} | {np.mean(margins):+.2f} | {m64} |")

@@ -388,7 +388,8 @@ def test_a_kept_prompt_blend_mixes_the_choice_with_the_plain_prompt(tmp_path: Pa
     kept; its class scores are log((1 - w)·softmax(choice) + w·softmax(plain scores))."""
     feats, y = _data(shots=1, n_classes=5, score_signal=2.0)
     model = AutoDecTClassifier(random_state=3, prompt_blend=0.5).fit(feats, y)
-    assert model.blend_["kept"] is True and model.blend_weight_ == 0.5
+    assert model.blend_["kept"] is True
+    assert model.blend_weight_ == 0.5
     assert "mixed with the plain prompt" in model.best_params_["reason"]
     assert feats.scores is not None
     chosen = model.best_estimator_.decision_function(feats)
@@ -413,7 +414,8 @@ def test_the_blend_is_dropped_when_held_out_rows_show_it_costs() -> None:
     cf[0] += 8.0
     f = Features(biased, feats.hidden, content_free=cf, meta=feats.meta)
     model = AutoDecTClassifier(random_state=0, max_repeats=1).fit(f, y)
-    assert model.blend_["kept"] is False and model.blend_weight_ == 0.0
+    assert model.blend_["kept"] is False
+    assert model.blend_weight_ == 0.0
     assert model.blend_["mean_accuracy"] < model.blend_["chosen_accuracy"]
     assert "clearly behind the best" in model.blend_["reason"]
     off = AutoDecTClassifier(random_state=0, max_repeats=1, prompt_blend=0.0).fit(f, y)

@@ -27,6 +27,10 @@ Selection (``selection="1se"``): the first candidate whose accuracy gap to the m
 is within one standard error of that gap, paired over the same held-out rows. With few rows
 many candidates tie, and the first tied one wins: the prompt, or the most prompt-heavy DecT.
 
+The prompt blend (``prompt_blend``, default ½): the chosen model's probabilities mixed with
+the plain prompt's, scored on the same held-out rows as one more candidate just before the
+chosen one and kept by the same rule (`AutoDecTClassifier._choose_blend` says why).
+
 One example per class: nothing trained can be held out. ``one_shot="prompt"`` (default) scores
 the two zero-shot variants on the shots and keeps the better one; ``"paper"`` uses the paper's
 DecT instead, unchecked.
@@ -192,14 +196,19 @@ class AutoDecTClassifier(FeatureClassifier):
     ``one_shot``: when a class has a single example, ``"prompt"`` (zero-shot, calibrated or not,
     scored on the training examples) or ``"paper"`` (the paper's DecT, which cannot be checked).
     ``class_prior``: ``{class: weight}``, the class mix expected at prediction time (module
-    docstring); ``None`` assumes the training set's own mix.
+    docstring); ``None`` assumes the training set's own mix. ``prompt_blend``: the weight w of
+    the plain prompt in the mixture (1 − w)·p_chosen + w·p_prompt, kept only where held-out
+    rows do not show that it costs accuracy; 0 turns it off.
 
     Fitted attributes (plain, JSON-serialisable): ``best_params_`` (the chosen setting; its
     ``"reason"`` says why), ``best_score_`` (its cross-validated accuracy), ``cv_results_``
     (every candidate's name, settings, accuracy, log-loss, the standard error of its gap to
     the best, and its rank, on held-out rows), ``n_splits_``, ``n_repeats_``, ``prior_shift_``
-    (added to the chosen model's class scores; zeros without a prior). The refitted model is
-    ``best_estimator_``, a public estimator; predictions come from it plus ``prior_shift_``.
+    (added to the chosen model's class scores; zeros without a prior), ``blend_weight_`` (w if
+    the blend was kept, else 0) and ``blend_`` (the blend's held-out accuracy, log-loss, SE of
+    its gap to the best, whether it was kept, and why). The refitted model is
+    ``best_estimator_``, a public estimator; predictions come from it plus ``prior_shift_``,
+    mixed with the plain prompt when the blend was kept.
 
     To reproduce the paper instead, use ``DecTClassifier()`` with its defaults.
     """
@@ -735,7 +744,8 @@ def _empty_results() -> dict[str, list[Any]]:
 
 def _blend_scores(ctx: _Fit, chosen: _Scored, prompt: _Scored, weight: float) -> _Scored:
     """Held-out scores of (1 − w)·p_chosen + w·p_prompt on the rows ``chosen`` held out."""
-    assert chosen.probs is not None and prompt.probs is not None
+    assert chosen.probs is not None
+    assert prompt.probs is not None
     held = chosen.probs.sum(-1) > 0  # (G, N)
     mixed = (1 - weight) * chosen.probs + weight * prompt.probs[0][None]  # (G, N, C)
     logits = torch.log(mixed.clamp_min(1e-300))
