@@ -308,7 +308,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def balanced_accuracy(y_true: list[str], y_pred: Any) -> float:
+def balanced_accuracy(y_true: Any, y_pred: Any) -> float:
     """Mean recall over the classes present in y_true."""
     truth, pred = np.asarray(y_true), np.asarray(y_pred)
     return float(np.mean([(pred[truth == c] == c).mean() for c in np.unique(truth)]))
