@@ -25,7 +25,9 @@ test file is read once, to report the table.
 
 Prints JSON (every cell, every seed, the settings AutoDecT chose) and a Markdown table with the
 mean accuracy per method x shots x set, each method's margin to the best baseline, and whether
-the targets of issue 15 hold (every cell, the mean margin, 64 shots).
+the targets of issue 15 hold (every cell, the mean margin, 64 shots). The same summary is given
+for balanced accuracy (the mean recall over classes), which does not reward guessing the test
+file's class mix: the balanced k-shot sets cannot show it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from dect_maas import (
     PrototypeClassifier,
     Task,
     ZeroShotClassifier,
+    accuracy,
     load_examples,
     sample_k_shot,
 )
@@ -205,6 +208,7 @@ def run_set(
     cells: dict[str, Any] = {}
     for k in usable:
         per_method: dict[str, list[float]] = {m: [] for m in METHODS}
+        balanced: dict[str, list[float]] = {m: [] for m in METHODS}
         fit_s: dict[str, list[float]] = {m: [] for m in METHODS}
         chosen = []
         for seed in seeds:
@@ -216,7 +220,9 @@ def run_set(
                 t0 = time.perf_counter()
                 est.fit(feats, y)
                 fit_s[m].append(time.perf_counter() - t0)
-                per_method[m].append(100.0 * est.score(test_feats, y_test))
+                pred = est.predict(test_feats)
+                per_method[m].append(100.0 * accuracy(y_test, pred))
+                balanced[m].append(100.0 * balanced_accuracy(y_test, pred))
                 if m in NEW:
                     chosen.append(
                         {
@@ -230,6 +236,8 @@ def run_set(
                     )
         means = {m: float(np.mean(v)) for m, v in per_method.items()}
         best_base = max(BASELINES, key=lambda m: means[m])
+        bal = {m: float(np.mean(v)) for m, v in balanced.items()}
+        best_bal = max(BASELINES, key=lambda m: bal[m])
         cells[str(k)] = {
             "accuracy": per_method,
             "mean": means,
@@ -243,6 +251,12 @@ def run_set(
                 m: round(means[m] - means[best_base], 2) for m in (*NEW, "paper_dect")
             },
             "target_vs_paper": {m: means[m] >= means["paper_dect"] - 1.0 for m in NEW},
+            "balanced_accuracy": balanced,
+            "balanced_mean": bal,
+            "best_baseline_balanced": best_bal,
+            "balanced_margin_vs_best_baseline": {
+                m: round(bal[m] - bal[best_bal], 2) for m in (*NEW, "paper_dect")
+            },
             "auto_choices": chosen,
         }
         print(
@@ -283,27 +297,36 @@ def markdown(results: dict[str, Any]) -> str:
         for m in (*NEW, "paper_dect"):
             margins = [f"{res['shots'][k]['margin_vs_best_baseline'][m]:+.1f}" for k in shots]
             lines.append(f"| {m} − best baseline | " + " | ".join(margins) + " |")
+        for m in (*NEW, "paper_dect"):
+            margins = [
+                f"{res['shots'][k]['balanced_margin_vs_best_baseline'][m]:+.1f}" for k in shots
+            ]
+            row = " | ".join(margins)
+            lines.append(f"| {m} − best baseline, balanced accuracy | {row} |")
         for k, why in res["skipped_shots"].items():
             lines.append(f"\n{k}-shot skipped: {why}.")
     return "\n".join(lines)
 
 
-def target_summary(results: dict[str, Any]) -> str:
+def balanced_accuracy(y_true: Any, y_pred: Any) -> float:
+    """Mean recall over the classes present in y_true."""
+    truth, pred = np.asarray(y_true), np.asarray(y_pred)
+    return float(np.mean([(pred[truth == c] == c).mean() for c in np.unique(truth)]))
+
+
+def target_summary(results: dict[str, Any], key: str = "margin_vs_best_baseline") -> str:
     """Issue 15's target per method: every cell ≥ best baseline − 1, mean margin ≥ 0, and at 64
-    shots ≥ best baseline + 0.5 on average over the sets."""
+    shots ≥ best baseline + 0.5 on average over the sets (by accuracy, or by ``key``)."""
+    what = "balanced accuracy" if key.startswith("balanced") else "accuracy"
     lines = [
         "",
-        "| method | cells ≥ best − 1 | mean margin | mean margin at 64 shots |",
+        f"| method ({what}) | cells ≥ best − 1 | mean margin | mean margin at 64 shots |",
         "|---|---|---|---|",
     ]
     for m in (*NEW, "paper_dect"):
         cells = [c for r in results["sets"].values() for c in r["shots"].values()]
-        margins = [c["margin_vs_best_baseline"][m] for c in cells]
-        at64 = [
-            r["shots"]["64"]["margin_vs_best_baseline"][m]
-            for r in results["sets"].values()
-            if "64" in r["shots"]
-        ]
+        margins = [c[key][m] for c in cells]
+        at64 = [r["shots"]["64"][key][m] for r in results["sets"].values() if "64" in r["shots"]]
         ok = sum(v >= -1.0 for v in margins)
         m64 = f"{np.mean(at64):+.2f}" if at64 else "n/a"
         lines.append(f"| {m} | {ok} of {len(margins)} | {np.mean(margins):+.2f} | {m64} |")
@@ -359,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(markdown(results))
     print(target_summary(results))
+    print(target_summary(results, "balanced_margin_vs_best_baseline"))
     return 0
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dect_maas import AutoDecTClassifier, DecTClassifier, Features, ZeroShotClassifier
-from dect_maas._exceptions import ConfigError
+from dect_maas._exceptions import ConfigError, FeaturesError
 from dect_maas.decoders.auto import STEP_CHECKPOINTS, Candidate, _rank, _Scored, grid_logits
 
 
@@ -73,7 +73,7 @@ def test_every_searched_member_is_the_public_estimator_fitted_on_its_fold(
         Candidate("dect", False, 0.0, 0.05, 0, representation),  # type: ignore[arg-type]
     ]
     logits = grid_logits(feats, labels, folds, members, 7, 128, 3)
-    assert logits.shape == (len(STEP_CHECKPOINTS), 3, len(y), 2, 3)
+    assert logits.shape == (len(STEP_CHECKPOINTS), 3, len(y), len(members), 3)
     for t, steps in enumerate(STEP_CHECKPOINTS):
         for g, rows in enumerate(folds):
             for k, cand in enumerate(members):
@@ -147,7 +147,7 @@ def test_fit_takes_no_evaluation_data() -> None:
 
 def test_one_shot_checks_only_the_prompt_on_the_shots() -> None:
     feats, y = _data(shots=1, n_classes=5, score_signal=2.0)
-    model = AutoDecTClassifier(random_state=3).fit(feats, y)
+    model = AutoDecTClassifier(random_state=3, prompt_blend=0.0).fit(feats, y)
     assert model.best_params_["method"] == "zero_shot"
     assert "a class has one example" in model.best_params_["reason"]
     assert model.n_splits_ == 0
@@ -373,3 +373,58 @@ def test_a_read_only_content_free_vector_is_fine() -> None:
     assert not feats.content_free_hidden.flags.writeable
     model = AutoDecTClassifier(random_state=0, max_repeats=1).fit(feats, y)
     assert "content_free" in " ".join(model.cv_results_["name"])
+
+
+# -- the prompt blend ------------------------------------------------------------------------------
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def test_a_kept_prompt_blend_mixes_the_choice_with_the_plain_prompt(tmp_path: Path) -> None:
+    """One shot: calibrated and plain zero-shot tie on the shots, so the mixture of the two is
+    kept; its class scores are log((1 - w)·softmax(choice) + w·softmax(plain scores))."""
+    feats, y = _data(shots=1, n_classes=5, score_signal=2.0)
+    model = AutoDecTClassifier(random_state=3, prompt_blend=0.5).fit(feats, y)
+    assert model.blend_["kept"] is True
+    assert model.blend_weight_ == 0.5
+    assert "mixed with the plain prompt" in model.best_params_["reason"]
+    assert feats.scores is not None
+    chosen = model.best_estimator_.decision_function(feats)
+    want = np.log(0.5 * _softmax(chosen) + 0.5 * _softmax(feats.scores))
+    np.testing.assert_allclose(model.decision_function(feats), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.predict_proba(feats).sum(1), 1.0, rtol=1e-5)
+    back = AutoDecTClassifier.load(model.save(tmp_path / "blend"))
+    np.testing.assert_array_equal(back.decision_function(feats), model.decision_function(feats))
+    assert back.blend_ == model.blend_
+    with pytest.raises(FeaturesError, match="scores"):
+        model.decision_function(Features(None, feats.hidden))
+
+
+def test_the_blend_is_dropped_when_held_out_rows_show_it_costs() -> None:
+    """A plain prompt biased hard towards class 0 (the content-free scores show it), 40 shots:
+    the calibrated choice is clearly better than any mixture with the biased prompt."""
+    feats, y = _data(shots=40, n_classes=3, score_signal=1.0, hidden_signal=0.3, seed=2)
+    assert feats.scores is not None
+    biased = feats.scores.copy()
+    biased[:, 0] += 8.0
+    cf = np.full(3, -6.0, dtype=np.float32)
+    cf[0] += 8.0
+    f = Features(biased, feats.hidden, content_free=cf, meta=feats.meta)
+    model = AutoDecTClassifier(random_state=0, max_repeats=1).fit(f, y)
+    assert model.blend_["kept"] is False
+    assert model.blend_weight_ == 0.0
+    assert model.blend_["mean_accuracy"] < model.blend_["chosen_accuracy"]
+    assert "clearly behind the best" in model.blend_["reason"]
+    off = AutoDecTClassifier(random_state=0, max_repeats=1, prompt_blend=0.0).fit(f, y)
+    np.testing.assert_array_equal(off.decision_function(f), model.decision_function(f))
+    assert off.blend_ == {"weight": 0.0, "kept": False, "reason": "off"}
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, True, "half"])
+def test_prompt_blend_is_checked(bad: object) -> None:
+    feats, y = _data(shots=2)
+    with pytest.raises(ConfigError, match="prompt_blend"):
+        AutoDecTClassifier(prompt_blend=bad).fit(feats, y)  # type: ignore[arg-type]

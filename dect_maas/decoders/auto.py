@@ -27,6 +27,10 @@ Selection (``selection="1se"``): the first candidate whose accuracy gap to the m
 is within one standard error of that gap, paired over the same held-out rows. With few rows
 many candidates tie, and the first tied one wins: the prompt, or the most prompt-heavy DecT.
 
+The prompt blend (``prompt_blend``, default ½): the chosen model's probabilities mixed with
+the plain prompt's, scored on the same held-out rows as one more candidate just before the
+chosen one and kept by the same rule (`AutoDecTClassifier._choose_blend` says why).
+
 One example per class: nothing trained can be held out. ``one_shot="prompt"`` (default) scores
 the two zero-shot variants on the shots and keeps the better one; ``"paper"`` uses the paper's
 DecT instead, unchecked.
@@ -52,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dect_maas._exceptions import ConfigError
+from dect_maas._exceptions import ConfigError, FeaturesError
 from dect_maas._features import Features
 
 from .baselines import LinearProbeClassifier, PrototypeClassifier, ZeroShotClassifier
@@ -138,7 +142,12 @@ class Candidate:
 
 
 def _dect_grid() -> tuple[Candidate, ...]:
-    """The searched DecT settings; ``n_steps`` is filled in from STEP_CHECKPOINTS."""
+    """The searched DecT settings; ``n_steps`` is filled in from STEP_CHECKPOINTS.
+
+    Random frozen prototypes only: a class-mean family (prototypes started at the class means
+    and trained, with a learned distance scale) lost on the development splits wherever it was
+    chosen (docs/decoders.md).
+    """
     return tuple(
         Candidate("dect", False, weight, lr, 0, rep)
         for rep in ("content_free", "raw")
@@ -157,6 +166,7 @@ class _Scored:
     accuracy: float
     log_loss: float
     per_row: npt.NDArray[np.float64]  # (N,) mean correctness over the folds that held it out
+    probs: Tensor | None = None  # (G, N, C) held-out class probabilities (prior-shifted)
 
 
 @dataclass(frozen=True)
@@ -186,14 +196,19 @@ class AutoDecTClassifier(FeatureClassifier):
     ``one_shot``: when a class has a single example, ``"prompt"`` (zero-shot, calibrated or not,
     scored on the training examples) or ``"paper"`` (the paper's DecT, which cannot be checked).
     ``class_prior``: ``{class: weight}``, the class mix expected at prediction time (module
-    docstring); ``None`` assumes the training set's own mix.
+    docstring); ``None`` assumes the training set's own mix. ``prompt_blend``: the weight w of
+    the plain prompt in the mixture (1 − w)·p_chosen + w·p_prompt, kept only where held-out
+    rows do not show that it costs accuracy; 0 turns it off.
 
     Fitted attributes (plain, JSON-serialisable): ``best_params_`` (the chosen setting; its
     ``"reason"`` says why), ``best_score_`` (its cross-validated accuracy), ``cv_results_``
     (every candidate's name, settings, accuracy, log-loss, the standard error of its gap to
     the best, and its rank, on held-out rows), ``n_splits_``, ``n_repeats_``, ``prior_shift_``
-    (added to the chosen model's class scores; zeros without a prior). The refitted model is
-    ``best_estimator_``, a public estimator; predictions come from it plus ``prior_shift_``.
+    (added to the chosen model's class scores; zeros without a prior), ``blend_weight_`` (w if
+    the blend was kept, else 0) and ``blend_`` (the blend's held-out accuracy, log-loss, SE of
+    its gap to the best, whether it was kept, and why). The refitted model is
+    ``best_estimator_``, a public estimator; predictions come from it plus ``prior_shift_``,
+    mixed with the plain prompt when the blend was kept.
 
     To reproduce the paper instead, use ``DecTClassifier()`` with its defaults.
     """
@@ -208,8 +223,10 @@ class AutoDecTClassifier(FeatureClassifier):
         selection: Literal["1se", "best"] = "1se",
         one_shot: Literal["prompt", "paper"] = "prompt",
         class_prior: Mapping[Any, float] | None = None,
+        prompt_blend: float = 0.5,
     ) -> None:
         self.cv = cv
+        self.prompt_blend = prompt_blend
         self.one_shot = one_shot
         self.class_prior = class_prior
         self.selection = selection
@@ -225,6 +242,8 @@ class AutoDecTClassifier(FeatureClassifier):
     n_repeats_: int
     best_estimator_: FeatureClassifier
     prior_shift_: npt.NDArray[np.float32]
+    blend_weight_: float
+    blend_: dict[str, Any]
 
     def _check_params(self) -> None:
         for name in ("cv", "max_repeats", "projection_dim"):
@@ -237,6 +256,9 @@ class AutoDecTClassifier(FeatureClassifier):
             raise ConfigError(f"selection must be '1se' or 'best', got {self.selection!r}")
         if self.one_shot not in ("prompt", "paper"):
             raise ConfigError(f"one_shot must be 'prompt' or 'paper', got {self.one_shot!r}")
+        pb = self.prompt_blend
+        if isinstance(pb, bool) or not isinstance(pb, (int, float)) or not 0.0 <= pb < 1.0:
+            raise ConfigError(f"prompt_blend must be a number in [0, 1), got {pb!r}")
         rs = self.random_state
         if rs is not None and (isinstance(rs, bool) or not isinstance(rs, (int, np.integer))):
             raise ConfigError(f"random_state must be an int or None, got {rs!r}")
@@ -281,6 +303,8 @@ class AutoDecTClassifier(FeatureClassifier):
                 "reason": "one example per class: nothing can be held out, so the paper's "
                 "settings are used",
             }
+            self.blend_weight_ = 0.0
+            self.blend_ = {"weight": float(self.prompt_blend), "kept": False, "reason": "unchecked"}
             return self._refit(ctx, best)
 
         folds = self._folds(labels, counts, seed)
@@ -406,7 +430,63 @@ class AutoDecTClassifier(FeatureClassifier):
         else:
             reason += ": the highest accuracy"
         self.best_params_ = {**best.to_dict(), "reason": reason}
+        self._choose_blend(ctx, cands, results, order[0], top, gap_se[order[0]])
         return self._refit(ctx, best)
+
+    def _choose_blend(
+        self,
+        ctx: _Fit,
+        cands: list[Candidate],
+        results: list[_Scored],
+        chosen: int,
+        top: int,
+        chosen_se: float,
+    ) -> None:
+        """Mix the chosen model with the plain prompt where the held-out rows allow it.
+
+        Balanced shots measure balanced accuracy: they cannot show whether the mix of classes in
+        use is balanced. Everything trained on them (and calibrated zero-shot) assumes it is;
+        the prompt as the model gives it (plain zero-shot) keeps the model's own prior over the
+        label words instead. Mixing their probabilities, (1 − w)·p_chosen + w·p_prompt, hedges
+        between the two. The mixture counts as one more candidate, just before the chosen one
+        (closer to the prompt): it is kept when its accuracy gap to the most accurate candidate
+        is within one standard error of that gap, on the same held-out rows (`_rank`'s rule).
+        """
+        w = float(self.prompt_blend)
+        self.blend_weight_ = 0.0
+        plain = Candidate("zero_shot", False)
+        self.blend_ = {"weight": w, "kept": False}
+        if w == 0.0 or plain not in cands or cands[chosen] == plain:
+            why = "off" if w == 0.0 else "the choice is the plain prompt, or there is none"
+            self.blend_["reason"] = why
+            return
+        mixed = _blend_scores(ctx, results[chosen], results[cands.index(plain)], w)
+        diff = results[top].per_row - mixed.per_row
+        n = len(diff)
+        se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        if self.selection == "1se":
+            kept = float(diff.mean()) <= _TIE_SE * se + 1e-12
+            rule = "within one standard error of the best" if kept else "clearly behind the best"
+        else:
+            kept = mixed.accuracy > results[chosen].accuracy
+            rule = "more accurate than the choice" if kept else "not more accurate than the choice"
+        self.blend_.update(
+            kept=kept,
+            mean_accuracy=round(mixed.accuracy, 6),
+            log_loss=round(mixed.log_loss, 6),
+            se_of_gap_to_best=round(se, 6),
+            chosen_accuracy=round(results[chosen].accuracy, 6),
+            chosen_se_of_gap_to_best=round(float(chosen_se), 6),
+            reason=f"{w:g}·zero_shot + {1 - w:g}·{cands[chosen].name}: held-out accuracy "
+            f"{mixed.accuracy:.3f}, {rule} ({cands[top].name}, {results[top].accuracy:.3f})",
+        )
+        if kept:
+            self.blend_weight_ = w
+            self.best_score_ = float(mixed.accuracy)
+            self.best_params_["reason"] += (
+                f"; then mixed with the plain prompt ({self.blend_['reason']}): balanced shots "
+                "cannot show the class mix in use, and the plain prompt keeps the model's prior"
+            )
 
     def _refit(self, ctx: _Fit, best: Candidate) -> AutoDecTClassifier:
         """Fit the chosen candidate's public estimator on every training row."""
@@ -421,11 +501,25 @@ class AutoDecTClassifier(FeatureClassifier):
     # -- inference and persistence ---------------------------------------------------------------
 
     def decision_function(self, features: Features) -> npt.NDArray[np.float32]:
-        """The chosen model's class scores, shape (N, C)."""
+        """The chosen model's class scores, shape (N, C).
+
+        With a kept prompt blend: log((1 − w)·softmax(chosen) + w·softmax(plain prompt scores)).
+        """
         self._check_fitted()
         scores = self.best_estimator_.decision_function(features)
         if self.prior_shift_.any():
             scores = scores + self.prior_shift_
+        w = self.blend_weight_
+        if w:
+            if features.scores is None:
+                raise FeaturesError(
+                    "this model mixes in the prompt's label-word scores (prompt_blend); pass "
+                    "features with scores, as in training"
+                )
+            mixed = (1 - w) * torch.softmax(torch.from_numpy(scores).double(), -1) + (
+                w * torch.softmax(torch.from_numpy(features.scores).double(), -1)
+            )
+            scores = torch.log(mixed.clamp_min(1e-300)).float().numpy()
         return scores
 
     def _fitted_arrays(self) -> dict[str, npt.NDArray[Any]]:
@@ -440,6 +534,8 @@ class AutoDecTClassifier(FeatureClassifier):
             "cv_results_": self.cv_results_,
             "n_splits_": self.n_splits_,
             "n_repeats_": self.n_repeats_,
+            "blend_weight_": self.blend_weight_,
+            "blend_": self.blend_,
             "best_estimator": type(inner).__name__,
             "best_estimator_params": inner.get_params(),
             "best_estimator_fitted": inner._fitted_scalars(),
@@ -473,6 +569,8 @@ class AutoDecTClassifier(FeatureClassifier):
         self.cv_results_ = scalars["cv_results_"]
         self.n_splits_ = int(scalars["n_splits_"])
         self.n_repeats_ = int(scalars["n_repeats_"])
+        self.blend_weight_ = float(scalars.get("blend_weight_", 0.0))
+        self.blend_ = dict(scalars.get("blend_", {"weight": 0.0, "kept": False}))
 
 
 # -- search policy helpers (no state) -------------------------------------------------------------
@@ -644,6 +742,16 @@ def _empty_results() -> dict[str, list[Any]]:
     return {k: [] for k in keys}
 
 
+def _blend_scores(ctx: _Fit, chosen: _Scored, prompt: _Scored, weight: float) -> _Scored:
+    """Held-out scores of (1 − w)·p_chosen + w·p_prompt on the rows ``chosen`` held out."""
+    assert chosen.probs is not None
+    assert prompt.probs is not None
+    held = chosen.probs.sum(-1) > 0  # (G, N)
+    mixed = (1 - weight) * chosen.probs + weight * prompt.probs[0][None]  # (G, N, C)
+    logits = torch.log(mixed.clamp_min(1e-300))
+    return _held_out_scores(logits, ctx.labels, held.numpy(), ctx.row_weights)
+
+
 def _held_out_scores(
     logits: Tensor,
     labels: npt.NDArray[np.int64],
@@ -664,4 +772,5 @@ def _held_out_scores(
     w = torch.from_numpy(row_weights)  # (N,)
     per_row = (correct * mask).sum(0) / times * w  # (N,)
     row_nll = (nll * mask).sum(0) / times * w  # (N,)
-    return _Scored(float(per_row.mean()), float(row_nll.mean()), per_row.numpy())
+    probs = torch.exp(logp) * mask[..., None]  # (G, N, C), zero where not held out
+    return _Scored(float(per_row.mean()), float(row_nll.mean()), per_row.numpy(), probs)
