@@ -515,7 +515,7 @@ class Client:
         sent: list[bool] = []  # write ahead: marked in the ledger before the first byte leaves
         try:
             records = await self._retrier.call(
-                lambda: self._attempt(adapter, spec, reservation, sent), attempts
+                lambda: self._attempt(adapter, spec, reservation, sent), attempts, spec.url
             )
         except BaseException as exc:
             failure = LedgerRecord(
@@ -524,7 +524,11 @@ class Client:
                 endpoint=spec.url,
                 queries=len(spec.indices),
                 attempts=attempts.count,
-                status=_failure_status(exc, bool(sent)),
+                # an earlier attempt that broke after sending may have been worked on, even if
+                # the last one only failed to connect
+                status="unknown"
+                if sent and attempts.delivered
+                else _failure_status(exc, bool(sent)),
                 latency_s=max(0.0, self._clock() - started),
                 error=f"{type(exc).__name__}: {exc}"[:500],
             )

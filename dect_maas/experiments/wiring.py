@@ -47,7 +47,7 @@ def build_client(config: ExperimentConfig, run_id: str) -> Client:
         rate_limit=RateLimit(
             requests_per_minute=p.requests_per_minute, tokens_per_minute=p.tokens_per_minute
         ),
-        retry=RetryPolicy(max_attempts=p.max_attempts),
+        retry=RetryPolicy(max_attempts=p.max_attempts, connect_retry_s=p.connect_retry_s),
         max_concurrency=p.max_concurrency,
         run_id=run_id,
         api_key_env=api_keys(p),
