@@ -114,12 +114,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": args.seeds,
         "sets": {},
     }
-    rng = np.random.RandomState(2024)
     for set_i, name in enumerate(args.sets):
         task = Task(**TASKS[name], name=name)
-        train = load_examples(DATA / f"{name}_train.jsonl")
-        test = load_examples(DATA / f"{name}_test.jsonl")
-        rows = np.sort(rng.permutation(len(test))[: args.test_rows])
+        train = load_examples(args.data_dir / f"{name}_train.jsonl")
+        test = load_examples(args.data_dir / f"{name}_test.jsonl")
+        # One fixed draw per set, whatever sets run before it, so that reruns reuse the cache.
+        rows = np.sort(np.random.RandomState(2024).permutation(len(test))[: args.test_rows])
         test_texts = [test.texts[int(i)] for i in rows]
         y_test = [test.labels[int(i)] for i in rows]
         counts = {c: sum(1 for v in train.labels if v == c) for c in task.classes}
@@ -230,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shots", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--test-rows", type=int, default=500, help="a fixed random part of each test")
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DATA,
+        help="folder of {set}_train.jsonl / {set}_test.jsonl (e.g. ../shared/data)",
+    )
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument(
         "--cache-dir", type=Path, default=Path.home() / ".cache" / "dect-maas" / "routes"

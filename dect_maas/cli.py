@@ -38,6 +38,7 @@ from ._exceptions import (
     DectError,
     Interrupted,
     ProviderError,
+    TransportError,
     UnsupportedCapability,
 )
 from .client.ledger import Ledger
@@ -301,7 +302,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .experiments.runner import Experiment
 
     exp = Experiment.from_config(args.config, run_id=args.run_id)
-    result = exp.run(progress=args.progress, on_event=_info)
+    try:
+        result = exp.run(progress=args.progress, on_event=_info)
+    except TransportError as exc:
+        _raise_unreachable(exc, exp.config)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return EXIT_OK
@@ -312,7 +316,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from .experiments.runner import Experiment
 
-    est = Experiment.from_config(args.config).estimate()
+    exp = Experiment.from_config(args.config)
+    try:
+        est = exp.estimate()
+    except TransportError as exc:  # its tokenizer and cache probes are free, but need a server
+        _raise_unreachable(exc, exp.config)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return EXIT_OK
@@ -334,6 +342,17 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         print(f"warning: {limit}: the run would stop there (raise the limit or run fewer shots)")
     print("nothing was sent")
     return EXIT_OK
+
+
+def _raise_unreachable(exc: TransportError, config: Any) -> NoReturn:
+    """Nothing answered: say which URL, and which server to start (``explain_unreachable``);
+    any other transport error goes on as it was."""
+    from .experiments.wiring import explain_unreachable
+
+    better = explain_unreachable(exc, config.provider)
+    if better is exc:
+        raise exc
+    raise better from exc
 
 
 def _money(x: float) -> str:
@@ -465,16 +484,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .experiments.predict import predict_file
+    from .experiments.predict import config_for_model, predict_file
 
-    n = predict_file(
-        args.model,
-        args.input,
-        config_path=args.config,
-        text_field=args.text_field,
-        output=args.output,
-        progress=args.progress,
-    )
+    try:
+        n = predict_file(
+            args.model,
+            args.input,
+            config_path=args.config,
+            text_field=args.text_field,
+            output=args.output,
+            progress=args.progress,
+        )
+    except TransportError as exc:
+        _raise_unreachable(exc, config_for_model(args.model, args.config))
     _info(f"classified {n} text(s)")
     return EXIT_OK
 

@@ -9,18 +9,20 @@ than the client's timeout, a dropped connection, or truncated JSON.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import itertools
 import json
 import random
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 import numpy as np
@@ -156,7 +158,11 @@ class FaultServer:
         paths: tuple[str, ...] = ("/v1/features", "/v1/tokenize", "/v1/models"),
         api_key: str | None = None,
         echo_credentials: bool = False,
+        delay_s: float = 0.0,
+        events: TextIO | None = None,
     ) -> None:
+        self.delay_s = delay_s  # every /v1/features answer takes this long (a model at work)
+        self.events = events  # "received PATH" / "answered PATH" lines (a subprocess's stdout)
         self.model = FakeModel()
         self.api_key = api_key  # when set, anything but "Bearer <api_key>" gets 401
         self.echo_credentials = echo_credentials  # a careless provider quoting the header back
@@ -167,6 +173,11 @@ class FaultServer:
         self.injected: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
         self.computed_inputs: Counter[str] = Counter()
+
+    def _event(self, what: str) -> None:
+        if self.events is not None:
+            with self._lock:
+                print(what, file=self.events, flush=True)
 
     def _pick(self, path: str) -> str | None:
         with self._lock:
@@ -204,6 +215,7 @@ class FaultServer:
                     err = {"error": {"type": "auth", "message": f"invalid key in {auth!r}"}}
                     self._send(401, json.dumps(err).encode(), {})
                     return
+                server._event(f"received {self.path}")
                 fault = server._pick(self.path)
                 if fault == "429":
                     err = {"error": {"type": "rate_limit", "message": "slow down"}}
@@ -227,7 +239,10 @@ class FaultServer:
                     time.sleep(server.slow_s)
                 if fault == "truncate":
                     payload = payload[: len(payload) // 2]
+                if server.delay_s and self.path == "/v1/features":
+                    time.sleep(server.delay_s)
                 self._send(status, payload, {})
+                server._event(f"answered {self.path}")
 
             def do_GET(self) -> None:
                 self._handle("GET")
@@ -261,16 +276,32 @@ class SlowCache(ResponseCache):
         super().set_many(items)
 
 
-if __name__ == "__main__":  # a clean server in its own process: prints its URL, stops at EOF
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """A FakeModel server in its own process, to be killed and restarted by a test (a server
+    restart as the client sees it: refused connections, connections cut mid-request)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--delay-s", type=float, default=0.0)
+    # without --port: seconds every /v1/features answer waits first (a model's forward pass)
+    ap.add_argument("service_s", nargs="?", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    if args.port is None:  # a clean server on a free port: prints its URL, stops at EOF
+        clean = (
+            FaultServer(rate=1.0, faults=("slow",), slow_s=args.service_s, paths=("/v1/features",))
+            if args.service_s
+            else FaultServer(rate=0.0)
+        )
+        with clean.run() as base_url:
+            print(base_url, flush=True)
+            sys.stdin.read()
+        return 0
+    server = FaultServer(rate=0.0, delay_s=args.delay_s, events=sys.stdout)
+    httpd = _QuietServer(("127.0.0.1", args.port), server.handler())
+    httpd.daemon_threads = True
+    print("listening", flush=True)
+    httpd.serve_forever()
+    return 0
 
-    # optional argument: seconds every /v1/features answer waits first (a model's forward pass)
-    service_s = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
-    server = (
-        FaultServer(rate=1.0, faults=("slow",), slow_s=service_s, paths=("/v1/features",))
-        if service_s
-        else FaultServer(rate=0.0)
-    )
-    with server.run() as base_url:
-        print(base_url, flush=True)
-        sys.stdin.read()
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -24,6 +24,8 @@ EXPECTED = {
     "together": ("https://api.together.xyz/v1/chat/completions", "https://api.openai.com/v1/embeddings"),
     "vllm": ("http://127.0.0.1:8000/v1/chat/completions", "http://127.0.0.1:8001/v1/embeddings"),
     "llamacpp": ("http://127.0.0.1:8080/v1/completions", "http://127.0.0.1:8081/v1/embeddings"),
+    "llamacpp_chat": ("http://127.0.0.1:8080/v1/chat/completions",
+                      "http://127.0.0.1:8081/v1/embeddings"),
     "ollama": ("http://127.0.0.1:11434/v1/chat/completions", "http://127.0.0.1:11434/v1/embeddings"),
     "tgi": ("http://127.0.0.1:8080/v1/chat/completions", "http://127.0.0.1:8090/v1/embeddings"),
     "tei": (None, "http://127.0.0.1:8090/embed"),

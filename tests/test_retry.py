@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -229,3 +230,95 @@ def test_policy_is_validated() -> None:
         RetryPolicy(max_attempts=0)
     with pytest.raises(ConfigError, match="max_total_s"):
         RetryPolicy(max_total_s=-1)
+
+
+def refused() -> TransportError:
+    exc = TransportError("connection failed (ConnectError: refused)")
+    exc.__cause__ = httpx.ConnectError("refused")
+    return exc
+
+
+def cut() -> TransportError:
+    exc = TransportError("connection failed (RemoteProtocolError: disconnected)")
+    exc.__cause__ = httpx.RemoteProtocolError("Server disconnected without sending a response")
+    return exc
+
+
+URL = "http://127.0.0.1:8000/v1/features"
+
+
+def test_refused_connections_at_a_server_that_answered_are_ridden_out_for_connect_retry_s() -> None:
+    t = FakeTime()
+    policy = RetryPolicy(max_attempts=3, connect_retry_s=30.0, connect_backoff_s=2.0)
+    retrier = make(policy, t)
+    assert run(retrier.call(_returns("ok"), Attempts(), URL)) == "ok"  # the server answered once
+    outcomes: list[Exception | str] = [cut()] + [refused()] * 12 + ["ok"]
+
+    async def fn() -> str:
+        out = outcomes.pop(0)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    attempts = Attempts()
+    assert run(retrier.call(fn, attempts, URL)) == "ok"  # 14 attempts, max_attempts is 3
+    assert attempts.count == 14
+    assert attempts.ridden == 12
+    assert attempts.delivered
+    ridden = t.sleeps[1:]
+    assert all(w <= 2.0 for w in ridden)
+    assert sum(ridden) < 30.0
+
+    # a server that stays down: refused for connect_retry_s, then the error
+    t2 = FakeTime()
+    retrier = make(policy, t2)
+    run(retrier.call(_returns("ok"), Attempts(), URL))
+    attempts = Attempts()
+
+    async def down() -> str:
+        raise refused()
+
+    with pytest.raises(TransportError):
+        run(retrier.call(down, attempts, URL))
+    assert sum(t2.sleeps) == pytest.approx(30.0)  # the window, to the second
+    assert not attempts.delivered  # it never left: the ledger refunds it
+    assert 15 <= attempts.count <= 60
+
+
+def test_refused_connections_at_a_server_that_never_answered_get_max_attempts() -> None:
+    t = FakeTime()
+    attempts = Attempts()
+
+    async def down() -> str:
+        raise refused()
+
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.5)
+    with pytest.raises(TransportError):
+        run(make(policy, t).call(down, attempts, URL))
+    assert attempts.count == 3
+    assert attempts.ridden == 0
+    assert sum(t.sleeps) <= 0.5 + 1.0  # a run pointed at nothing fails within seconds
+
+    # connect_retry_s=0 turns the ride-out off, even at a server that answered
+    t = FakeTime()
+    retrier = make(RetryPolicy(max_attempts=3, connect_retry_s=0), t)
+    run(retrier.call(_returns("ok"), Attempts(), URL))
+    attempts = Attempts()
+    with pytest.raises(TransportError):
+        run(retrier.call(down, attempts, URL))
+    assert attempts.count == 3
+
+
+def test_connect_retry_s_is_validated() -> None:
+    with pytest.raises(ConfigError, match="connect_retry_s"):
+        RetryPolicy(connect_retry_s=-1)
+    with pytest.raises(ConfigError, match="connect_backoff_s"):
+        RetryPolicy(connect_backoff_s=0)
+    assert RetryPolicy().connect_retry_s == 60.0
+
+
+def _returns(value: str) -> Callable[[], Awaitable[str]]:
+    async def fn() -> str:
+        return value
+
+    return fn

@@ -367,7 +367,7 @@ class Client:
         try:
             try:
                 records = await self._retrier.call(  # 2
-                    lambda: self._attempt(adapter, spec, flight), flight
+                    lambda: self._attempt(adapter, spec, flight), flight, spec.url
                 )
             except BaseException as exc:
                 self._close_failed(adapter, spec, flight, exc)

@@ -41,8 +41,11 @@ __all__ = [
     "RetryableStatus",
     "TruncatedResponse",
     "error_for_status",
+    "is_connect_failure",
     "is_retryable",
     "map_httpx_error",
+    "may_have_been_delivered",
+    "origin",
     "retry_after_s",
 ]
 
@@ -170,13 +173,62 @@ def error_for_status(
 
 @dataclass
 class Attempts:
-    """How many attempts a request took (for the ledger), whatever the outcome."""
+    """How many attempts a request took (for the ledger), whatever the outcome.
+
+    ``delivered``: some failed attempt may have reached the server and been worked on (the
+    connection broke after the request was sent), so the request's outcome is ``unknown`` even
+    when a later attempt failed only to connect. ``ridden``: connection failures retried under
+    ``RetryPolicy.connect_retry_s`` (not counted against ``max_attempts``).
+    """
 
     count: int = 0
+    delivered: bool = False
+    ridden: int = 0
+    refused_since: float | None = None
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    return exc.__cause__
+
+
+def is_connect_failure(exc: BaseException) -> bool:
+    """Nothing took the connection (refused, unreachable, connect timeout): the request never
+    left, so the provider cannot have done (or billed) any work for this attempt."""
+    return (
+        isinstance(exc, TransportError)
+        and not isinstance(exc, ProviderStatusError)
+        and isinstance(_cause(exc), (httpx.ConnectError, httpx.ConnectTimeout))
+    )
+
+
+def may_have_been_delivered(exc: BaseException) -> bool:
+    """The attempt left and then broke (read error, dropped connection, read timeout): the
+    provider may have done the work."""
+    return (
+        isinstance(exc, TransportError)
+        and not isinstance(exc, ProviderStatusError)
+        and not is_connect_failure(exc)
+    )
+
+
+def origin(url: str | None) -> str:
+    """``scheme://host:port`` of a URL: what a restart takes down and brings back."""
+    if not url:
+        return ""
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return url
+    return f"{u.scheme}://{u.host}:{u.port or (443 if u.scheme == 'https' else 80)}"
 
 
 class Retrier:
-    """Runs one request under a ``RetryPolicy``."""
+    """Runs one request under a ``RetryPolicy``.
+
+    It remembers which servers (origins) have answered, so that a connection refused by one of
+    them is taken for a restart and ridden out (``RetryPolicy.connect_retry_s``), while one that
+    never answered fails as fast as any other error.
+    """
 
     def __init__(
         self,
@@ -190,6 +242,8 @@ class Retrier:
         self._sleep = sleep
         self._clock = clock
         self._rng = rng or _random.Random()
+        self._answered: set[str] = set()
+        self._warned: dict[str, float] = {}  # origin -> when its outage was last announced
 
     def wait_s(self, attempt_number: int, exc: BaseException | None) -> float:
         """Server-given wait (capped) if any, else full-jitter exponential backoff."""
@@ -200,28 +254,74 @@ class Retrier:
         ceiling = min(p.max_backoff_s, p.initial_backoff_s * 2 ** (attempt_number - 1))
         return self._rng.uniform(0.0, ceiling)
 
-    def _stops(self, attempt_number: int, start: float) -> bool:
+    def _riding(self, attempts: Attempts, exc: BaseException | None) -> bool:
+        return attempts.refused_since is not None and exc is not None and is_connect_failure(exc)
+
+    def _stops(self, attempts: Attempts, exc: BaseException | None, start: float) -> bool:
         p = self.policy
-        return attempt_number >= p.max_attempts or self._clock() - start >= p.max_total_s
+        now = self._clock()
+        if now - start >= p.max_total_s:
+            return True
+        if self._riding(attempts, exc):
+            assert attempts.refused_since is not None
+            return now - attempts.refused_since >= p.connect_retry_s
+        return attempts.count - attempts.ridden >= p.max_attempts
 
-    def _wait(self, attempt_number: int, exc: BaseException | None, start: float) -> float:
-        remaining = max(0.0, self.policy.max_total_s - (self._clock() - start))
-        return min(self.wait_s(attempt_number, exc), remaining)
+    def _wait(self, attempts: Attempts, exc: BaseException | None, start: float) -> float:
+        p = self.policy
+        now = self._clock()
+        remaining = max(0.0, p.max_total_s - (now - start))
+        if self._riding(attempts, exc):
+            assert attempts.refused_since is not None
+            remaining = min(remaining, max(0.0, p.connect_retry_s - (now - attempts.refused_since)))
+            ceiling = min(p.connect_backoff_s, p.initial_backoff_s * 2 ** (attempts.ridden - 1))
+            return min(self._rng.uniform(ceiling / 2.0, ceiling), remaining)
+        return min(self.wait_s(attempts.count - attempts.ridden, exc), remaining)
 
-    def _retrying(self, start: float, done: int) -> AsyncRetrying:
-        """Tenacity's loop for the attempts after the first ``done`` (numbers shifted by it)."""
+    def _note(self, exc: BaseException, attempts: Attempts, where: str) -> None:
+        """Classify one failed attempt: the server answered (an HTTP status), the request may
+        have been delivered, or nothing took the connection (ridden out if the server had
+        answered before)."""
+        if isinstance(exc, (ProviderStatusError, MalformedResponse)):
+            self._answered.add(where)  # it answered, if not as we wished
+            return
+        if not isinstance(exc, TransportError):
+            return
+        if not is_connect_failure(exc):
+            attempts.delivered = True
+            return
+        if where not in self._answered or self.policy.connect_retry_s <= 0:
+            return
+        now = self._clock()
+        attempts.ridden += 1
+        if attempts.refused_since is None:
+            attempts.refused_since = now
+        last = self._warned.get(where)
+        if last is None or now - last > self.policy.connect_retry_s:
+            self._warned[where] = now
+            logger.warning(
+                "%s stopped taking connections (%s); retrying for up to %gs in case it is "
+                "restarting (RetryPolicy.connect_retry_s)",
+                where,
+                exc,
+                self.policy.connect_retry_s,
+            )
+
+    def _retrying(self, start: float, attempts: Attempts) -> AsyncRetrying:
+        """Tenacity's loop for the attempts after the first (decisions read ``attempts``)."""
 
         def stop(state: RetryCallState) -> bool:
-            return self._stops(state.attempt_number + done, start)
+            exc = state.outcome.exception() if state.outcome else None
+            return self._stops(attempts, exc, start)
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
-            return self._wait(state.attempt_number + done, exc, start)
+            return self._wait(attempts, exc, start)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             _log_retry(
-                state.attempt_number + done,
+                attempts.count,
                 exc,
                 state.next_action.sleep if state.next_action else 0.0,
             )
@@ -235,25 +335,41 @@ class Retrier:
             before_sleep=before_sleep,
         )
 
-    async def call(self, fn: Callable[[], Awaitable[T]], attempts: Attempts) -> T:
+    async def call(
+        self, fn: Callable[[], Awaitable[T]], attempts: Attempts, endpoint: str | None = None
+    ) -> T:
+        """Run ``fn`` until it succeeds or the policy stops; ``endpoint`` (the URL) says which
+        server the request goes to, for the connection ride-out."""
         # The first attempt runs bare (most requests succeed at once and tenacity's machinery
         # costs ~50 us a call); after a retryable failure, the same decisions (stop, wait, log)
         # are made for it here, and tenacity runs the attempts that follow.
+        where = origin(endpoint)
         start = self._clock()
-        attempts.count += 1
+
+        async def once() -> T:
+            attempts.count += 1
+            try:
+                result = await fn()
+            except Exception as exc:
+                self._note(exc, attempts, where)
+                raise
+            if self._warned.pop(where, None) is not None:
+                logger.warning("%s answers again", where)
+            self._answered.add(where)
+            return result
+
         try:
-            return await fn()
+            return await once()
         except Exception as exc:
-            if not is_retryable(exc) or self._stops(1, start):
+            if not is_retryable(exc) or self._stops(attempts, exc, start):
                 raise
             first = exc
-        wait = self._wait(1, first, start)
+        wait = self._wait(attempts, first, start)
         _log_retry(1, first, wait)
         await self._sleep(wait)
-        async for attempt in self._retrying(start, done=1):
+        async for attempt in self._retrying(start, attempts):
             with attempt:
-                attempts.count += 1
-                return await fn()
+                return await once()
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
 

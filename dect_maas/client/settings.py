@@ -36,6 +36,13 @@ class RetryPolicy:
     min(max_backoff_s, initial_backoff_s * 2**n))``) unless the server says when (``Retry-After``,
     ``retry-after-ms``), which is honoured up to ``max_retry_after_s``. ``max_attempts`` counts the
     first try; ``max_total_s`` bounds the time spent on one request including its waits.
+
+    A server that restarts refuses connections for a while. So a **connection failure** (refused,
+    unreachable, connect timeout: the request never left) at a server that has answered this
+    client before is retried for up to ``connect_retry_s`` from the first such failure, whatever
+    ``max_attempts`` says, waiting at most ``connect_backoff_s`` between tries (and always within
+    ``max_total_s``). A server that never answered gets ``max_attempts`` like any other failure,
+    so a run pointed at nothing fails within seconds. ``connect_retry_s=0`` turns the ride-out off.
     """
 
     max_attempts: int = 5
@@ -43,14 +50,28 @@ class RetryPolicy:
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 20.0
     max_retry_after_s: float = 60.0
+    connect_retry_s: float = 60.0
+    connect_backoff_s: float = 2.0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
             raise ConfigError(f"RetryPolicy.max_attempts must be an int, got {self.max_attempts!r}")
         if self.max_attempts < 1:
             raise ConfigError("RetryPolicy.max_attempts must be at least 1 (1 means no retry)")
-        for name in ("max_total_s", "initial_backoff_s", "max_backoff_s", "max_retry_after_s"):
+        for name in (
+            "max_total_s",
+            "initial_backoff_s",
+            "max_backoff_s",
+            "max_retry_after_s",
+            "connect_backoff_s",
+        ):
             _positive("RetryPolicy", name, getattr(self, name))
+        c = self.connect_retry_s
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise ConfigError(
+                f"RetryPolicy.connect_retry_s must be a number of seconds >= 0 (0: no ride-out), "
+                f"got {c!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,8 @@ class ProviderSection(_Section):
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=5, ge=1)
+    # refused connections at a server that has answered: retried this long (a restart)
+    connect_retry_s: float = Field(default=60.0, ge=0)
 
     @field_validator("api_key_env", "embeddings_api_key_env")
     @classmethod

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
-from dect_maas._exceptions import ConfigError
+from dect_maas._exceptions import ConfigError, TransportError
 from dect_maas.adapters import (
     Adapter,
     HFInferenceAdapter,
@@ -26,6 +26,7 @@ from dect_maas.adapters import (
 from dect_maas.client.budget import BudgetLimits
 from dect_maas.client.cache import CacheConfig
 from dect_maas.client.client import CONNECT_TIMEOUT_S, Client
+from dect_maas.client.retry import is_connect_failure
 from dect_maas.client.settings import RateLimit, RetryPolicy
 
 from .config_file import ExperimentConfig, ProviderSection
@@ -33,7 +34,7 @@ from .config_file import ExperimentConfig, ProviderSection
 if TYPE_CHECKING:
     from dect_maas.decoders.estimator import FeatureClassifier
 
-__all__ = ["api_keys", "build_client", "make_adapter", "make_estimator"]
+__all__ = ["api_keys", "build_client", "explain_unreachable", "make_adapter", "make_estimator"]
 
 
 def build_client(config: ExperimentConfig, run_id: str) -> Client:
@@ -47,13 +48,45 @@ def build_client(config: ExperimentConfig, run_id: str) -> Client:
         rate_limit=RateLimit(
             requests_per_minute=p.requests_per_minute, tokens_per_minute=p.tokens_per_minute
         ),
-        retry=RetryPolicy(max_attempts=p.max_attempts),
+        retry=RetryPolicy(max_attempts=p.max_attempts, connect_retry_s=p.connect_retry_s),
         max_concurrency=p.max_concurrency,
         run_id=run_id,
         api_key_env=api_keys(p),
         # a read may take minutes on a busy model server; a dead host should not
         timeout=httpx.Timeout(p.timeout_s, connect=min(CONNECT_TIMEOUT_S, p.timeout_s)),
     )
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
+
+
+def explain_unreachable(exc: BaseException, p: ProviderSection) -> BaseException:
+    """A connection failure said as a user can act on it: the URL nothing answers at, and the
+    server to start (this project's, for ``kind = "local"``) or the setting to check. Any other
+    error is returned as it is."""
+    if not is_connect_failure(exc) or not isinstance(exc, TransportError):
+        return exc
+    parts = (exc.request or "").split()
+    url = parts[1] if len(parts) > 1 else (p.base_url or "")
+    setting = "provider.base_url"
+    on_vectors = bool(p.embeddings_base_url) and url.startswith(
+        (p.embeddings_base_url or "").rstrip("/")
+    )
+    if on_vectors and not (p.base_url and url.startswith(p.base_url.rstrip("/"))):
+        setting = "provider.embeddings_base_url"
+    if p.kind == "local":
+        u = httpx.URL(url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        if u.host in _LOOPBACK:
+            fix = f"start the local server with `dect-maas serve --port {port}`"
+        else:
+            fix = f"start `dect-maas serve --host 0.0.0.0 --port {port}` on {u.host}"
+        what = f"{fix} (or correct {setting})"
+    else:
+        what = f"start the server there, or correct {setting}"
+    cause = exc.__cause__
+    why = type(cause).__name__ if cause is not None else "connection failed"
+    return TransportError(f"nothing answers at {url} ({why}): {what}")
 
 
 def api_keys(p: ProviderSection) -> str | dict[str, str | None] | None:
