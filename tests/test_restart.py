@@ -137,9 +137,14 @@ def test_a_server_restart_mid_run_is_ridden_out_and_paid_once(
     assert out["value"] == clean_features(tmp_path)
     summary = Ledger(tmp_path / "ledger").summary()
     assert summary.queries_paid == len(TEXTS) + 1  # each example (and the content-free) once
-    assert summary.requests == 21  # ceil(41 / 2): none failed for good, none counted twice
-    assert summary.errors == 0
-    assert summary.queries_unknown == 0
+    # A request in flight when the server died was cut after it left: from the client's side
+    # that cannot be told apart from one the server was computing, so each counts once more, at
+    # its worst case, as `unknown` (issue 13's rule), and its retry after the restart is the `ok`
+    # one. At most max_concurrency (2) were in flight; ceil(41 / 2) = 21 answered requests.
+    cut = summary.requests - 21
+    assert 0 <= cut <= 2
+    assert summary.errors == cut
+    assert cut <= summary.queries_unknown <= 2 * cut
     records = [r for r in Ledger(tmp_path / "ledger").records() if r.cache == "miss"]
     assert max(r.attempts for r in records) >= 3  # some request rode out the restart
     # the second server computed everything the first did not answer, and nothing it did
@@ -167,10 +172,10 @@ def test_a_server_that_stays_down_fails_after_connect_retry_s_and_the_ledger_kee
     records = [r for r in Ledger(tmp_path / "ledger").records() if r.cache == "miss"]
     unknown = [r for r in records if r.status == "unknown"]
     refunded = [r for r in records if r.status == "error"]
-    # cut mid-request, then refused: the work may have been done, so counted at its worst case
+    # cut mid-request: the work may have been done, so that attempt is counted at its worst
+    # case before any retry; the retries that follow are refused and refunded
     assert unknown
-    assert all("ConnectError" in r.error for r in unknown)
-    assert all(r.attempts >= 2 for r in unknown)
+    assert all("cut off" in (r.error or "") for r in unknown)
     # refused from the first attempt on (sent after the kill): never left, refunded
     assert all("ConnectError" in r.error for r in refunded)
     summary = Ledger(tmp_path / "ledger").summary()
