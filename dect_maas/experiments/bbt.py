@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import importlib
+import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -31,6 +33,8 @@ from dect_maas._exceptions import ConfigError, UnsupportedCapability
 from dect_maas._task import Task
 
 __all__ = ["bbt_loss", "random_projection", "run_bbt"]
+
+logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -213,6 +217,11 @@ def run_bbt(
                 for key in evals:
                     evals[key] += getattr(s1, key) - getattr(s0, key)
             curve.append(point)
+            # one line a generation: a run cut short still shows how far it got (its paid calls
+            # stay in the cache, so the same run started again replays them for free)
+            logger.info(
+                "bbt %s", json.dumps({**point, "seconds": round(time.perf_counter() - t0, 1)})
+            )
         fit_s = time.perf_counter() - t0 - eval_s
         train_query_s = query_s - eval_query_s
         trained = client.ledger.summary(run_id)
