@@ -18,24 +18,29 @@ no training queries, and the demonstrations' tokens on every prediction.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dect_maas._task import Task
 
-__all__ = ["ICLTask", "demonstration", "demonstration_order", "demonstrations_kept"]
+from .shot_set import ShotSet
+
+if TYPE_CHECKING:
+    from .runner import MethodRun
+
+__all__ = [
+    "ICLTask",
+    "demonstration",
+    "demonstration_order",
+    "demonstrations_kept",
+    "run_icl",
+]
 
 ICL_METHODS = ("icl", "calibrated_icl")
 _SENTINEL = "\x00dect-maas-label\x00"
-
-
-class _Split(Protocol):
-    texts: list[str]
-    texts_b: list[str] | None
-    labels: list[str]
 
 
 @dataclass(frozen=True)
@@ -88,29 +93,16 @@ def demonstrations_kept(demos: Sequence[str], sep: str, prompt: str, limit: int 
     return kept
 
 
-def run_icl(
-    *,
-    config: Any,
-    run_id: str,
-    client_factory: Callable[[Any, str], Any],
-    task: Task,
-    train: _Split,
-    test: _Split,
-    train_indices: Sequence[int],
-    shots: int,
-    seed: int,
-    methods: Sequence[str],
-    progress: bool = False,
-) -> list[Any]:
+def run_icl(shot_set: ShotSet, methods: Sequence[str]) -> list[MethodRun]:
     """Query the ICL prompts of one k-shot set and score them; one MethodRun per ICL method."""
     from dect_maas import ZeroShotClassifier, accuracy, macro_f1
 
     from .runner import MethodRun
 
-    section = config.icl
-    n_test = (
-        len(test.texts) if section.test_limit is None else min(section.test_limit, len(test.texts))
-    )
+    section = shot_set.config.icl
+    task, train, test = shot_set.task, shot_set.train, shot_set.test
+    train_indices, shots, seed = shot_set.train_indices, shot_set.shots, shot_set.seed
+    n_test = shot_set.n_test(section.test_limit)
     order = demonstration_order(train_indices, seed)
     demos = [
         demonstration(
@@ -134,7 +126,8 @@ def run_icl(
         groups.setdefault(m, []).append(j)
 
     scores: dict[str, list[str]] = {m: [""] * n_test for m in methods}
-    client = client_factory(config, run_id)
+    run_id = shot_set.run_id
+    client = shot_set.client()
     try:
         before = client.ledger.summary(run_id)
         tq = time.perf_counter()
@@ -152,7 +145,7 @@ def run_icl(
                 itask,
                 [test.texts[j] for j in rows],
                 texts_b=None if test.texts_b is None else [test.texts_b[j] for j in rows],
-                progress=progress,
+                progress=shot_set.progress,
             )
         query_s = time.perf_counter() - tq
         after = client.ledger.summary(run_id)

@@ -320,13 +320,14 @@ def _run_input_side(
         return []
     from .bbt import run_bbt
     from .icl import ICL_METHODS, run_icl
+    from .shot_set import ShotSet
 
     runs: list[MethodRun] = []
     icl = [m for m in wanted if m in ICL_METHODS]
     for k in exp.config.shots:
         for seed in exp.config.seeds:
             idx = plan.train_indices[(k, seed)]
-            common: dict[str, Any] = dict(
+            shot_set = ShotSet(
                 config=exp.config,
                 run_id=exp.run_id,
                 client_factory=exp._client_factory,
@@ -340,10 +341,10 @@ def _run_input_side(
             )
             if icl:
                 say(f"icl: {k} shots, seed {seed}")
-                runs += run_icl(methods=icl, **common)
+                runs += run_icl(shot_set, icl)
             if "bbt" in wanted:
                 say(f"bbt: {k} shots, seed {seed}")
-                runs.append(run_bbt(**common))
+                runs.append(run_bbt(shot_set))
     return runs
 
 
