@@ -111,6 +111,10 @@ class Estimate:
     by_role: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     # per role: tokens scaled from the provider's counts in cached answers, or the byte bound
     tokens_basis: tuple[str, ...] = ()
+    # provider tokens over the byte bound in cached answers of these prompts (the first role's
+    # with any; margin not included), None where none is cached: a caller estimating prompts
+    # of the same kind that were never answered (ICL's) can scale its bound by it
+    token_ratio: float | None = None
 
 
 @dataclass
@@ -364,16 +368,25 @@ class Client:
         return self._assemble(adapter, task, roles, plans, labels, len(pairs))
 
     def estimate(
-        self, task: Task, texts: Sequence[str], texts_b: Sequence[str] | None = None
+        self,
+        task: Task,
+        texts: Sequence[str],
+        texts_b: Sequence[str] | None = None,
+        *,
+        variant: Callable[[Adapter], Adapter] | None = None,
     ) -> Estimate:
         """What ``features`` would cost now; sends nothing.
 
         Server metadata and label token ids come from what earlier runs stored in the cache; where
         they are unknown, the estimate says so in ``assumptions`` and counts nothing as cached
-        for that role.
+        for that role. ``variant``: estimate ``features_as(variant(adapter), ...)`` instead (its
+        soft-prompt rows, billed per input, are counted as they are, never scaled).
         """
         pairs = _pairs(task, texts, texts_b)
         adapter, assumptions = self._discovered_offline()
+        if variant is not None:
+            adapter = variant(adapter)
+        _check_variant(self.adapter, adapter)
         roles = adapter.roles(task)
         labels, missing = self._labels_offline(adapter, task, roles)
         if missing:
@@ -385,6 +398,7 @@ class Client:
         basis: list[str] = []  # how each role's tokens were counted
         cost = 0.0
         by_role: dict[str, dict[str, int]] = {}
+        ratio: float | None = None
         unknown_server = bool(assumptions)
         for role in roles:
             plan = self._plan(adapter, role, task, pairs, labels)
@@ -392,6 +406,9 @@ class Client:
             plan.found = self._cache_get_many(plan.keys) if known else {}
             self._split(adapter, plan, labels)
             factor = token_factor(adapter, plan, labels)
+            soft = int(getattr(adapter, "soft_rows", 0))  # per input, never scaled
+            if factor is not None and ratio is None:
+                ratio = factor[0]
             if factor is not None and plan.specs:
                 basis.append(
                     f"{role}: input tokens scaled from {factor[1]} cached answer(s) of the "
@@ -403,7 +420,11 @@ class Client:
                     "the provider will count fewer, often 3-4x fewer"
                 )
             scale = factor[0] * (1 + SCALE_MARGIN) if factor is not None else 1.0
-            sizes = [min(s.input_tokens, math.ceil(s.input_tokens * scale)) for s in plan.specs]
+            sizes = [
+                min(s.input_tokens, n + math.ceil((s.input_tokens - n) * scale))
+                for s in plan.specs
+                for n in [soft * len(s.indices)]
+            ]
             tokens = sum(sizes)
             row = {
                 "queries": len(plan.misses),
@@ -429,6 +450,7 @@ class Client:
             assumptions=tuple(assumptions),
             by_role=by_role,
             tokens_basis=tuple(basis),
+            token_ratio=ratio,
         )
 
     # -- planning (no I/O) ------------------------------------------------------------------------

@@ -29,15 +29,17 @@ import numpy as np
 import numpy.typing as npt
 
 from dect_maas._exceptions import ConfigError, UnsupportedCapability
+from dect_maas.adapters._base import Adapter
 from dect_maas.adapters.local import LocalAdapter
+from dect_maas.client.client import Client
 
 from .config_file import ExperimentConfig
-from .shot_set import ClientFactory, ShotSet
+from .shot_set import ClientFactory, ShotSet, scaled_tokens
 
 if TYPE_CHECKING:
     from .runner import MethodRun
 
-__all__ = ["bbt_loss", "random_projection", "run_bbt"]
+__all__ = ["bbt_loss", "estimate_bbt", "random_projection", "run_bbt"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,83 @@ def check_bbt(config: ExperimentConfig, client_factory: ClientFactory, run_id: s
             "Nothing was sent."
         )
     return adapter
+
+
+def estimate_bbt(shot_set: ShotSet, client: Client, ratio: float | None = None) -> dict[str, Any]:
+    """What ``run_bbt`` on ``shot_set`` would send and cost at its full budget; sends nothing.
+
+    Every call is one request over the shots and the content-free prompt, each input also billed
+    the prompt's ``L`` rows; the curve's test evaluations and the final one come on top. Nothing
+    counts as cached: a re-run that replays a finished run from the cache pays less. A test
+    evaluation pays the test rows only (the content-free prompt with the best candidate was paid
+    in training), and a curve point whose best candidate has not changed is free: the estimate
+    counts every point, so it errs high. ``ratio``: as in ``estimate_icl``.
+    """
+    b = shot_set.config.bbt
+    task, train = shot_set.task, shot_set.train
+    notes: list[str] = []
+
+    def variant(adapter: Adapter) -> Adapter:
+        if not isinstance(adapter, LocalAdapter):
+            return adapter  # refused by check_bbt before the run; counted as plain requests
+        soft = adapter.soft_prompt
+        hidden = soft.get("hidden_size") if soft is not None else None
+        if not isinstance(hidden, int):  # the server was never asked: L rows of width 1
+            notes.append(f"soft prompt taken as {b.prompt_length} tokens per input")
+            soft, hidden = {"hidden_size": 1}, 1
+        zeros = np.zeros((b.prompt_length, hidden), dtype=np.float32)
+        return replace(adapter, soft_prompt=soft, prompt_embeds=_encode(zeros))
+
+    idx = shot_set.train_indices
+    shots = client.estimate(
+        task,
+        [train.texts[i] for i in idx],
+        texts_b=None if train.texts_b is None else [train.texts_b[i] for i in idx],
+        variant=variant,
+    )
+    n_test = shot_set.n_test(b.test_limit)
+    test = client.estimate(
+        task,
+        shot_set.test.texts[:n_test],
+        texts_b=None if shot_set.test.texts_b is None else shot_set.test.texts_b[:n_test],
+        variant=variant,
+    )
+    # curve points at the first generation boundary past each multiple of curve_every; the
+    # final evaluation repeats the last point's prompt (answered from the cache) when it falls
+    # on the budget's last call
+    n_curve, at_end = 0, False
+    if b.curve_every:
+        calls, next_eval = 0, b.curve_every
+        while calls < b.budget:
+            calls = min(calls + b.popsize, b.budget)
+            at_end = calls >= next_eval
+            if at_end:
+                n_curve += 1
+                next_eval += b.curve_every
+    final = 0 if at_end else 1
+    evals = n_curve + final
+    per_call = shots.total_queries
+    call_tokens, call_usd = scaled_tokens(shots, ratio, b.prompt_length * per_call)
+    eval_tokens, eval_usd = scaled_tokens(test, ratio, b.prompt_length * test.total_queries)
+    per_eval = test.total_queries - 1  # its content-free prompt was paid in training
+    eval_tokens = eval_tokens * per_eval // max(1, test.total_queries)
+    eval_usd = eval_usd * per_eval / max(1, test.total_queries)
+    return {
+        "calls": b.budget,
+        "train_queries": b.budget * per_call,
+        "train_requests": b.budget * shots.requests,
+        "train_input_tokens": b.budget * call_tokens,
+        "train_cost_usd": b.budget * call_usd,
+        "test_evaluations": evals,
+        "queries": b.budget * per_call + evals * per_eval,
+        "queries_to_pay": b.budget * per_call + evals * per_eval,
+        "requests": b.budget * shots.requests + evals * test.requests,
+        "input_tokens": b.budget * call_tokens + evals * eval_tokens,
+        "cost_usd": b.budget * call_usd + evals * eval_usd,
+        "tokens_per_prediction": eval_tokens / per_eval if per_eval else None,
+        "n_test": n_test,
+        "notes": sorted(set(notes)),
+    }
 
 
 def run_bbt(shot_set: ShotSet) -> MethodRun:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dect_maas._task import Task
+from dect_maas.client.client import Client
 
-from .shot_set import ShotSet
+from .shot_set import ShotSet, Split, scaled_tokens
 
 if TYPE_CHECKING:
     from .runner import MethodRun
@@ -36,6 +37,8 @@ __all__ = [
     "demonstration",
     "demonstration_order",
     "demonstrations_kept",
+    "estimate_icl",
+    "icl_prompts",
     "run_icl",
 ]
 
@@ -93,17 +96,26 @@ def demonstrations_kept(demos: Sequence[str], sep: str, prompt: str, limit: int 
     return kept
 
 
-def run_icl(shot_set: ShotSet, methods: Sequence[str]) -> list[MethodRun]:
-    """Query the ICL prompts of one k-shot set and score them; one MethodRun per ICL method."""
-    from dect_maas import ZeroShotClassifier, accuracy, macro_f1
+@dataclass(frozen=True)
+class ICLPrompts:
+    """What ICL sends for one k-shot set: per number of demonstrations kept, its task and rows."""
 
-    from .runner import MethodRun
+    n_test: int
+    demonstrations: int
+    kept: list[int]  # per test row, demonstrations kept
+    groups: dict[int, tuple[ICLTask, list[int]]]
 
+    def inputs(self, test: Split, rows: list[int]) -> tuple[list[str], list[str] | None]:
+        texts_b = None if test.texts_b is None else [test.texts_b[j] for j in rows]
+        return [test.texts[j] for j in rows], texts_b
+
+
+def icl_prompts(shot_set: ShotSet) -> ICLPrompts:
+    """The demonstrations of ``shot_set`` in order, cut per test row to ``max_prompt_tokens``."""
     section = shot_set.config.icl
     task, train, test = shot_set.task, shot_set.train, shot_set.test
-    train_indices, shots, seed = shot_set.train_indices, shot_set.shots, shot_set.seed
     n_test = shot_set.n_test(section.test_limit)
-    order = demonstration_order(train_indices, seed)
+    order = demonstration_order(shot_set.train_indices, shot_set.seed)
     demos = [
         demonstration(
             task,
@@ -121,10 +133,62 @@ def run_icl(shot_set: ShotSet, methods: Sequence[str]) -> list[MethodRun]:
         b = None if test.texts_b is None else test.texts_b[j]
         prompt = task.render(test.texts[j], b, mask_token="" if task.has_mask else None)
         kept.append(demonstrations_kept(demos, sep, prompt, section.max_prompt_tokens))
-    groups: dict[int, list[int]] = {}
+    rows_of: dict[int, list[int]] = {}
     for j, m in enumerate(kept):
-        groups.setdefault(m, []).append(j)
+        rows_of.setdefault(m, []).append(j)
+    groups = {}
+    for m, rows in sorted(rows_of.items()):
+        used = demos[len(demos) - m :] if m else []
+        itask = ICLTask(
+            task.template,
+            task.label_words,
+            name=task.name,
+            label_word_prefix=task.label_word_prefix,
+            demonstrations="".join(d + sep for d in used),
+        )
+        groups[m] = (itask, rows)
+    return ICLPrompts(n_test, len(demos), kept, groups)
 
+
+def estimate_icl(shot_set: ShotSet, client: Client, ratio: float | None = None) -> dict[str, Any]:
+    """What ``run_icl`` on ``shot_set`` would send and cost (both ICL methods share it).
+
+    ``ratio``: provider tokens over the byte bound from the run's cached answers, applied to
+    prompts never answered before (see ``scaled_tokens``).
+    """
+    plan = icl_prompts(shot_set)
+    total = dict.fromkeys(("queries", "queries_to_pay", "requests", "input_tokens"), 0)
+    cost = 0.0
+    for itask, rows in plan.groups.values():
+        texts, texts_b = plan.inputs(shot_set.test, rows)
+        est = client.estimate(itask, texts, texts_b=texts_b)
+        total["queries"] += est.total_queries
+        total["queries_to_pay"] += est.queries
+        total["requests"] += est.requests
+        tokens, dollars = scaled_tokens(est, ratio)
+        total["input_tokens"] += tokens
+        cost += dollars
+    paid = total["queries_to_pay"]
+    return {
+        **total,
+        "train_queries": 0,
+        "cost_usd": cost,
+        "tokens_per_prediction": total["input_tokens"] / paid if paid else None,
+        "n_test": plan.n_test,
+    }
+
+
+def run_icl(shot_set: ShotSet, methods: Sequence[str]) -> list[MethodRun]:
+    """Query the ICL prompts of one k-shot set and score them; one MethodRun per ICL method."""
+    from dect_maas import ZeroShotClassifier, accuracy, macro_f1
+
+    from .runner import MethodRun
+
+    task, test = shot_set.task, shot_set.test
+    train_indices, shots, seed = shot_set.train_indices, shot_set.shots, shot_set.seed
+    plan = icl_prompts(shot_set)
+    n_test, kept = plan.n_test, plan.kept
+    groups = {m: rows for m, (_, rows) in plan.groups.items()}
     scores: dict[str, list[str]] = {m: [""] * n_test for m in methods}
     run_id = shot_set.run_id
     client = shot_set.client()
@@ -132,21 +196,9 @@ def run_icl(shot_set: ShotSet, methods: Sequence[str]) -> list[MethodRun]:
         before = client.ledger.summary(run_id)
         tq = time.perf_counter()
         feats = {}
-        for m, rows in sorted(groups.items()):
-            used = demos[len(demos) - m :] if m else []
-            itask = ICLTask(
-                task.template,
-                task.label_words,
-                name=task.name,
-                label_word_prefix=task.label_word_prefix,
-                demonstrations="".join(d + sep for d in used),
-            )
-            feats[m] = client.features(
-                itask,
-                [test.texts[j] for j in rows],
-                texts_b=None if test.texts_b is None else [test.texts_b[j] for j in rows],
-                progress=shot_set.progress,
-            )
+        for m, (itask, rows) in plan.groups.items():
+            texts, texts_b = plan.inputs(test, rows)
+            feats[m] = client.features(itask, texts, texts_b=texts_b, progress=shot_set.progress)
         query_s = time.perf_counter() - tq
         after = client.ledger.summary(run_id)
     finally:
@@ -175,10 +227,10 @@ def run_icl(shot_set: ShotSet, methods: Sequence[str]) -> list[MethodRun]:
             "query_seconds": query_s,
             "tokens_per_prediction": tokens / paid if paid else None,
             "n_test": n_test,
-            "demonstrations": len(demos),
+            "demonstrations": plan.demonstrations,
             "demonstrations_kept_mean": float(np.mean(kept)),
             "demonstrations_kept_min": int(min(kept)),
-            "prompts_cut": int(sum(1 for m in kept if m < len(demos))),
+            "prompts_cut": int(sum(1 for m in kept if m < plan.demonstrations)),
         }
         runs.append(
             MethodRun(
