@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 20])
     p.add_argument("--model")
     p.add_argument("--device")
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     spec = TASKS["movies_binary"]
 
@@ -77,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.concurrency:
             out.append(once(url, n, f"{tmp}/c{n}"))
             print(json.dumps(out[-1]), flush=True)
-    print(json.dumps({"runs": out}, indent=1))
+    text = json.dumps({"runs": out}, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
     return 0
 
 
