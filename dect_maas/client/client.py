@@ -286,6 +286,7 @@ class Client:
         texts_b: Sequence[str] | None = None,
         progress: Progress = False,
     ) -> Features:
+        _pairs(task, texts, texts_b)  # bad input refused before the server is asked anything
         return await self.afeatures_as(await self._discover(), task, texts, texts_b, progress)
 
     # Request variants (BBT's soft prompts): an adapter the caller derived from ``discover()``,
