@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="for the server this script starts (default: the embedded one)")
     p.add_argument("--device", default=None)
     p.add_argument("--sets", nargs="+", default=list(TASKS))
+    p.add_argument(
+        "--data-dir", type=Path, default=DATA, help="folder with the {set}_{train,test}.jsonl files"
+    )
     p.add_argument("--shots", nargs="+", type=int, default=[4, 16])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--test-limit", type=int, default=None, help="DecT's test rows (default all)")
@@ -172,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                     "provider": {"kind": "local", "base_url": url, "timeout_s": 3600},
                     "task": {"template": spec["template"], "label_words": spec["label_words"]},
                     "data": {
-                        "train": {"path": str(DATA / f"{name}_train.jsonl")},
-                        "test": {"path": str(DATA / f"{name}_test.jsonl")},
+                        "train": {"path": str(args.data_dir / f"{name}_train.jsonl")},
+                        "test": {"path": str(args.data_dir / f"{name}_test.jsonl")},
                     },
                     "shots": shots,
                     "seeds": args.seeds,

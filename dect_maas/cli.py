@@ -336,6 +336,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     for role, row in est.by_role.items():
         print(f"  {role}: {row['queries']} queries, {row['requests']} requests, "
               f"{row['input_tokens']} input tokens")  # fmt: skip
+    for method, row in est.by_method.items():
+        tpp = row.get("tokens_per_prediction")
+        calls = f", {row['calls']} calls" if "calls" in row else ""
+        print(f"  {method}: {row['queries']} queries{calls}, {row['requests']} requests, "
+              f"{row['input_tokens']} input tokens, {_money(row['cost_usd'])}"
+              + (f", {tpp:.0f} tokens per prediction" if tpp else ""))  # fmt: skip
     for note in est.assumptions:
         print(f"note: {note}")
     for limit in est.over_budget:

@@ -332,3 +332,49 @@ def test_bbt_without_cma_says_how_to_install_it(
     cfg = Experiment.from_config(config("http://127.0.0.1:1", tmp_path, methods=["bbt"]))
     with pytest.raises(ConfigError, match=r"pip install 'dect-maas\[bbt\]'"):
         check_bbt(cfg.config, no_client, "run")
+
+
+def _recorded(result: Any, method: str) -> dict[str, float]:
+    runs = [r for r in result.runs if r.method == method]
+    return {
+        key: sum(r.cost[key] for r in runs if r.cost is not None)
+        for key in ("queries_paid", "requests", "input_tokens")
+    }
+
+
+def test_estimate_covers_icl_and_bbt_within_15_percent_of_what_the_run_records(
+    server_url: str, tmp_path: Path
+) -> None:
+    # DecT first, as a user would: the server's metadata and the plain answers are then cached
+    dect = Experiment.from_config(config(server_url, tmp_path, methods=["dect"], shots=[2, 4]))
+    first = dect.run()
+    icl = config(
+        server_url,
+        tmp_path,
+        methods=["dect", "icl", "calibrated_icl"],
+        shots=[2, 4],
+        seeds=[0, 1],
+        icl={"max_prompt_tokens": 250},
+    )
+    bbt = {"intrinsic_dim": 16, "prompt_length": 3, "popsize": 4, "budget": 40, "curve_every": 20}
+    # one k-shot set: sets drawn with one seed share CMA-ES's draws, and so some answers
+    bbt_cfg = config(server_url, tmp_path, methods=["dect", "bbt"], shots=[4], bbt=bbt)
+    icl_est = Experiment.from_config(icl).estimate()
+    bbt_est = Experiment.from_config(bbt_cfg).estimate()
+    assert bbt_est.by_method["bbt"]["calls"] == 40
+    assert bbt_est.by_method["bbt"]["train_queries"] == 40 * (8 + 1)
+    for cfg, est, method, name in (
+        (icl, icl_est, "icl", "icl+calibrated_icl"),
+        (bbt_cfg, bbt_est, "bbt", "bbt"),
+    ):
+        result = Experiment.from_config(cfg).run()
+        got, row = _recorded(result, method), est.by_method[name]
+        assert row["queries_to_pay"] == pytest.approx(got["queries_paid"], rel=0.15), name
+        assert row["requests"] == pytest.approx(got["requests"], rel=0.15), name
+        assert row["input_tokens"] == pytest.approx(got["input_tokens"], rel=0.15), name
+        # the whole run, DecT's own queries included, as the ledger holds it
+        assert est.queries_to_pay == pytest.approx(paid(tmp_path, result.run_id), rel=0.15), name
+    # ICL pays its demonstrations on every prediction: more tokens per query than DecT's
+    row = icl_est.by_method["icl+calibrated_icl"]
+    dect_per_query = first.usage["input_tokens"] / first.queries_paid
+    assert row["tokens_per_prediction"] > 1.5 * dect_per_query

@@ -116,6 +116,15 @@ class LocalAdapter:
     def endpoint(self, role: Role) -> tuple[str, str]:
         return self.base_url, "/v1/features"
 
+    @property
+    def soft_rows(self) -> int:
+        """The soft prompt's rows (the server bills each as a token of every input); 0 without."""
+        if self.prompt_embeds is None:
+            return 0
+        hidden = (self.soft_prompt or {}).get("hidden_size")
+        size = len(self.prompt_embeds) * 3 // 4 - self.prompt_embeds[-2:].count("=")
+        return size // (4 * hidden) if isinstance(hidden, int) and hidden > 0 else 0
+
     def prompt(self, role: Role, task: Task, text: str, text_b: str | None) -> str:
         return task.render(
             text, text_b, mask_token=self.mask_token if self.effective_kind == "masked" else None
@@ -157,7 +166,7 @@ class LocalAdapter:
                 path="/v1/features",
                 body=self._body([p.text for p in part], labels),
                 indices=tuple(p.index for p in part),
-                input_tokens=sum(estimate_tokens(p.text) for p in part),
+                input_tokens=sum(estimate_tokens(p.text) + self.soft_rows for p in part),
                 labels=tuple(labels),
             )
             for part in chunks(prompts, per_request)

@@ -256,8 +256,72 @@ class Client:
         texts_b: Sequence[str] | None = None,
         progress: Progress = False,
     ) -> Features:
+        pairs_of(task, texts, texts_b)  # bad input refused before the server is asked anything
+        return await self.afeatures_as(await self._discover(), task, texts, texts_b, progress)
+
+    # Request variants (BBT's soft prompts): an adapter the caller derived from ``discover()``,
+    # sent through this client's cache, budget, ledger, retries and credentials.
+
+    def discover(self) -> Adapter:
+        """This client's adapter completed by what the provider says it serves (nothing billed).
+
+        On dect-maas-server that is ``GET /v1/models`` (model, revision, soft-prompt input); where
+        the provider has nothing to ask, the adapter as given. Derive request variants from it
+        (``dataclasses.replace(adapter, prompt_embeds=...)``) and send them with ``features_as``.
+        """
+        return self._run(self._discover())
+
+    def features_as(
+        self,
+        adapter: Adapter,
+        task: Task,
+        texts: Sequence[str],
+        texts_b: Sequence[str] | None = None,
+        progress: Progress = False,
+    ) -> Features:
+        """``features`` sent as ``adapter``, a variant of this client's own (same class, same URLs).
+
+        Cached, reserved, counted and retried exactly as ``features``; the variant's request
+        body is part of every cache key, so two variants never share an answer.
+        """
+        return self._run(self.afeatures_as(adapter, task, texts, texts_b, progress))
+
+    def features_each(
+        self,
+        adapters: Sequence[Adapter],
+        task: Task,
+        texts: Sequence[str],
+        texts_b: Sequence[str] | None = None,
+    ) -> list[Features]:
+        """``features_as`` for several variants at once, their requests in flight together.
+
+        A provider that batches concurrent requests (dect-maas-server batches soft prompts)
+        answers them in one pass; each request is still reserved, counted and cached as if sent
+        alone, at most ``max_concurrency`` at a time. The first failure is raised once every
+        variant has settled, so nothing is left reserved.
+        """
+
+        async def each() -> list[Features]:
+            out: list[Features | None] = [None] * len(adapters)
+
+            async def one(i: int, adapter: Adapter) -> None:
+                out[i] = await self.afeatures_as(adapter, task, texts, texts_b)
+
+            await _run_all([one(i, a) for i, a in enumerate(adapters)])
+            return [f for f in out if f is not None]
+
+        return self._run(each())
+
+    async def afeatures_as(
+        self,
+        adapter: Adapter,
+        task: Task,
+        texts: Sequence[str],
+        texts_b: Sequence[str] | None = None,
+        progress: Progress = False,
+    ) -> Features:
+        _check_variant(self.adapter, adapter)
         pairs = pairs_of(task, texts, texts_b)
-        adapter = await self._discover()
         roles = adapter.roles(task)  # UnsupportedCapability before any query
         labels = await self._resolve_labels(adapter, task, roles)
         plans = [plan_role(adapter, role, task, pairs, labels) for role in roles]
@@ -275,16 +339,25 @@ class Client:
         return assemble(adapter, task, roles, plans, labels, len(pairs))
 
     def estimate(
-        self, task: Task, texts: Sequence[str], texts_b: Sequence[str] | None = None
+        self,
+        task: Task,
+        texts: Sequence[str],
+        texts_b: Sequence[str] | None = None,
+        *,
+        variant: Callable[[Adapter], Adapter] | None = None,
     ) -> Estimate:
         """What ``features`` would cost now; sends nothing.
 
         Server metadata and label token ids come from what earlier runs stored in the cache; where
         they are unknown, the estimate says so in ``assumptions`` and counts nothing as cached
-        for that role.
+        for that role. ``variant``: estimate ``features_as(variant(adapter), ...)`` instead (its
+        soft-prompt rows, billed per input, are counted as they are, never scaled).
         """
         pairs = pairs_of(task, texts, texts_b)
         adapter, assumptions = self._discovered_offline()
+        if variant is not None:
+            adapter = variant(adapter)
+        _check_variant(self.adapter, adapter)
         roles = adapter.roles(task)
         labels, missing = self._labels_offline(adapter, task, roles)
         if missing:
@@ -846,6 +919,22 @@ def role_credentials(
     if unknown:
         raise ConfigError(f"api_key_env has unknown role(s) {unknown}; use 'scores' and 'vectors'")
     return {role: Credentials(env) for role, env in api_key_env.items() if env is not None}
+
+
+def _check_variant(own: Adapter, variant: Adapter) -> None:
+    """A variant may change what is asked, never where it goes: the credentials are the
+    client's, resolved for its own adapter's URLs."""
+    if type(variant) is not type(own):
+        raise ConfigError(
+            f"features_as needs a variant of this client's {type(own).__name__}, "
+            f"got {type(variant).__name__}: derive it from client.discover()"
+        )
+    for name in ("base_url", "embeddings_base_url"):
+        if getattr(variant, name, None) != getattr(own, name, None):
+            raise ConfigError(
+                f"features_as: the variant's {name} differs from the client's; a variant may "
+                "change the request, not where it is sent"
+            )
 
 
 def _serves_scores(adapter: Adapter) -> bool:

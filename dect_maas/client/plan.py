@@ -68,6 +68,10 @@ class Estimate:
     by_role: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     # per role: tokens scaled from the provider's counts in cached answers, or the byte bound
     tokens_basis: tuple[str, ...] = ()
+    # provider tokens over the byte bound in cached answers of these prompts (the first role's
+    # with any; margin not included), None where none is cached: a caller estimating prompts
+    # of the same kind that were never answered (ICL's) can scale its bound by it
+    token_ratio: float | None = None
 
 
 @dataclass
@@ -247,9 +251,13 @@ def estimate_of(
     basis: list[str] = []  # how each role's tokens were counted
     cost = 0.0
     by_role: dict[str, dict[str, int]] = {}
+    ratio: float | None = None
+    soft = int(getattr(adapter, "soft_rows", 0))  # soft-prompt rows per input, never scaled
     for plan in plans:
         role = plan.role
         factor = token_factor(adapter, plan, labels)
+        if factor is not None and ratio is None:
+            ratio = factor[0]
         if factor is not None and plan.specs:
             basis.append(
                 f"{role}: input tokens scaled from {factor[1]} cached answer(s) of the "
@@ -261,7 +269,11 @@ def estimate_of(
                 "the provider will count fewer, often 3-4x fewer"
             )
         scale = factor[0] * (1 + SCALE_MARGIN) if factor is not None else 1.0
-        sizes = [min(s.input_tokens, math.ceil(s.input_tokens * scale)) for s in plan.specs]
+        sizes = [
+            min(s.input_tokens, n + math.ceil((s.input_tokens - n) * scale))
+            for s in plan.specs
+            for n in [soft * len(s.indices)]
+        ]
         tokens = sum(sizes)
         row = {
             "queries": len(plan.misses),
@@ -287,4 +299,5 @@ def estimate_of(
         assumptions=tuple(assumptions),
         by_role=by_role,
         tokens_basis=tuple(basis),
+        token_ratio=ratio,
     )

@@ -19,26 +19,31 @@ from __future__ import annotations
 
 import base64
 import importlib
+import json
+import logging
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from dect_maas._exceptions import ConfigError, UnsupportedCapability
-from dect_maas._task import Task
+from dect_maas.adapters._base import Adapter
+from dect_maas.adapters.local import LocalAdapter
+from dect_maas.client.client import Client
 
-__all__ = ["bbt_loss", "random_projection", "run_bbt"]
+from .config_file import ExperimentConfig
+from .shot_set import ClientFactory, ShotSet, scaled_tokens
+
+if TYPE_CHECKING:
+    from .runner import MethodRun
+
+__all__ = ["bbt_loss", "estimate_bbt", "random_projection", "run_bbt"]
+
+logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
-
-
-class _Split(Protocol):
-    texts: list[str]
-    texts_b: list[str] | None
-    labels: list[str]
 
 
 def bbt_loss(scores: FloatArray, y: npt.NDArray[np.int64], kind: str) -> float:
@@ -83,7 +88,7 @@ def _cma() -> Any:
         ) from None
 
 
-def check_bbt(config: Any, client_factory: Callable[[Any, str], Any], run_id: str) -> Any:
+def check_bbt(config: ExperimentConfig, client_factory: ClientFactory, run_id: str) -> LocalAdapter:
     """The discovered adapter, or a refusal before any query: no cma, or no soft-prompt input.
 
     Asking the server what it serves (``GET /v1/models``) is free; nothing billed is sent.
@@ -96,10 +101,10 @@ def check_bbt(config: Any, client_factory: Callable[[Any, str], Any], run_id: st
         )
     client = client_factory(config, run_id)
     try:
-        adapter = client._run(client._discover())
+        adapter = client.discover()
     finally:
         client.close()
-    if getattr(adapter, "soft_prompt", None) is None:
+    if not isinstance(adapter, LocalAdapter) or adapter.soft_prompt is None:
         raise UnsupportedCapability(
             f"method bbt: the server at {config.provider.base_url} declares no soft-prompt "
             "input (prompt_embeds in /v1/models); it needs dect-maas-server with a causal LM. "
@@ -108,39 +113,107 @@ def check_bbt(config: Any, client_factory: Callable[[Any, str], Any], run_id: st
     return adapter
 
 
-def run_bbt(
-    *,
-    config: Any,
-    run_id: str,
-    client_factory: Callable[[Any, str], Any],
-    task: Task,
-    train: _Split,
-    test: _Split,
-    train_indices: Sequence[int],
-    shots: int,
-    seed: int,
-    progress: bool = False,
-) -> Any:
+def estimate_bbt(shot_set: ShotSet, client: Client, ratio: float | None = None) -> dict[str, Any]:
+    """What ``run_bbt`` on ``shot_set`` would send and cost at its full budget; sends nothing.
+
+    Every call is one request over the shots and the content-free prompt, each input also billed
+    the prompt's ``L`` rows; the curve's test evaluations and the final one come on top. Nothing
+    counts as cached: a re-run that replays a finished run from the cache pays less. A test
+    evaluation pays the test rows only (the content-free prompt with the best candidate was paid
+    in training), and a curve point whose best candidate has not changed is free: the estimate
+    counts every point, so it errs high. ``ratio``: as in ``estimate_icl``.
+    """
+    b = shot_set.config.bbt
+    task, train = shot_set.task, shot_set.train
+    notes: list[str] = []
+
+    def variant(adapter: Adapter) -> Adapter:
+        if not isinstance(adapter, LocalAdapter):
+            return adapter  # refused by check_bbt before the run; counted as plain requests
+        soft = adapter.soft_prompt
+        hidden = soft.get("hidden_size") if soft is not None else None
+        if not isinstance(hidden, int):  # the server was never asked: L rows of width 1
+            notes.append(f"soft prompt taken as {b.prompt_length} tokens per input")
+            soft, hidden = {"hidden_size": 1}, 1
+        zeros = np.zeros((b.prompt_length, hidden), dtype=np.float32)
+        return replace(adapter, soft_prompt=soft, prompt_embeds=_encode(zeros))
+
+    idx = shot_set.train_indices
+    shots = client.estimate(
+        task,
+        [train.texts[i] for i in idx],
+        texts_b=None if train.texts_b is None else [train.texts_b[i] for i in idx],
+        variant=variant,
+    )
+    n_test = shot_set.n_test(b.test_limit)
+    test = client.estimate(
+        task,
+        shot_set.test.texts[:n_test],
+        texts_b=None if shot_set.test.texts_b is None else shot_set.test.texts_b[:n_test],
+        variant=variant,
+    )
+    # curve points at the first generation boundary past each multiple of curve_every; the
+    # final evaluation repeats the last point's prompt (answered from the cache) when it falls
+    # on the budget's last call
+    n_curve, at_end = 0, False
+    if b.curve_every:
+        calls, next_eval = 0, b.curve_every
+        while calls < b.budget:
+            calls = min(calls + b.popsize, b.budget)
+            at_end = calls >= next_eval
+            if at_end:
+                n_curve += 1
+                next_eval += b.curve_every
+    final = 0 if at_end else 1
+    evals = n_curve + final
+    per_call = shots.total_queries
+    call_tokens, call_usd = scaled_tokens(shots, ratio, b.prompt_length * per_call)
+    eval_tokens, eval_usd = scaled_tokens(test, ratio, b.prompt_length * test.total_queries)
+    per_eval = test.total_queries - 1  # its content-free prompt was paid in training
+    eval_tokens = eval_tokens * per_eval // max(1, test.total_queries)
+    eval_usd = eval_usd * per_eval / max(1, test.total_queries)
+    return {
+        "calls": b.budget,
+        "train_queries": b.budget * per_call,
+        "train_requests": b.budget * shots.requests,
+        "train_input_tokens": b.budget * call_tokens,
+        "train_cost_usd": b.budget * call_usd,
+        "test_evaluations": evals,
+        "queries": b.budget * per_call + evals * per_eval,
+        "queries_to_pay": b.budget * per_call + evals * per_eval,
+        "requests": b.budget * shots.requests + evals * test.requests,
+        "input_tokens": b.budget * call_tokens + evals * eval_tokens,
+        "cost_usd": b.budget * call_usd + evals * eval_usd,
+        "tokens_per_prediction": eval_tokens / per_eval if per_eval else None,
+        "n_test": n_test,
+        "notes": sorted(set(notes)),
+    }
+
+
+def run_bbt(shot_set: ShotSet) -> MethodRun:
     """Optimise z on one k-shot set within ``bbt.budget`` calls; evaluate the best prompt."""
     from dect_maas import accuracy, macro_f1
 
     from .runner import MethodRun
 
+    config, run_id = shot_set.config, shot_set.run_id
+    task, train, test = shot_set.task, shot_set.train, shot_set.test
+    train_indices, shots, seed = shot_set.train_indices, shot_set.shots, shot_set.seed
     b = config.bbt
     cma = _cma()
-    adapter = check_bbt(config, client_factory, run_id)
+    adapter = check_bbt(config, shot_set.client_factory, run_id)
     classes = list(task.classes)
     shot_texts = [train.texts[i] for i in train_indices]
     shot_b = None if train.texts_b is None else [train.texts_b[i] for i in train_indices]
     y = np.asarray([classes.index(train.labels[i]) for i in train_indices], dtype=np.int64)
-    n_test = len(test.texts) if b.test_limit is None else min(b.test_limit, len(test.texts))
+    n_test = shot_set.n_test(b.test_limit)
     test_texts = test.texts[:n_test]
     test_b = None if test.texts_b is None else test.texts_b[:n_test]
 
     soft = adapter.soft_prompt
-    client = client_factory(config, run_id)
+    assert soft is not None  # check_bbt refused a server without one
+    client = shot_set.client()
     try:
-        client.adapter = adapter  # discovered once: kind and revision now stated
         hidden = int(soft["hidden_size"])
         std = float(soft["embedding_std"]) / (np.sqrt(b.intrinsic_dim) * b.sigma)
         a = random_projection(
@@ -152,14 +225,23 @@ def run_bbt(
 
         query_s = 0.0
 
-        def scores_with(z: FloatArray, texts: list[str], texts_b: list[str] | None) -> FloatArray:
+        def scores_of(
+            zs: list[FloatArray], texts: list[str], b_: list[str] | None
+        ) -> list[FloatArray]:
+            """Each candidate's (N, C) label scores; up to ``concurrency`` requests in flight."""
             nonlocal query_s
-            client.adapter = replace(adapter, prompt_embeds=prompt_of(z))
+            variants = [replace(adapter, prompt_embeds=prompt_of(z)) for z in zs]
             t = time.perf_counter()
-            f = client.features(task, texts, texts_b=texts_b)
+            feats = client.features_each(variants, task, texts, texts_b=b_)
             query_s += time.perf_counter() - t
-            assert f.scores is not None
-            return np.asarray(f.scores, dtype=np.float64)  # (N, C)
+            out = []
+            for f in feats:
+                assert f.scores is not None
+                out.append(np.asarray(f.scores, dtype=np.float64))
+            return out
+
+        def scores_with(z: FloatArray, texts: list[str], texts_b: list[str] | None) -> FloatArray:
+            return scores_of([z], texts, texts_b)[0]
 
         def test_accuracy(z: FloatArray) -> float:
             s = scores_with(z, test_texts, test_b)
@@ -186,15 +268,17 @@ def run_bbt(
         while calls < b.budget:
             candidates = es.ask()[: b.budget - calls]
             losses = []
-            for z in candidates:
-                s = scores_with(np.asarray(z), shot_texts, shot_b)
-                loss = bbt_loss(s, y, b.loss)
-                losses.append(loss)
-                calls += 1
-                if loss < best_loss:
-                    best_loss = loss
-                    best_acc = float((s.argmax(axis=1) == y).mean())
-                    best_z = np.asarray(z, dtype=np.float64).copy()
+            step = b.concurrency or b.popsize
+            for i in range(0, len(candidates), step):
+                zs = [np.asarray(z) for z in candidates[i : i + step]]
+                for z, s in zip(zs, scores_of(zs, shot_texts, shot_b), strict=True):
+                    loss = bbt_loss(s, y, b.loss)
+                    losses.append(loss)
+                    calls += 1
+                    if loss < best_loss:
+                        best_loss = loss
+                        best_acc = float((s.argmax(axis=1) == y).mean())
+                        best_z = np.asarray(z, dtype=np.float64).copy()
             if len(candidates) == b.popsize:
                 es.tell(candidates, losses)
             point: dict[str, Any] = {"calls": calls, "train_loss": best_loss, "train_acc": best_acc}
@@ -213,6 +297,11 @@ def run_bbt(
                 for key in evals:
                     evals[key] += getattr(s1, key) - getattr(s0, key)
             curve.append(point)
+            # one line a generation: a run cut short still shows how far it got (its paid calls
+            # stay in the cache, so the same run started again replays them for free)
+            logger.info(
+                "bbt %s", json.dumps({**point, "seconds": round(time.perf_counter() - t0, 1)})
+            )
         fit_s = time.perf_counter() - t0 - eval_s
         train_query_s = query_s - eval_query_s
         trained = client.ledger.summary(run_id)

@@ -18,24 +18,32 @@ no training queries, and the demonstrations' tokens on every prediction.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dect_maas._task import Task
+from dect_maas.client.client import Client
 
-__all__ = ["ICLTask", "demonstration", "demonstration_order", "demonstrations_kept"]
+from .shot_set import ShotSet, Split, scaled_tokens
+
+if TYPE_CHECKING:
+    from .runner import MethodRun
+
+__all__ = [
+    "ICLTask",
+    "demonstration",
+    "demonstration_order",
+    "demonstrations_kept",
+    "estimate_icl",
+    "icl_prompts",
+    "run_icl",
+]
 
 ICL_METHODS = ("icl", "calibrated_icl")
 _SENTINEL = "\x00dect-maas-label\x00"
-
-
-class _Split(Protocol):
-    texts: list[str]
-    texts_b: list[str] | None
-    labels: list[str]
 
 
 @dataclass(frozen=True)
@@ -88,30 +96,26 @@ def demonstrations_kept(demos: Sequence[str], sep: str, prompt: str, limit: int 
     return kept
 
 
-def run_icl(
-    *,
-    config: Any,
-    run_id: str,
-    client_factory: Callable[[Any, str], Any],
-    task: Task,
-    train: _Split,
-    test: _Split,
-    train_indices: Sequence[int],
-    shots: int,
-    seed: int,
-    methods: Sequence[str],
-    progress: bool = False,
-) -> list[Any]:
-    """Query the ICL prompts of one k-shot set and score them; one MethodRun per ICL method."""
-    from dect_maas import ZeroShotClassifier, accuracy, macro_f1
+@dataclass(frozen=True)
+class ICLPrompts:
+    """What ICL sends for one k-shot set: per number of demonstrations kept, its task and rows."""
 
-    from .runner import MethodRun
+    n_test: int
+    demonstrations: int
+    kept: list[int]  # per test row, demonstrations kept
+    groups: dict[int, tuple[ICLTask, list[int]]]
 
-    section = config.icl
-    n_test = (
-        len(test.texts) if section.test_limit is None else min(section.test_limit, len(test.texts))
-    )
-    order = demonstration_order(train_indices, seed)
+    def inputs(self, test: Split, rows: list[int]) -> tuple[list[str], list[str] | None]:
+        texts_b = None if test.texts_b is None else [test.texts_b[j] for j in rows]
+        return [test.texts[j] for j in rows], texts_b
+
+
+def icl_prompts(shot_set: ShotSet) -> ICLPrompts:
+    """The demonstrations of ``shot_set`` in order, cut per test row to ``max_prompt_tokens``."""
+    section = shot_set.config.icl
+    task, train, test = shot_set.task, shot_set.train, shot_set.test
+    n_test = shot_set.n_test(section.test_limit)
+    order = demonstration_order(shot_set.train_indices, shot_set.seed)
     demos = [
         demonstration(
             task,
@@ -129,31 +133,72 @@ def run_icl(
         b = None if test.texts_b is None else test.texts_b[j]
         prompt = task.render(test.texts[j], b, mask_token="" if task.has_mask else None)
         kept.append(demonstrations_kept(demos, sep, prompt, section.max_prompt_tokens))
-    groups: dict[int, list[int]] = {}
+    rows_of: dict[int, list[int]] = {}
     for j, m in enumerate(kept):
-        groups.setdefault(m, []).append(j)
+        rows_of.setdefault(m, []).append(j)
+    groups = {}
+    for m, rows in sorted(rows_of.items()):
+        used = demos[len(demos) - m :] if m else []
+        itask = ICLTask(
+            task.template,
+            task.label_words,
+            name=task.name,
+            label_word_prefix=task.label_word_prefix,
+            demonstrations="".join(d + sep for d in used),
+        )
+        groups[m] = (itask, rows)
+    return ICLPrompts(n_test, len(demos), kept, groups)
 
+
+def estimate_icl(shot_set: ShotSet, client: Client, ratio: float | None = None) -> dict[str, Any]:
+    """What ``run_icl`` on ``shot_set`` would send and cost (both ICL methods share it).
+
+    ``ratio``: provider tokens over the byte bound from the run's cached answers, applied to
+    prompts never answered before (see ``scaled_tokens``).
+    """
+    plan = icl_prompts(shot_set)
+    total = dict.fromkeys(("queries", "queries_to_pay", "requests", "input_tokens"), 0)
+    cost = 0.0
+    for itask, rows in plan.groups.values():
+        texts, texts_b = plan.inputs(shot_set.test, rows)
+        est = client.estimate(itask, texts, texts_b=texts_b)
+        total["queries"] += est.total_queries
+        total["queries_to_pay"] += est.queries
+        total["requests"] += est.requests
+        tokens, dollars = scaled_tokens(est, ratio)
+        total["input_tokens"] += tokens
+        cost += dollars
+    paid = total["queries_to_pay"]
+    return {
+        **total,
+        "train_queries": 0,
+        "cost_usd": cost,
+        "tokens_per_prediction": total["input_tokens"] / paid if paid else None,
+        "n_test": plan.n_test,
+    }
+
+
+def run_icl(shot_set: ShotSet, methods: Sequence[str]) -> list[MethodRun]:
+    """Query the ICL prompts of one k-shot set and score them; one MethodRun per ICL method."""
+    from dect_maas import ZeroShotClassifier, accuracy, macro_f1
+
+    from .runner import MethodRun
+
+    task, test = shot_set.task, shot_set.test
+    train_indices, shots, seed = shot_set.train_indices, shot_set.shots, shot_set.seed
+    plan = icl_prompts(shot_set)
+    n_test, kept = plan.n_test, plan.kept
+    groups = {m: rows for m, (_, rows) in plan.groups.items()}
     scores: dict[str, list[str]] = {m: [""] * n_test for m in methods}
-    client = client_factory(config, run_id)
+    run_id = shot_set.run_id
+    client = shot_set.client()
     try:
         before = client.ledger.summary(run_id)
         tq = time.perf_counter()
         feats = {}
-        for m, rows in sorted(groups.items()):
-            used = demos[len(demos) - m :] if m else []
-            itask = ICLTask(
-                task.template,
-                task.label_words,
-                name=task.name,
-                label_word_prefix=task.label_word_prefix,
-                demonstrations="".join(d + sep for d in used),
-            )
-            feats[m] = client.features(
-                itask,
-                [test.texts[j] for j in rows],
-                texts_b=None if test.texts_b is None else [test.texts_b[j] for j in rows],
-                progress=progress,
-            )
+        for m, (itask, rows) in plan.groups.items():
+            texts, texts_b = plan.inputs(test, rows)
+            feats[m] = client.features(itask, texts, texts_b=texts_b, progress=shot_set.progress)
         query_s = time.perf_counter() - tq
         after = client.ledger.summary(run_id)
     finally:
@@ -182,10 +227,10 @@ def run_icl(
             "query_seconds": query_s,
             "tokens_per_prediction": tokens / paid if paid else None,
             "n_test": n_test,
-            "demonstrations": len(demos),
+            "demonstrations": plan.demonstrations,
             "demonstrations_kept_mean": float(np.mean(kept)),
             "demonstrations_kept_min": int(min(kept)),
-            "prompts_cut": int(sum(1 for m in kept if m < len(demos))),
+            "prompts_cut": int(sum(1 for m in kept if m < plan.demonstrations)),
         }
         runs.append(
             MethodRun(

@@ -36,8 +36,12 @@ class BBTSection(_Section):
     """Black-Box Tuning (Sun et al., ICML 2022); defaults are the BBT paper's.
 
     ``budget`` counts API calls, one call being one candidate prompt evaluated on all the
-    training shots (one request). ``test_limit`` evaluates on the first N test examples only
-    (BBT's test queries carry the soft prompt, so they are paid again for every k-shot set).
+    training shots (one request). ``concurrency``: how many of a generation's candidates are in
+    flight at once (None: the whole population), so that a server that batches them
+    (dect-maas-server does) answers them in one pass; the client's ``max_concurrency`` still
+    caps the connections, and every call is counted alike. ``test_limit`` evaluates on the
+    first N test examples only (BBT's test queries carry the soft prompt, so they are paid again
+    for every k-shot set).
     """
 
     intrinsic_dim: int = Field(default=500, ge=1)
@@ -50,3 +54,4 @@ class BBTSection(_Section):
     seed: int = 42
     test_limit: int | None = Field(default=None, ge=1)
     curve_every: int = Field(default=0, ge=0)
+    concurrency: int | None = Field(default=None, ge=1)

@@ -58,6 +58,8 @@ class ExperimentEstimate:
     assumptions: tuple[str, ...] = ()
     by_role: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     over_budget: tuple[str, ...] = ()  # the config's budget limits this run alone would pass
+    # ICL and BBT (their own queries, summed over every k-shot set; included in the totals)
+    by_method: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def queries_to_pay(self) -> int:
@@ -74,9 +76,18 @@ class ExperimentEstimate:
             "input_tokens": self.input_tokens,
             "cost_usd": self.cost_usd,
             "by_role": {r: dict(v) for r, v in self.by_role.items()},
+            "by_method": {m: dict(v) for m, v in self.by_method.items()},
             "over_budget": list(self.over_budget),
             "assumptions": list(self.assumptions),
         }
+
+
+@dataclass(frozen=True)
+class _Totals:
+    queries: int
+    requests: int
+    input_tokens: int
+    cost_usd: float
 
 
 # -- the runner -----------------------------------------------------------------------------------
@@ -179,19 +190,75 @@ class Experiment:
         client = self._client_factory(self.config, self.run_id)
         try:
             est = client.estimate(task, texts, texts_b=texts_b)
+            by_method = self._estimate_input_side(plan, client, est.token_ratio)
         finally:
             client.close()
+        extra = {
+            key: sum(row.get(key, 0) for row in by_method.values())
+            for key in ("queries", "queries_to_pay", "requests", "input_tokens", "cost_usd")
+        }
+        notes = sorted({n for row in by_method.values() for n in row.get("notes", ())})
+        total = _Totals(  # what is to pay, as the budget counts it
+            queries=int(est.queries) + extra["queries_to_pay"],
+            requests=int(est.requests) + extra["requests"],
+            input_tokens=int(est.input_tokens) + extra["input_tokens"],
+            cost_usd=float(est.cost_usd) + extra["cost_usd"],
+        )
         return ExperimentEstimate(
             plan=plan,
-            queries=int(est.total_queries),
-            requests=int(est.requests),
-            input_tokens=int(est.input_tokens),
-            cost_usd=float(est.cost_usd),
-            cached_queries=int(est.cached_queries),
-            assumptions=(*getattr(est, "assumptions", ()), *getattr(est, "tokens_basis", ())),
+            queries=int(est.total_queries) + extra["queries"],
+            requests=total.requests,
+            input_tokens=total.input_tokens,
+            cost_usd=total.cost_usd,
+            cached_queries=int(est.cached_queries) + extra["queries"] - extra["queries_to_pay"],
+            assumptions=(
+                *getattr(est, "assumptions", ()),
+                *getattr(est, "tokens_basis", ()),
+                *notes,
+            ),
             by_role=dict(getattr(est, "by_role", {})),
-            over_budget=over_budget(self.config, est),
+            by_method=by_method,
+            over_budget=over_budget(self.config, total),
         )
+
+    def _estimate_input_side(
+        self, plan: QueryPlan, client: Any, ratio: float | None
+    ) -> dict[str, dict[str, Any]]:
+        """ICL's and BBT's own queries over every k-shot set (docs/input_side.md), estimated."""
+        wanted = [m for m in self.config.methods if m in _INPUT_SIDE]
+        if not wanted:
+            return {}
+        from .bbt import estimate_bbt
+        from .icl import ICL_METHODS, estimate_icl
+        from .shot_set import ShotSet
+
+        train, test = self.data()
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for (k, seed), idx in plan.train_indices.items():
+            shot_set = ShotSet(
+                self.config, self.run_id, self._client_factory, self.task, train, test, idx, k, seed
+            )
+            if any(m in ICL_METHODS for m in wanted):
+                # icl and calibrated_icl read the same answers: paid once, listed once
+                name = "+".join(m for m in wanted if m in ICL_METHODS)
+                rows.setdefault(name, []).append(estimate_icl(shot_set, client, ratio))
+            if "bbt" in wanted:
+                rows.setdefault("bbt", []).append(estimate_bbt(shot_set, client, ratio))
+        out: dict[str, dict[str, Any]] = {}
+        for name, per_set in rows.items():
+            summed: dict[str, Any] = {
+                key: sum(r[key] for r in per_set)
+                for key in per_set[0]
+                if isinstance(per_set[0][key], int | float) and key != "n_test"
+            }
+            summed["tokens_per_prediction"] = sum(
+                r["tokens_per_prediction"] or 0 for r in per_set
+            ) / len(per_set)
+            summed["shot_sets"] = len(per_set)
+            summed["n_test"] = per_set[0]["n_test"]
+            summed["notes"] = sorted({n for r in per_set for n in r.get("notes", ())})
+            out[name] = summed
+        return out
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -320,13 +387,14 @@ def _run_input_side(
         return []
     from .bbt import run_bbt
     from .icl import ICL_METHODS, run_icl
+    from .shot_set import ShotSet
 
     runs: list[MethodRun] = []
     icl = [m for m in wanted if m in ICL_METHODS]
     for k in exp.config.shots:
         for seed in exp.config.seeds:
             idx = plan.train_indices[(k, seed)]
-            common: dict[str, Any] = dict(
+            shot_set = ShotSet(
                 config=exp.config,
                 run_id=exp.run_id,
                 client_factory=exp._client_factory,
@@ -340,10 +408,10 @@ def _run_input_side(
             )
             if icl:
                 say(f"icl: {k} shots, seed {seed}")
-                runs += run_icl(methods=icl, **common)
+                runs += run_icl(shot_set, icl)
             if "bbt" in wanted:
                 say(f"bbt: {k} shots, seed {seed}")
-                runs.append(run_bbt(**common))
+                runs.append(run_bbt(shot_set))
     return runs
 
 

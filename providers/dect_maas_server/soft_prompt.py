@@ -12,8 +12,10 @@ field follows vLLM's ``prompt_embeds`` where it fits and departs from it where B
 
 Served for causal LMs (no mask position to keep track of after the insertion); ``/v1/models``
 says so under ``soft_prompt``. The forward pass runs outside the batcher (each request has its
-own prompt, so requests cannot share a batch) on the model's own forward with ``logits_to_keep``,
-which the causal path already uses; no hook of the batcher's is involved.
+own prompt) on the model's own forward with ``logits_to_keep``, which the causal path already
+uses; no hook of the batcher's is involved. Soft-prompt requests that arrive while a forward pass
+runs are merged into the next one (``SoftPromptBatcher``: every row carries its own request's
+prompt), so BBT's population, sent concurrently, is scored in a few passes rather than twenty.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,7 @@ from .engine import Encoded, Engine
 
 __all__ = [
     "MAX_SOFT_TOKENS",
+    "SoftPromptBatcher",
     "SoftPromptError",
     "decode_prompt_embeds",
     "score_with_soft_prompt",
@@ -47,12 +51,87 @@ class SoftPromptError(ValueError):
     """A soft prompt the server refuses (the route answers 422 with this message)."""
 
 
-async def soft_prompt_labels(engine: Engine, items: list[Encoded], req: Any) -> tuple[Any, int]:
+Arrays = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]
+
+
+@dataclass
+class _Job:
+    items: list[Encoded]
+    label_ids: tuple[int, ...]
+    prompt: torch.Tensor  # [P, H]
+    done: asyncio.Future[Arrays] = field(repr=False)
+
+
+class SoftPromptBatcher:
+    """Merges the soft-prompt requests waiting while a forward pass runs into the next pass.
+
+    Requests share a pass when they ask for the same label ids and have prompts of the same
+    length (BBT's candidates do), up to ``max_rows`` inputs; a request larger than that goes
+    alone. One pass at a time, so concurrent requests never compete for the cores.
+    """
+
+    def __init__(self, engine: Engine, max_rows: int = 512) -> None:
+        self._engine = engine
+        self._max_rows = max_rows
+        self._queue: list[_Job] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def score(
+        self, items: list[Encoded], label_ids: Sequence[int], prompt: torch.Tensor
+    ) -> Arrays:
+        job = _Job(items, tuple(label_ids), prompt, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await job.done
+
+    async def _drain(self) -> None:
+        while self._queue:
+            first = self._queue[0]
+            key = (first.label_ids, int(first.prompt.shape[0]))
+            batch: list[_Job] = []
+            rest: list[_Job] = []
+            rows = 0
+            for job in self._queue:
+                fits = not batch or rows + len(job.items) <= self._max_rows
+                if fits and (job.label_ids, int(job.prompt.shape[0])) == key:
+                    batch.append(job)
+                    rows += len(job.items)
+                else:
+                    rest.append(job)
+            self._queue = rest
+            items = [it for job in batch for it in job.items]
+            prompts = torch.cat(
+                [job.prompt.expand(len(job.items), -1, -1) for job in batch]
+            )  # [N, P, H]
+            try:
+                logits, logprobs, hidden = await asyncio.to_thread(
+                    score_with_soft_prompt, self._engine, items, key[0], prompts
+                )
+            except Exception as exc:
+                for job in batch:
+                    if not job.done.done():
+                        job.done.set_exception(exc)
+                continue
+            start = 0
+            for job in batch:
+                end = start + len(job.items)
+                if not job.done.done():  # its client may have gone
+                    job.done.set_result((logits[start:end], logprobs[start:end], hidden[start:end]))
+                start = end
+
+
+async def soft_prompt_labels(
+    engine: Engine, items: list[Encoded], req: Any, batcher: SoftPromptBatcher | None = None
+) -> tuple[Any, int]:
     """``/v1/features`` with ``prompt_embeds``: the label results and the soft prompt's length."""
     prompt = decode_prompt_embeds(engine, req.prompt_embeds)
-    logits, logprobs, hidden = await asyncio.to_thread(
-        score_with_soft_prompt, engine, items, req.label_token_ids, prompt
-    )
+    if batcher is not None:
+        logits, logprobs, hidden = await batcher.score(items, req.label_token_ids, prompt)
+    else:
+        logits, logprobs, hidden = await asyncio.to_thread(
+            score_with_soft_prompt, engine, items, req.label_token_ids, prompt
+        )
     return LabelResult(logits, logprobs, hidden), int(prompt.shape[0])
 
 
@@ -104,12 +183,13 @@ def score_with_soft_prompt(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Label logits ``[N, L]``, their log-softmax ``[N, L]`` and hidden states ``[N, H]``.
 
+    ``prompt`` is one ``[P, H]`` soft prompt for every input, or ``[N, P, H]``, one per input.
     Sequence ``i`` is ``prefix specials | prompt (P rows) | body | suffix``, right-padded, so its
     scoring position moves by ``P`` and nothing attends to padding.
     """
     model = engine.model
     emb = model.get_input_embeddings()
-    n, p = len(items), int(prompt.shape[0])
+    n, p = len(items), int(prompt.shape[-2])
     width = max(len(it.ids) for it in items) + p
     ids = torch.full((n, width - p), engine.pad_id, dtype=torch.long)  # [N, T]
     attention = torch.zeros((n, width), dtype=torch.long)  # [N, T + P]

@@ -93,3 +93,39 @@ def test_masked_server_refuses_soft_prompts(masked: httpx.Client) -> None:
     )
     assert r.status_code == 422
     assert "causal LMs only" in r.json()["error"]["message"]
+
+
+def test_concurrent_soft_prompts_share_a_pass_and_score_as_alone(
+    tiny_causal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from dect_maas_server import soft_prompt as sp
+
+    engine = load_engine(str(tiny_causal))
+    items = engine.encode_many([" fun and sad", " good", " a long and winding review"])
+    labels = [int(t) for t in engine.tokenizer(" great bad", add_special_tokens=False)["input_ids"]]
+    rng = np.random.default_rng(0)
+    prompts = [
+        torch.from_numpy(rng.normal(0, 0.02, (4, engine.hidden_size)).astype(np.float32))
+        for _ in range(6)
+    ]
+    alone = [sp.score_with_soft_prompt(engine, items, labels, p) for p in prompts]
+    passes: list[int] = []
+    real = sp.score_with_soft_prompt
+
+    def counted(e: object, its: list[object], ids: object, p: torch.Tensor) -> object:
+        passes.append(len(its))
+        return real(e, its, ids, p)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sp, "score_with_soft_prompt", counted)
+
+    async def main() -> list[sp.Arrays]:
+        batcher = sp.SoftPromptBatcher(engine)
+        return await asyncio.gather(*(batcher.score(items, labels, p) for p in prompts))
+
+    together = asyncio.run(main())
+    assert passes == [18]  # all six were waiting when the first pass began: one pass
+    for got, want in zip(together, alone, strict=True):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-4)
