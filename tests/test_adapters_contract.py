@@ -5,6 +5,8 @@ real API's shape. Every adapter must: declare capabilities; build deterministic,
 requests that respect its batch limit; give stable cache keys that change with what changes the
 answer; parse its fixtures; raise MalformedResponse (never KeyError/TypeError) on damaged bodies;
 and refuse a task it cannot serve before anything is sent.
+
+Reaches inside for the ``Role`` type only: the contract is stated per endpoint role.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from dect_maas import MalformedResponse, Task, UnsupportedCapability
+from dect_maas import Client, MalformedResponse, Task, UnsupportedCapability
 from dect_maas.adapters import (
     Adapter,
     Capabilities,
@@ -299,8 +301,6 @@ def test_requests_are_deterministic_serialisable_and_batched(case: Case) -> None
 
 
 def _keys(case: Case, adapter: Any, labels: tuple[Label, ...] = LABELS) -> list[str]:
-    from dect_maas.client.client import Client
-
     client = Client(adapter, cache=None, transport=httpx.MockTransport(_no_io))
     try:
         pairs = [(t, None) for t in TEXTS]
@@ -405,8 +405,6 @@ def test_unsupported_task_is_refused_before_any_request(case: Case) -> None:
     def record(request: httpx.Request) -> httpx.Response:
         sent.append(request)
         return httpx.Response(500)
-
-    from dect_maas.client.client import Client
 
     with pytest.raises(UnsupportedCapability) as info:
         case.adapter.roles(case.bad_task)

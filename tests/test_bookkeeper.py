@@ -1,4 +1,7 @@
-"""The bookkeeping thread: order, batching of commits that queue up, failures, closing."""
+"""The bookkeeping thread: order, batching of commits that queue up, failures, closing.
+
+Reaches inside: the bookkeeping thread is an internal of the client.
+"""
 
 from __future__ import annotations
 

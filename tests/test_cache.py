@@ -1,4 +1,7 @@
-"""The response cache on a real disk: keys, values, safety, and two processes at once."""
+"""The response cache on a real disk: keys, values, safety, and two processes at once.
+
+Reaches inside for the schema version and the credential-name rule the key checks use.
+"""
 
 from __future__ import annotations
 

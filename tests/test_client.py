@@ -2,6 +2,8 @@
 
 Real cache and ledger folders; only the network is replaced. Values are known exactly (the fake
 model hashes its inputs), so every number below is checked against what the provider computed.
+
+Reaches inside for ``AHEAD`` (the send window) and the fast per-example cache keys it checks.
 """
 
 from __future__ import annotations
@@ -19,17 +21,21 @@ from hypothesis import strategies as st
 
 from dect_maas import (
     BudgetExceeded,
+    BudgetLimits,
+    CacheConfig,
+    Client,
     ConfigError,
     MultiTokenLabelWarning,
     ProviderStatusError,
     QuotaExhausted,
+    RateLimit,
+    RetryPolicy,
     Task,
+    Usage,
+    cache_key,
 )
 from dect_maas.adapters import LocalAdapter
-from dect_maas.client.budget import BudgetLimits, Usage
-from dect_maas.client.cache import CacheConfig
-from dect_maas.client.client import AHEAD, Client
-from dect_maas.client.settings import RateLimit, RetryPolicy
+from dect_maas.client.client import AHEAD
 
 TASK = Task("{text} Overall, it was {mask}", {"neg": ["bad", "awful"], "pos": "great"})
 TEXTS = [f"review number {i}" for i in range(10)]
@@ -506,7 +512,6 @@ def test_a_closed_client_can_be_used_again(tmp_path: Path) -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(), min_size=1, max_size=8))
 def test_fast_example_keys_equal_cache_key(texts: list[str]) -> None:
-    from dect_maas.client.cache import cache_key
     from dect_maas.client.client import _example_keys
 
     adapter = LocalAdapter("http://fake", kind="causal", revision="r")

@@ -1,4 +1,8 @@
-"""The ledger on a real SQLite file: records, totals, summaries, exports, stale reservations."""
+"""The ledger on a real SQLite file: records, totals, summaries, exports, stale reservations.
+
+Reaches inside: reservations, settlements, the file name and the pid liveness check are
+internals of the ledger.
+"""
 
 from __future__ import annotations
 
