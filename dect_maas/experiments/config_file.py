@@ -219,7 +219,7 @@ class DataSection(_Section):
 
 
 class DecoderSection(_Section):
-    """DecT settings (reference/dect_method.md §3); also used by the prototype baseline."""
+    """DecT settings (docs/reference/dect_method.md §3); also used by the prototype baseline."""
 
     projection_dim: int = Field(default=128, ge=1)
     prompt_weight: float | None = Field(default=None, ge=0)

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from os import PathLike
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -38,11 +38,6 @@ from .wiring import build_client, make_estimator
 __all__ = ["Experiment", "ExperimentEstimate", "ExperimentResult", "MethodRun", "QueryPlan"]
 
 logger = logging.getLogger("dect_maas.experiment")
-
-
-class _Estimator(Protocol):
-    def fit(self, features: Features, y: Sequence[Any]) -> Any: ...
-    def predict(self, features: Features) -> Any: ...
 
 
 @dataclass(frozen=True)
