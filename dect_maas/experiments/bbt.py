@@ -28,7 +28,10 @@ import numpy as np
 import numpy.typing as npt
 
 from dect_maas._exceptions import ConfigError, UnsupportedCapability
+from dect_maas._metrics import accuracy, macro_f1
 from dect_maas._task import Task
+
+from .report import MethodRun
 
 __all__ = ["bbt_loss", "random_projection", "run_bbt"]
 
@@ -122,10 +125,6 @@ def run_bbt(
     progress: bool = False,
 ) -> Any:
     """Optimise z on one k-shot set within ``bbt.budget`` calls; evaluate the best prompt."""
-    from dect_maas import accuracy, macro_f1
-
-    from .runner import MethodRun
-
     b = config.bbt
     cma = _cma()
     adapter = check_bbt(config, client_factory, run_id)

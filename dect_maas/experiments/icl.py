@@ -24,7 +24,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from dect_maas._metrics import accuracy, macro_f1
 from dect_maas._task import Task
+
+from .report import MethodRun
 
 __all__ = ["ICLTask", "demonstration", "demonstration_order", "demonstrations_kept"]
 
@@ -103,9 +106,8 @@ def run_icl(
     progress: bool = False,
 ) -> list[Any]:
     """Query the ICL prompts of one k-shot set and score them; one MethodRun per ICL method."""
-    from dect_maas import ZeroShotClassifier, accuracy, macro_f1
-
-    from .runner import MethodRun
+    # torch, loaded only when an ICL method runs
+    from dect_maas.decoders.baselines import ZeroShotClassifier
 
     section = config.icl
     n_test = (
