@@ -263,8 +263,7 @@ def bench_bookkeeping(n: int, tmp: Path) -> dict[str, Any]:
     carries both (``run_in_executor``)."""
     import numpy as np
 
-    from dect_maas import Ledger, LedgerRecord, Usage
-    from dect_maas.client.cache import ResponseCache, cache_key
+    from dect_maas import Ledger, LedgerRecord, ResponseCache, Usage, cache_key
 
     cache = ResponseCache(CacheConfig(tmp / "bk-cache"))
     ledger = Ledger(tmp / "bk-ledger")
