@@ -75,7 +75,7 @@ limit = {n_test}
 
 
 def ledger_state(folder: Path) -> dict[str, int]:
-    from dect_maas.client.ledger import Ledger
+    from dect_maas import Ledger
 
     with Ledger(folder / "ledger") as ledger:  # opening settles what dead processes left
         records = [r for r in ledger.records() if r.cache == "miss"]

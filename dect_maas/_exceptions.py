@@ -20,12 +20,16 @@
             └── ServerError                5xx
 
 Custom exceptions also inherit from the built-ins users already catch (sklearn's habit).
-Messages never contain credentials: they are built from our own request specs, which hold none.
+Messages never contain credentials: they are built from our own request specs, which hold none,
+and every message (and a provider error's ``request``) still goes through
+:func:`dect_maas._secrets.redact` on the way in, for the provider text and URLs they quote.
 """
 
 from __future__ import annotations
 
 import warnings
+
+from ._secrets import redact
 
 __all__ = [
     "AuthenticationError",
@@ -53,7 +57,10 @@ __all__ = [
 
 
 class DectError(Exception):
-    """Root of every error raised by dect-maas."""
+    """Root of every error raised by dect-maas. Its text arguments are redacted when it is made."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(DectError, ValueError):
@@ -122,8 +129,8 @@ class ProviderError(DectError):
     """A request to a provider failed. `request` describes it (method, URL path, examples)."""
 
     def __init__(self, message: str, *, request: str | None = None) -> None:
-        self.request = request
-        super().__init__(f"{message} [{request}]" if request else message)
+        self.request = redact(request) if request else request
+        super().__init__(f"{message} [{self.request}]" if request else message)
 
 
 class TransportError(ProviderError):

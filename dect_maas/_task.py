@@ -25,8 +25,6 @@ __all__ = ["Task"]
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _KNOWN = ("text", "text_b", "mask")
 
-LabelWordsInput = Mapping[str, "str | Sequence[str]"] | Sequence[tuple[str, "str | Sequence[str]"]]
-
 
 @dataclass(frozen=True)
 class Task:

@@ -3,57 +3,20 @@
 A key belongs in an environment variable named by ``api_key_env``; in a URL it would be sent as
 HTTP Basic auth instead of the configured key, and end up in logs, reports, ledgers and cache
 metadata. So ``http://user:pass@host`` and ``?api_key=...`` are refused like an inline key, and the
-message shows the URL with those parts masked. A base URL gets paths appended to it, so any other
-query string or fragment is refused too: it could only produce wrong URLs.
+message shows the URL with those parts masked. Which names count as credentials, and the masking,
+live in :mod:`dect_maas._secrets`. A base URL gets paths appended to it, so any other query string
+or fragment is refused too: it could only produce wrong URLs.
 """
 
 from __future__ import annotations
 
 import functools
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ._exceptions import ConfigError
+from ._secrets import is_credential_name, mask_url
 
 __all__ = ["check_base_url", "mask_url", "url_problem"]
-
-# Query parameters that carry a credential in the APIs we know of (Google's ``key``, Azure SAS
-# ``sig``, OAuth ``access_token``, ...). Compared lower-case with '-' read as '_'.
-CREDENTIAL_PARAMS = frozenset(
-    {
-        "api_key",
-        "apikey",
-        "key",
-        "token",
-        "access_token",
-        "auth_token",
-        "api_token",
-        "auth",
-        "secret",
-        "client_secret",
-        "password",
-        "passwd",
-        "pwd",
-        "sig",
-        "signature",
-        "x_api_key",
-    }
-)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any user/password and every query value replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + host + (f":{port}" if port is not None else "")
-    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    fragment = "***" if parts.fragment else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
 @functools.lru_cache(maxsize=256)
@@ -71,8 +34,7 @@ def url_problem(url: str) -> str | None:
             "carries credentials (user:password@); inline credentials are refused: put the key "
             "in an environment variable and give its name as api_key_env"
         )
-    names = [k.lower().replace("-", "_") for k, _ in parse_qsl(parts.query, True)]
-    if any(n in CREDENTIAL_PARAMS for n in names):
+    if any(is_credential_name(k) for k, _ in parse_qsl(parts.query, True)):
         return (
             "carries a credential in its query string; inline credentials are refused: put the "
             "key in an environment variable and give its name as api_key_env"

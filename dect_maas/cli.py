@@ -45,7 +45,17 @@ from .client.ledger import Ledger
 from .client.storage import display_target, is_database_url
 from .experiments.demo import SERVER_INSTALL_HINT, run_demo
 
-__all__ = ["EXIT_BUDGET", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_OK", "EXIT_PROVIDER", "main"]
+__all__ = [
+    "EXIT_BROKEN_PIPE",
+    "EXIT_BUDGET",
+    "EXIT_CONFIG",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_PROVIDER",
+    "EXIT_TERMINATED",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_ERROR = 1

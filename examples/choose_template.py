@@ -13,9 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dect_maas import CacheConfig, Task, ZeroShotClassifier, accuracy, load_examples
+from dect_maas import CacheConfig, Client, Task, ZeroShotClassifier, accuracy, load_examples
 from dect_maas.adapters import LocalAdapter
-from dect_maas.client.client import Client
 from dect_maas.experiments.demo import local_server, prepare_model
 
 HERE = Path(__file__).resolve().parent

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import httpx
 import numpy as np
 
-from dect_maas.client.cache import CacheConfig, ResponseCache
+from dect_maas import CacheConfig, ResponseCache
 
 FAULTS = ("429", "500", "503", "slow", "drop", "truncate")
 DIM = 8

@@ -1,5 +1,8 @@
 """The chat-completions adapter: messages, surface forms, censoring, refusals and URLs, then end to
-end against the real local server's ``/v1/chat/completions`` (tiny model with a chat template)."""
+end against the real local server's ``/v1/chat/completions`` (tiny model with a chat template).
+
+Reaches inside for ``surface_forms``, the chat adapter's label-word spellings, checked alone.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import numpy as np
 import pytest
 
 from dect_maas import (
+    CacheConfig,
     CensoredScoreWarning,
+    Client,
     MalformedResponse,
     ProviderStatusError,
     Task,
@@ -23,8 +28,6 @@ from dect_maas import (
 )
 from dect_maas.adapters import Label, OpenAIChatAdapter, OpenAICompatibleAdapter, Prices, Prompt
 from dect_maas.adapters.openai_chat import surface_forms
-from dect_maas.client.cache import CacheConfig
-from dect_maas.client.client import Client
 
 TASK = Task("Review: {text}\nSentiment: {mask}", {"neg": "negative", "pos": ["positive", "good"]})
 LABELS = (Label(" negative"), Label(" positive"), Label(" good"))

@@ -3,6 +3,9 @@
 The client talks to the transport exactly as to the real server, so these tests check that the
 OpenAI-compatible adapter parses what llama.cpp really sends, and that the client copes with what
 it really refuses (a list of prompts, a malformed body answered with 500 and a traceback).
+
+Reaches inside for the batching check's cache key and ``error_for_status``: both are checked
+against what llama.cpp really answers.
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ import httpx
 import numpy as np
 import pytest
 
-from dect_maas import CensoredScoreWarning, ServerError, Task
+from dect_maas import CensoredScoreWarning, Client, RetryPolicy, ServerError, Task
 from dect_maas.adapters import OpenAICompatibleAdapter
 from dect_maas.client.batch_check import verdict_key
-from dect_maas.client.client import Client
 from dect_maas.client.retry import error_for_status
-from dect_maas.client.settings import RetryPolicy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "llamacpp"
 SCORING, EMBEDDING = "http://llama-scores.test", "http://llama-embed.test"

@@ -1,4 +1,7 @@
-"""AutoDecTClassifier: the batched trainer matches DecT, and the search picks what the data says."""
+"""AutoDecTClassifier: the batched trainer matches DecT, and the search picks what the data says.
+
+Reaches inside: the search's candidates, ranking and step checkpoints are what is under test.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from dect_maas import AutoDecTClassifier, DecTClassifier, Features, ZeroShotClassifier
-from dect_maas._exceptions import ConfigError, FeaturesError
+from dect_maas import (
+    AutoDecTClassifier,
+    ConfigError,
+    DecTClassifier,
+    Features,
+    FeaturesError,
+    ZeroShotClassifier,
+)
 from dect_maas.decoders.auto import STEP_CHECKPOINTS, Candidate, _rank, _Scored, grid_logits
 
 

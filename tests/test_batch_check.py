@@ -1,4 +1,7 @@
-"""The one-time batching check on embeddings endpoints: a batch of two against the two alone."""
+"""The one-time batching check on embeddings endpoints: a batch of two against the two alone.
+
+Reaches inside: the probes and their agreement rule are internals of the client.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Budget limits hold under concurrency: asyncio tasks, threads and two real processes."""
+"""Budget limits hold under concurrency: asyncio tasks, threads and two real processes.
+
+Reaches inside for ``LIMIT_NAMES`` only, to run one case per limit.
+"""
 
 from __future__ import annotations
 

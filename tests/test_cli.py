@@ -2,6 +2,8 @@
 
 Each run is checked in the ledger: a run pays exactly N_test + N_train_union + 1 (content-free)
 queries, a second run pays zero, and a run stopped by a budget limit resumes paying only the rest.
+
+Reaches inside for the config reader and the wiring, to build the estimator a run would use.
 """
 
 from __future__ import annotations

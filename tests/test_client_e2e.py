@@ -14,10 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from dect_maas import CensoredScoreWarning, Task
+from dect_maas import CacheConfig, CensoredScoreWarning, Client, Task
 from dect_maas.adapters import HFInferenceAdapter, LocalAdapter, OpenAICompatibleAdapter
-from dect_maas.client.cache import CacheConfig
-from dect_maas.client.client import Client
 
 server_testing = pytest.importorskip("dect_maas_server.testing")
 pytestmark = pytest.mark.slow  # two server processes start here (~20-30 s each on 2 busy cores)

@@ -1,4 +1,7 @@
-"""Config files: errors name the key and the file; paths resolve against the file."""
+"""Config files: errors name the key and the file; paths resolve against the file.
+
+Reaches inside: the config-file reader and the wiring from config to adapter are under test.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dect_maas import ConfigError
-from dect_maas.experiments.config_file import ExperimentConfig, load_config
+from dect_maas import ConfigError, ExperimentConfig
+from dect_maas.experiments.config_file import load_config
 
 BASE = """
 name = "movies"

@@ -1,4 +1,7 @@
-"""Examples from JSONL/CSV/DataFrames/datasets, and OpenPrompt-style k-shot sampling."""
+"""Examples from JSONL/CSV/DataFrames/datasets, and OpenPrompt-style k-shot sampling.
+
+Reaches inside for ``load_split``, the loader behind config data sources.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
-"""The DecT decoder against an independent restatement of the paper's formulas (method note §2).
+"""The DecT decoder against an independent restatement of the paper's formulas
+(``docs/reference/dect_method.md`` §2).
 
 The reference below is written from the formulas alone, in float64 numpy (and torch autograd for
 the gradients, and Adam restated), with the explicit difference-norm distance and an explicit
 exp/one-hot/log cross-entropy; the library uses float32, the ‖a‖² − 2a·b + ‖b‖² distance, its
 batched trainer and torch's Adam. Tolerances are stated per check.
+
+Reaches inside: the DecT math in ``decoders.dect`` is what the oracle checks.
 """
 
 from __future__ import annotations

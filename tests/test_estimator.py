@@ -1,4 +1,7 @@
-"""DecTClassifier: the estimator contract, determinism, persistence, calibration and learning."""
+"""DecTClassifier: the estimator contract, determinism, persistence, calibration and learning.
+
+Reaches inside for ``DecTDecoder`` only, to build the initial weights a fit must reproduce.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 The OpenAI-compatible example runs against the project's local server, which also speaks
 /v1/completions and /v1/embeddings. No text-embeddings-inference server is available here, so the
 TEI example runs against a small loopback stand-in that answers POST /embed the way TEI does.
+
+Reaches inside for the config reader, to load each example as the CLI does.
 """
 
 from __future__ import annotations

@@ -11,12 +11,8 @@ import numpy as np
 import pytest
 from faultserver import FAULTS, FaultServer
 
-from dect_maas import Task, TransportError
-from dect_maas._features import Features
+from dect_maas import CacheConfig, Client, Features, Ledger, RetryPolicy, Task, TransportError
 from dect_maas.adapters import LocalAdapter
-from dect_maas.client.cache import CacheConfig
-from dect_maas.client.client import Client
-from dect_maas.client.settings import RetryPolicy
 
 TASK = Task("{text} Overall, it was {mask}", {"neg": "bad", "pos": "great"})
 TEXTS = [f"text number {i} of the fault run" for i in range(40)]
@@ -47,7 +43,6 @@ def test_faults_on_every_endpoint_give_the_clean_result(tmp_path: Path) -> None:
     faulty, _client = run(faulty_server, tmp_path, "faulty")
     assert faulty == clean
     assert sum(faulty_server.injected.values()) >= 5
-    from dect_maas.client.ledger import Ledger
 
     summary = Ledger(tmp_path / "faulty-ledger").summary()
     assert summary.queries_paid == len(TEXTS) + 1  # each example (and the content-free) once
@@ -67,7 +62,6 @@ def test_every_fault_kind_is_survived_and_each_attempt_is_on_record(tmp_path: Pa
     clean, _ = run(FaultServer(rate=0.0), tmp_path, "clean")
     assert feats == clean
     assert set(server.injected) == set(FAULTS)  # each kind happened at least once
-    from dect_maas.client.ledger import Ledger
 
     ledger = Ledger(tmp_path / "kinds-ledger")
     records = [r for r in ledger.records() if r.cache == "miss"]

@@ -12,10 +12,8 @@ from types import ModuleType
 
 from faultserver import FaultServer
 
-from dect_maas import Task
+from dect_maas import CacheConfig, Client, Task
 from dect_maas.adapters import LocalAdapter
-from dect_maas.client.cache import CacheConfig
-from dect_maas.client.client import Client
 
 TASK = Task("{text} Overall, it was {mask}", {"neg": "bad", "pos": "great"})
 

@@ -3,6 +3,8 @@
 The pure parts (demonstrations, their order and cut, BBT's loss and projection) are checked on
 small values; the runs go through a real local server (tiny causal model, loopback) and are
 checked against the ledger: queries, tokens, calls.
+
+Reaches inside: the pure parts of ICL and BBT and the cost rows are checked alone.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from dect_maas import Experiment, Ledger, Task
-from dect_maas._exceptions import UnsupportedCapability
+from dect_maas import Experiment, Ledger, Task, UnsupportedCapability
 from dect_maas.experiments.bbt import bbt_loss, random_projection
 from dect_maas.experiments.icl import (
     ICLTask,
@@ -321,7 +322,7 @@ def test_bbt_without_cma_says_how_to_install_it(
 ) -> None:
     import sys
 
-    from dect_maas._exceptions import ConfigError
+    from dect_maas import ConfigError
     from dect_maas.experiments.bbt import check_bbt
 
     monkeypatch.setitem(sys.modules, "cma", None)  # import cma -> ImportError

@@ -1,4 +1,8 @@
-"""The ledger on a real SQLite file: records, totals, summaries, exports, stale reservations."""
+"""The ledger on a real SQLite file: records, totals, summaries, exports, stale reservations.
+
+Reaches inside: reservations, settlements, the file name and the pid liveness check are
+internals of the ledger.
+"""
 
 from __future__ import annotations
 
@@ -255,7 +259,7 @@ def test_exports_parse_back_to_the_records(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
-def test_urls_lose_query_strings_and_user_info(tmp_path: Path) -> None:
+def test_urls_in_records_have_query_values_and_user_info_masked(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     rec = LedgerRecord(
         provider="gemini",
@@ -266,8 +270,8 @@ def test_urls_lose_query_strings_and_user_info(tmp_path: Path) -> None:
     )
     ledger.refund(ledger.reserve(Usage(1, 1)), rec)
     (stored,) = ledger.records()
-    assert stored.endpoint == "/v1beta/models/m:embedContent"
-    assert stored.error == "503 from https://host/v1/x after 3 tries"
+    assert stored.endpoint == "/v1beta/models/m:embedContent?key=***"
+    assert stored.error == "503 from https://***@host/v1/x?key=***&alt=*** after 3 tries"
     assert "SECRET" not in (tmp_path / LEDGER_FILENAME).read_bytes().decode("latin-1")
 
 

@@ -1,6 +1,9 @@
 """The provider recipes under examples/providers/: each is a valid config whose adapter reaches
 the URLs its comments promise; the chat recipe runs end to end from the CLI against the real
-local server's chat route (a tiny model with a chat template)."""
+local server's chat route (a tiny model with a chat template).
+
+Reaches inside for the config reader and the wiring, which turn a recipe into an adapter.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Endpoint roles: scores and vectors with their own URL, model, key and prices, from Python and
-from a config; chat and embeddings-only provider kinds; keys never cross to another host."""
+from a config; chat and embeddings-only provider kinds; keys never cross to another host.
+
+Reaches inside for ``price_for`` and the wiring from config to per-role keys and adapters.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +17,12 @@ from dect_maas import (
     CacheConfig,
     Client,
     ConfigError,
+    ExperimentConfig,
     OpenAIChatAdapter,
     Prices,
     Task,
 )
 from dect_maas.adapters._base import price_for
-from dect_maas.experiments.config_file import ExperimentConfig
 from dect_maas.experiments.wiring import api_keys, make_adapter
 
 TASK = Task("{text} It was {mask}", {"negative": ["bad", "terrible"], "positive": "great"})

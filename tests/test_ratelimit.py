@@ -1,4 +1,7 @@
-"""Token buckets per (provider, model) with a fake clock: pacing is computed, never slept."""
+"""Token buckets per (provider, model) with a fake clock: pacing is computed, never slept.
+
+Reaches inside: the token buckets are an internal of the client.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ import asyncio
 
 import pytest
 
-from dect_maas import ConfigError
+from dect_maas import ConfigError, RateLimit
 from dect_maas.client.ratelimit import RateLimiter, parse_duration_s
-from dect_maas.client.settings import RateLimit
 
 KEY = ("openai", "gpt")
 

@@ -1,4 +1,7 @@
-"""Reports: JSON parses back to the numbers, Markdown has mean ± std, plots are PNGs."""
+"""Reports: JSON parses back to the numbers, Markdown has mean ± std, plots are PNGs.
+
+Reaches inside: the report writers and the runner's per-method records are under test.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dect_maas.experiments.config_file import ExperimentConfig
+from dect_maas import ExperimentConfig, ExperimentResult
 from dect_maas.experiments.report import PLOTS_MISSING, format_table, write_report
-from dect_maas.experiments.runner import ExperimentResult, MethodRun, QueryPlan
+from dect_maas.experiments.runner import MethodRun, QueryPlan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

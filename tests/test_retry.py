@@ -1,4 +1,7 @@
-"""The retry layer and the httpx boundary, with a fake clock and sleep: nothing really waits."""
+"""The retry layer and the httpx boundary, with a fake clock and sleep: nothing really waits.
+
+Reaches inside: the retry layer and the httpx error mapping are internals of the client.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dect_maas import (
     ProviderStatusError,
     QuotaExhausted,
     RateLimited,
+    RetryPolicy,
     ServerError,
     TransportError,
 )
@@ -32,7 +36,6 @@ from dect_maas.client.retry import (
     map_httpx_error,
     retry_after_s,
 )
-from dect_maas.client.settings import RetryPolicy
 
 
 class FakeTime:

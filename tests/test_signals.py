@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from faultserver import FaultServer
 
-from dect_maas.client.budget import Usage
-from dect_maas.client.ledger import Ledger
+from dect_maas import Ledger, Usage
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "examples" / "data"

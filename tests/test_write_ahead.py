@@ -1,5 +1,8 @@
 """Write ahead and storage faults: spend is never undercounted after a crash, paid answers are
 stored before they are settled, and a full disk or a damaged ledger is named, never papered over.
+
+Reaches inside for the ledger's file name and ``reset_ledger`` (behind ``dect-maas ledger
+reset``), to damage and reset a real ledger file.
 """
 
 from __future__ import annotations
@@ -16,12 +19,20 @@ from typing import Any
 import pytest
 from faultserver import MockProvider
 
-from dect_maas import CacheError, LedgerError, Task
+from dect_maas import (
+    BudgetLimits,
+    CacheConfig,
+    CacheError,
+    Client,
+    Ledger,
+    LedgerError,
+    LedgerRecord,
+    ResponseCache,
+    Task,
+    Usage,
+)
 from dect_maas.adapters import LocalAdapter
-from dect_maas.client.budget import BudgetLimits, Usage
-from dect_maas.client.cache import CacheConfig, ResponseCache
-from dect_maas.client.client import Client
-from dect_maas.client.ledger import LEDGER_FILENAME, Ledger, reset_ledger
+from dect_maas.client.ledger import LEDGER_FILENAME, reset_ledger
 
 TASK = Task("{text} Overall, it was {mask}", {"neg": ["bad", "awful"], "pos": "great"})
 TEXTS = [f"review number {i}" for i in range(10)]
@@ -197,8 +208,6 @@ def ledger_spent(tmp_path: Path) -> int:
 
 
 def _record(queries: int) -> Any:
-    from dect_maas.client.ledger import LedgerRecord
-
     return LedgerRecord(provider="p", model="m", endpoint="e", queries=queries)
 
 

@@ -330,6 +330,15 @@ def numbers(spec: RequestSpec, value: JSON, where: str) -> list[float]:
     return [number(spec, v, where) for v in value]
 
 
+def one_per_input(spec: RequestSpec, body: JSON, key: str, noun: str = "input") -> list[JSON]:
+    """``body[key]``, a list with one item per input of ``spec``, or MalformedResponse."""
+    items = get(spec, body, key)
+    if not isinstance(items, list) or len(items) != len(spec.indices):
+        n = len(items) if isinstance(items, list) else "no list"
+        raise malformed(spec, f"{key!r} has {n} item(s) for {len(spec.indices)} {noun}(s)")
+    return items
+
+
 def in_order(spec: RequestSpec, items: list[JSON], where: str) -> list[JSON]:
     """Items sorted by their ``index`` field, which must number them 0..n-1 (or be absent)."""
     if not all(isinstance(it, dict) for it in items):

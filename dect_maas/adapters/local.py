@@ -36,6 +36,7 @@ from ._base import (
     get,
     malformed,
     numbers,
+    one_per_input,
     refuse,
     split_tokens,
 )
@@ -175,10 +176,7 @@ class LocalAdapter:
     def parse_response(
         self, spec: RequestSpec, status: int, headers: Mapping[str, str], body: JSON
     ) -> list[dict[str, JSON]]:
-        data = get(spec, body, "data")
-        if not isinstance(data, list) or len(data) != len(spec.indices):
-            n = len(data) if isinstance(data, list) else "no list"
-            raise malformed(spec, f"'data' has {n} item(s) for {len(spec.indices)} input(s)")
+        data = one_per_input(spec, body, "data")
         fingerprint = body.get("fingerprint") if isinstance(body, dict) else None
         usage = body.get("usage")
         shares = split_tokens(

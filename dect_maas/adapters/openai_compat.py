@@ -38,6 +38,7 @@ from ._base import (
     in_order,
     malformed,
     number,
+    one_per_input,
     pool,
     refuse,
     split_tokens,
@@ -209,10 +210,7 @@ class OpenAICompatibleAdapter(NoDiscovery):
     ) -> list[dict[str, JSON]]:
         if spec.role == "vectors":
             return self._parse_embeddings(spec, body)
-        choices = get(spec, body, "choices")
-        if not isinstance(choices, list) or len(choices) != len(spec.indices):
-            n = len(choices) if isinstance(choices, list) else "no list"
-            raise malformed(spec, f"'choices' has {n} item(s) for {len(spec.indices)} prompt(s)")
+        choices = one_per_input(spec, body, "choices", "prompt")
         tokens = _prompt_tokens(body, len(choices))
         by_index = in_order(spec, choices, "choices")
         out = []
@@ -244,10 +242,7 @@ class OpenAICompatibleAdapter(NoDiscovery):
         return table[max(pieces, key=len)] if pieces else None
 
     def _parse_embeddings(self, spec: RequestSpec, body: JSON) -> list[dict[str, JSON]]:
-        data = get(spec, body, "data")
-        if not isinstance(data, list) or len(data) != len(spec.indices):
-            n = len(data) if isinstance(data, list) else "no list"
-            raise malformed(spec, f"'data' has {n} item(s) for {len(spec.indices)} input(s)")
+        data = one_per_input(spec, body, "data")
         tokens = _prompt_tokens(body, len(data))
         ordered = in_order(spec, data, "data")
         out = []

@@ -37,6 +37,7 @@ import diskcache
 import numpy as np
 
 from dect_maas._exceptions import CacheError, ConfigError
+from dect_maas._secrets import is_credential_name
 
 from .storage import POSTGRES_INSTALL_HINT, CacheStore, is_database_url, parse_database_url
 
@@ -68,30 +69,10 @@ _DTYPE_OBJECTS = {name: np.dtype(name) for name in _DTYPES}
 # Values up to this size live inside SQLite rather than in one file each: faster bulk reads.
 _MIN_FILE_SIZE = 2**20
 
-# Names (compared lower-case, "-" read as "_") that may hold a credential. A key-part mapping that
-# uses one is refused, so a secret can never be hashed into (or leak through) a cache key. In
-# values, the bare word "token" is allowed: token-level logprob records use it for label words.
-_CREDENTIAL_NAMES = frozenset(
-    [
-        "authorization",
-        "proxy_authorization",
-        "api_key",
-        "apikey",
-        "x_api_key",
-        "api_token",
-        "access_token",
-        "auth_token",
-        "bearer",
-        "token",
-        "hf_token",
-        "secret",
-        "client_secret",
-        "password",
-        "cookie",
-        "x_goog_api_key",
-    ]
-)
-_VALUE_CREDENTIAL_NAMES = _CREDENTIAL_NAMES - {"token"}
+# A key-part mapping with a field named like a credential (dect_maas._secrets) is refused, so a
+# secret can never be hashed into (or leak through) a cache key. In values, the bare word "token"
+# is allowed: token-level logprob records use it for label words.
+_VALUE_NAMES_ALLOWED = frozenset({"token"})
 
 
 @dataclass(frozen=True)
@@ -173,7 +154,7 @@ def _check_key_part(obj: Any) -> bool:
         for k, v in obj.items():
             if type(k) is not str:
                 raise _BadKeyPart(TypeError, f"cache key part {{where}} has a non-str key {k!r}")
-            if _is_credential_name(k, _CREDENTIAL_NAMES):
+            if is_credential_name(k):
                 raise _BadKeyPart(
                     ValueError,
                     f"cache key part {{where}} has a field named {k!r}, which may hold a "
@@ -210,10 +191,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _is_credential_name(name: str, names: frozenset[str]) -> bool:
-    return name.lower().replace("-", "_") in names
 
 
 class _BytesOnlyDisk(diskcache.Disk):  # type: ignore[misc]
@@ -548,7 +525,7 @@ def _encode_value(value: Mapping[str, Any]) -> bytes:
             for k, v in obj.items():
                 if not isinstance(k, str):
                     raise TypeError(f"cache value at {_path_str(path)} has a non-str key {k!r}")
-                if _is_credential_name(k, _VALUE_CREDENTIAL_NAMES):
+                if is_credential_name(k) and k.lower() not in _VALUE_NAMES_ALLOWED:
                     raise ValueError(
                         f"cache value at {_path_str(path)} has a field named {k!r}, which may "
                         "hold a credential; credentials are never cached"

@@ -63,6 +63,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from dect_maas._exceptions import BudgetExceeded, ConfigError, LedgerError
+from dect_maas._secrets import redact
 
 from .budget import BudgetLimits, Usage, check_limits
 from .storage import POSTGRES_INSTALL_HINT, LedgerStore, SqlConnection, is_database_url
@@ -93,8 +94,6 @@ paid for, but the answer could not be stored: counted as spent)."""
 
 CacheState = Literal["hit", "miss"]
 _MAX_ERROR_CHARS = 300
-_URL_QUERY = re.compile(r"(?P<url>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]+)\?[^\s#]*")
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@]+@")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -167,9 +166,9 @@ class LedgerRecord:
 
     ``time`` is ISO 8601 in UTC and ``run_id`` the ledger's run when left empty. On ``settle`` the
     usage fields are taken from the actual usage; on ``refund`` ``input_tokens`` and ``cost_usd``
-    mean what the provider billed for the failed request (normally 0). Query strings and user
-    info are stripped from URLs in ``endpoint`` and ``error``, so a key passed in a URL is never
-    kept.
+    mean what the provider billed for the failed request (normally 0). ``endpoint`` and ``error``
+    go through :func:`~dect_maas._secrets.redact` (URL user info and query values, credential-named
+    pairs, bearer tokens masked), so a key passed in a URL or quoted back is never kept.
     """
 
     provider: str
@@ -211,9 +210,9 @@ class LedgerRecord:
             object.__setattr__(self, name, float(value))
         if self.time:
             object.__setattr__(self, "time", _normalise_time(self.time))
-        object.__setattr__(self, "endpoint", _redact(self.endpoint))
+        object.__setattr__(self, "endpoint", redact(self.endpoint))
         if self.error is not None:
-            text = _redact(str(self.error))
+            text = redact(str(self.error))
             if len(text) > _MAX_ERROR_CHARS:
                 text = text[: _MAX_ERROR_CHARS - 3] + "..."
             object.__setattr__(self, "error", text)
@@ -447,7 +446,7 @@ class Ledger:
                 self._clock(),
                 provider,
                 model,
-                _redact(endpoint),
+                redact(endpoint),
             ),
         )
         return reservation
@@ -873,17 +872,6 @@ def _normalise_time(text: str) -> str:
     if moment.tzinfo is None:
         raise ConfigError(f"LedgerRecord.time must carry a time zone, got {text!r}")
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _redact(text: str) -> str:
-    """Drop query strings and user info from URLs: keys sometimes travel in them."""
-    if "?" not in text and "@" not in text:
-        return text  # neither can be present (the common case: a plain endpoint URL)
-    text = _URL_USERINFO.sub(r"\g<scheme>", text)
-    text = _URL_QUERY.sub(r"\g<url>", text)
-    if "?" in text and "://" not in text and " " not in text:
-        text = text.split("?", 1)[0]  # a bare path such as "/v1/models/x:predict?key=..."
-    return text
 
 
 def _check_run_id(run_id: str) -> str:

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from dect_maas._exceptions import ConfigError
-from dect_maas._urls import CREDENTIAL_PARAMS
+from dect_maas._secrets import is_credential_name
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -168,7 +168,7 @@ def parse_database_url(url: str, what: str = "database URL") -> DatabaseUrl:
         )
     query = parse_qsl(parts.query, keep_blank_values=True)
     names = [k.lower().replace("-", "_") for k, _ in query]
-    if any(n in CREDENTIAL_PARAMS or n == "passfile" for n in names):
+    if any(is_credential_name(n) or n == "passfile" for n in names):
         raise ConfigError(
             f"{what} {_mask(url)} carries a credential in its query string; inline credentials "
             "are refused: name an environment variable with ?password_env=NAME instead"

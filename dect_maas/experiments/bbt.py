@@ -23,21 +23,20 @@ import json
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from dect_maas._exceptions import ConfigError, UnsupportedCapability
+from dect_maas._metrics import accuracy, macro_f1
 from dect_maas.adapters._base import Adapter
 from dect_maas.adapters.local import LocalAdapter
 from dect_maas.client.client import Client
 
 from .config_file import ExperimentConfig
+from .report import MethodRun
 from .shot_set import ClientFactory, ShotSet, scaled_tokens
-
-if TYPE_CHECKING:
-    from .runner import MethodRun
 
 __all__ = ["bbt_loss", "estimate_bbt", "random_projection", "run_bbt"]
 
@@ -192,10 +191,6 @@ def estimate_bbt(shot_set: ShotSet, client: Client, ratio: float | None = None) 
 
 def run_bbt(shot_set: ShotSet) -> MethodRun:
     """Optimise z on one k-shot set within ``bbt.budget`` calls; evaluate the best prompt."""
-    from dect_maas import accuracy, macro_f1
-
-    from .runner import MethodRun
-
     config, run_id = shot_set.config, shot_set.run_id
     task, train, test = shot_set.task, shot_set.train, shot_set.test
     train_indices, shots, seed = shot_set.train_indices, shot_set.shots, shot_set.seed

@@ -21,8 +21,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dect_maas._exceptions import ConfigError
+from dect_maas._secrets import is_credential_name, mask_url
 from dect_maas._task import Task
-from dect_maas._urls import mask_url, url_problem
+from dect_maas._urls import url_problem
 from dect_maas.client.storage import is_database_url, parse_database_url
 
 from .data import read_text
@@ -71,8 +72,6 @@ METHOD_NAMES: tuple[MethodName, ...] = (
 )
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Keys that would hold a credential inline; refused with a pointer to api_key_env.
-_SECRET_KEYS = frozenset({"api_key", "apikey", "key", "token", "api_token", "secret", "password"})
 DEFAULT_HOME = Path("~/.cache/dect-maas")
 
 
@@ -223,7 +222,7 @@ class DataSection(_Section):
 
 
 class DecoderSection(_Section):
-    """DecT settings (reference/dect_method.md §3); also used by the prototype baseline."""
+    """DecT settings (docs/reference/dect_method.md §3); also used by the prototype baseline."""
 
     projection_dim: int = Field(default=128, ge=1)
     prompt_weight: float | None = Field(default=None, ge=0)
@@ -398,10 +397,11 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _refuse_inline_secrets(data: Any, source: str, loc: tuple[str, ...]) -> None:
+    """Refuse a provider key named like a credential: it would hold the key inline."""
     if isinstance(data, Mapping):
         for key, value in data.items():
             here = (*loc, str(key))
-            if str(key).lower() in _SECRET_KEYS and loc and loc[0] == "provider":
+            if loc and loc[0] == "provider" and is_credential_name(str(key)):
                 raise ConfigError(
                     f"{source}: {'.'.join(here)}: inline credentials are refused; put the key in "
                     "an environment variable and give its name as provider.api_key_env"

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import plots
+
 if TYPE_CHECKING:
     from .runner import ExperimentResult
 
@@ -151,18 +153,13 @@ def cost_table(result: ExperimentResult) -> str:
 
 def plot_accuracy_vs_cost(result: ExperimentResult, out_dir: Path) -> Path | None:
     """Accuracy against training + ``predict_n`` predictions, in dollars (tokens if unpriced)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+    if not plots.available():
         return None
+    fig, ax = plots.axes(7.0, 4.6)
     rows = cost_rows(result)
     priced = any(r["train_usd"] > 0 or r["predict_n_usd"] > 0 for r in rows)
     key, unit = ("usd", "USD") if priced else ("tokens", "input tokens")
     n = result.config.predict_n
-    fig = Figure(figsize=(7.0, 4.6))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == m]
         xs = [max(r[f"train_{key}"] + r[f"predict_n_{key}"], 1e-12) for r in mine]
@@ -183,12 +180,10 @@ def plot_accuracy_vs_cost(result: ExperimentResult, out_dir: Path) -> Path | Non
                 ]
                 ax.plot(px, [100 * p["test_accuracy"] for p in pts], ":", color=f"C{i}", alpha=0.6)
     ax.set_xscale("log")
-    ax.set_xlabel(f"{unit}: training + predicting {n} new examples")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{result.config.name}: accuracy vs cost (labels: shots)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = out_dir / "accuracy_vs_cost.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return plots.finish(
+        fig,
+        ax,
+        out_dir / "accuracy_vs_cost.png",
+        title=f"{result.config.name}: accuracy vs cost (labels: shots)",
+        xlabel=f"{unit}: training + predicting {n} new examples",
+    )

@@ -20,17 +20,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from dect_maas._metrics import accuracy, macro_f1
 from dect_maas._task import Task
 from dect_maas.client.client import Client
 
+from .report import MethodRun
 from .shot_set import ShotSet, Split, scaled_tokens
-
-if TYPE_CHECKING:
-    from .runner import MethodRun
 
 __all__ = [
     "ICLTask",
@@ -180,9 +179,8 @@ def estimate_icl(shot_set: ShotSet, client: Client, ratio: float | None = None) 
 
 def run_icl(shot_set: ShotSet, methods: Sequence[str]) -> list[MethodRun]:
     """Query the ICL prompts of one k-shot set and score them; one MethodRun per ICL method."""
-    from dect_maas import ZeroShotClassifier, accuracy, macro_f1
-
-    from .runner import MethodRun
+    # torch, loaded only when an ICL method runs
+    from dect_maas.decoders.baselines import ZeroShotClassifier
 
     task, test = shot_set.task, shot_set.test
     train_indices, shots, seed = shot_set.train_indices, shot_set.shots, shot_set.seed

@@ -18,6 +18,7 @@ import numpy as np
 
 from dect_maas._metrics import mean_std
 
+from . import plots
 from .config_file import ExperimentConfig
 
 __all__ = [
@@ -390,44 +391,33 @@ def render_markdown(
 
 
 def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Path], str | None]:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+    if not plots.available():
         return {}, PLOTS_MISSING
     files: dict[str, Path] = {}
     shots = result.shots
 
-    fig = Figure(figsize=(6.4, 4.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = plots.axes(6.4, 4.2)
     for i, m in enumerate(result.methods):
         xs = [k for k in shots if result.select(m, k)]
         stats = np.array([result.accuracy(m, k) for k in xs]) * 100
         style = "--" if m in _ZERO_SHOT else "-"
-        color = f"C{i}"  # the same colour per method in both plots
-        ax.plot(xs, stats[:, 0], style, marker="o", color=color, label=_LABELS.get(m, m))
-        lo, hi = stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1]
-        ax.fill_between(xs, lo, hi, alpha=0.2, color=color)
+        # the same colour per method in both plots
+        plots.accuracy_band(ax, xs, stats, color=f"C{i}", label=_LABELS.get(m, m), style=style)
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(k) for k in shots])
-    ax.set_xlabel("shots per class")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{result.config.name}: accuracy vs shots (band: ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = out_dir / "accuracy_vs_shots.png"
-    fig.savefig(path, dpi=120)
-    files["accuracy_vs_shots"] = path
+    files["accuracy_vs_shots"] = plots.finish(
+        fig,
+        ax,
+        out_dir / "accuracy_vs_shots.png",
+        title=f"{result.config.name}: accuracy vs shots (band: ± std over seeds)",
+        xlabel="shots per class",
+    )
 
     # Queries paid to train one model: k·C labelled examples plus the content-free prompt for
     # calibration (plain zero-shot needs none). The test set adds the same n_test to every point.
     n_classes = len(result.classes)
     per_query = result.cost_usd / result.queries_paid if result.queries_paid else 0.0
-    fig = Figure(figsize=(6.4, 4.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = plots.axes(6.4, 4.2)
     ticks: set[int] = set()
     for i, m in enumerate(result.methods):
         if m in ("icl", "calibrated_icl", "bbt"):
@@ -441,21 +431,11 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
             continue
         xs = [k * n_classes + 1 for k in xs_shots]
         ticks.update(xs)
-        ax.plot(xs, stats[:, 0], marker="o", color=color, label=_LABELS.get(m, m))
-        lo, hi = stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1]
-        ax.fill_between(xs, lo, hi, alpha=0.2, color=color)
+        plots.accuracy_band(ax, xs, stats, color=color, label=_LABELS.get(m, m))
     ax.set_xscale("log")
     if ticks:
         ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
         ax.minorticks_off()
-    ax.set_xlabel(
-        f"training queries paid per model (k·{n_classes} + 1); test set adds {result.plan.n_test}"
-    )
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{result.config.name}: accuracy vs queries paid", pad=30 if per_query else 6)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # empty when only input-side methods ran
-        ax.legend(fontsize="small")
     if per_query > 0:
 
         def to_usd(q: Any) -> Any:
@@ -466,10 +446,17 @@ def _write_plots(result: ExperimentResult, out_dir: Path) -> tuple[dict[str, Pat
 
         sec = ax.secondary_xaxis("top", functions=(to_usd, to_queries))
         sec.set_xlabel(f"USD at {_money(per_query)} per query (this run's average)")
-    fig.tight_layout()
-    path = out_dir / "accuracy_vs_queries.png"
-    fig.savefig(path, dpi=120)
-    files["accuracy_vs_queries"] = path
+    files["accuracy_vs_queries"] = plots.finish(  # no legend when only input-side methods ran
+        fig,
+        ax,
+        out_dir / "accuracy_vs_queries.png",
+        title=f"{result.config.name}: accuracy vs queries paid",
+        xlabel=(
+            f"training queries paid per model (k·{n_classes} + 1); "
+            f"test set adds {result.plan.n_test}"
+        ),
+        pad=30 if per_query else 6,
+    )
     if any(r.cost is not None for r in result.runs):
         from .cost_report import plot_accuracy_vs_cost
 

@@ -29,10 +29,13 @@ from dect_maas._features import Features
 from dect_maas._metrics import accuracy, macro_f1
 from dect_maas._task import Task
 
+from .bbt import check_bbt, estimate_bbt, run_bbt
 from .config_file import ExperimentConfig, load_config, merge
 from .data import load_split, sample_k_shot  # sample_k_shot: OpenPrompt's sampler
+from .icl import ICL_METHODS, estimate_icl, run_icl
 from .report import ExperimentResult, MethodRun, QueryPlan
 from .report import write_report as _write_report
+from .shot_set import ShotSet
 from .wiring import build_client, make_estimator
 
 __all__ = ["Experiment", "ExperimentEstimate", "ExperimentResult", "MethodRun", "QueryPlan"]
@@ -228,9 +231,6 @@ class Experiment:
         wanted = [m for m in self.config.methods if m in _INPUT_SIDE]
         if not wanted:
             return {}
-        from .bbt import estimate_bbt
-        from .icl import ICL_METHODS, estimate_icl
-        from .shot_set import ShotSet
 
         train, test = self.data()
         rows: dict[str, list[dict[str, Any]]] = {}
@@ -273,8 +273,6 @@ class Experiment:
 
         say = on_event or (lambda msg: logger.info("%s", msg))
         if "bbt" in self.config.methods:
-            from .bbt import check_bbt
-
             # no soft-prompt input or no cma: refused before any query is paid
             check_bbt(self.config, self._client_factory, self.run_id)
         t0 = time.perf_counter()
@@ -385,10 +383,6 @@ def _run_input_side(
     wanted = [m for m in exp.config.methods if m in _INPUT_SIDE and m not in skipped]
     if not wanted:
         return []
-    from .bbt import run_bbt
-    from .icl import ICL_METHODS, run_icl
-    from .shot_set import ShotSet
-
     runs: list[MethodRun] = []
     icl = [m for m in wanted if m in ICL_METHODS]
     for k in exp.config.shots:

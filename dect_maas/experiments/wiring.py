@@ -2,7 +2,7 @@
 
 Each is one table: ``[provider]`` to an adapter, the provider, budget, cache and ledger sections
 to a ``Client``, a method name to an estimator. Nothing here sends a request or trains a model;
-the runner (``_experiment.py``) and ``dect-maas predict`` call these.
+the runner (``experiments/runner.py``) and ``dect-maas predict`` call these.
 """
 
 from __future__ import annotations

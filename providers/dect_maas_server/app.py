@@ -1,7 +1,7 @@
 """The HTTP app: one ``AppState`` (engine, batcher, limits), route modules over it, ``Guard``
 in front.
 
-Wire shapes follow issue 3 and ``shared/reference/serving_apis.md``: ``/v1/features`` and
+Wire shapes follow issue 3 and ``docs/reference/serving_apis.md``: ``/v1/features`` and
 ``/v1/tokenize`` are this project's own; ``/v1/completions``, ``/v1/embeddings`` and
 ``/v1/models`` imitate OpenAI / vLLM; fill-mask imitates the Hugging Face Inference API.
 

@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -191,12 +190,6 @@ def make_tiny_chat_model(path: str | os.PathLike[str]) -> Path:
 
 
 _LISTEN_RE = re.compile(r"listening on (http://[0-9.]+:\d+)")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _health_ok(url: str) -> bool:
