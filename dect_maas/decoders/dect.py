@@ -1,8 +1,9 @@
 """The DecT decoder: the whole method in one file.
 
 Cui, Li, Ding, Huang, Liu, Sun, "Decoder Tuning: Efficient Language Understanding as Decoding",
-ACL 2023 (arXiv 2212.08408); the restatement this file follows is ``reference/dect_method.md`` §2
-(in the project's shared folder). Section numbers below point there.
+ACL 2023 (arXiv 2212.08408); the restatement this file follows is
+``docs/reference/dect_method.md`` §2 (vendored in this repository).
+Section numbers below point there.
 
 For an input with hidden vector h ∈ R^D and prompt scores s ∈ R^C (label-word scores, calibrated):
 

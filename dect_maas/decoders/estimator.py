@@ -378,7 +378,7 @@ class DecTClassifier(FeatureClassifier):
     training vectors' span, which is faster when there are fewer examples than dimensions and
     drops the part of a new vector that no training vector has (`AutoDecTClassifier` uses it).
     ``learn_prototypes``, ``prototype_init`` and ``distance_scale`` are further variants outside
-    the paper (see ``_decoder.py``). Every default gives the paper's method.
+    the paper (see ``decoders/dect.py``). Every default gives the paper's method.
     """
 
     def __init__(
