@@ -44,7 +44,6 @@ __all__ = [
     "is_connect_failure",
     "is_retryable",
     "map_httpx_error",
-    "may_have_been_delivered",
     "origin",
     "retry_after_s",
 ]
@@ -198,16 +197,6 @@ def is_connect_failure(exc: BaseException) -> bool:
         isinstance(exc, TransportError)
         and not isinstance(exc, ProviderStatusError)
         and isinstance(_cause(exc), (httpx.ConnectError, httpx.ConnectTimeout))
-    )
-
-
-def may_have_been_delivered(exc: BaseException) -> bool:
-    """The attempt left and then broke (read error, dropped connection, read timeout): the
-    provider may have done the work."""
-    return (
-        isinstance(exc, TransportError)
-        and not isinstance(exc, ProviderStatusError)
-        and not is_connect_failure(exc)
     )
 
 
