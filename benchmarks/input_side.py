@@ -38,20 +38,25 @@ from compare_methods import DATA, TASKS
 from dect_maas import Experiment
 
 
-def bbt_ratios(rows: dict[str, Any], reference: dict[str, Any]) -> None:
-    """BBT's training queries and wall time over DecT's, DecT's taken where its queries were
-    paid (``reference``: the set's run without BBT; in the BBT run they come from the cache)."""
-    for key, bbt in rows.items():
-        if not key.startswith("bbt@"):
-            continue
-        dect = reference.get("dect@" + key.split("@")[1])
+def ratios(rows: dict[str, Any], reference: dict[str, Any]) -> None:
+    """The paper's ratios, DecT's figures taken where its queries were paid (``reference``: the
+    set's run with DecT; in a later run of the same cache they come from the cache, at no cost):
+    BBT's training queries and wall time over DecT's, ICL's tokens per prediction over DecT's."""
+    for key, row in rows.items():
+        method, k = key.split("@")
+        dect = reference.get("dect@" + k)
         if dect is None:
             continue
-        dect_wall = dect["train_query_seconds"] + dect["train_local_seconds"]
-        bbt["ratio_train_queries_over_dect"] = bbt["train_queries"] / dect["train_queries"]
-        bbt["ratio_train_wall_over_dect"] = (
-            bbt["train_query_seconds"] + bbt["train_local_seconds"]
-        ) / dect_wall
+        if method == "bbt":
+            dect_wall = dect["train_query_seconds"] + dect["train_local_seconds"]
+            row["ratio_train_queries_over_dect"] = row["train_queries"] / dect["train_queries"]
+            row["ratio_train_wall_over_dect"] = (
+                row["train_query_seconds"] + row["train_local_seconds"]
+            ) / dect_wall
+        elif method in ("icl", "calibrated_icl") and dect["tokens_per_prediction"]:
+            row["ratio_tokens_per_prediction_over_dect"] = (
+                row["tokens_per_prediction"] / dect["tokens_per_prediction"]
+            )
 
 
 def summarise(result: Any, n_classes: int) -> dict[str, Any]:
@@ -158,6 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bbt-prompt-length", type=int, default=50)
     p.add_argument("--bbt-test-limit", type=int, default=None)
     p.add_argument("--bbt-curve-every", type=int, default=0)
+    p.add_argument("--bbt-seeds", nargs="*", type=int, default=None, help="default: --seeds")
+    p.add_argument(
+        "--bbt-concurrency", type=int, default=None, help="candidates in flight (1 on a CPU)"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        default=["dect", "auto_dect", "icl", "calibrated_icl"],
+        help="the methods of each set's first run (BBT runs apart, on --bbt-sets)",
+    )
+    p.add_argument(
+        "--reference",
+        help="an earlier --json output of the same server and cache: DecT's rows for the ratios",
+    )
+    p.add_argument(
+        "--estimate", action="store_true", help="print what each run would cost; send nothing"
+    )
     p.add_argument("--work", default="/tmp/dect-maas-input-side", help="cache, ledger, runs")
     p.add_argument("--max-input-tokens", type=int, default=8192)
     p.add_argument("--json")
@@ -165,11 +187,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(url: str) -> dict[str, Any]:
         out: dict[str, Any] = {"args": vars(args), "sets": {}}
+        reference: dict[str, Any] = (
+            json.loads(Path(args.reference).read_text())["sets"] if args.reference else {}
+        )
         for name in args.sets:
             spec = TASKS[name]
-            methods = ["dect", "auto_dect", "icl", "calibrated_icl"]
-            for bbt_on in [False, True] if name in args.bbt_sets else [False]:
+            runs = [False] if args.methods else []
+            for bbt_on in runs + ([True] if name in args.bbt_sets else []):
                 shots = args.bbt_shots if bbt_on and args.bbt_shots else args.shots
+                seeds = args.bbt_seeds if bbt_on and args.bbt_seeds else args.seeds
                 cfg: dict[str, Any] = {
                     "name": f"input-side-{name}",
                     "provider": {"kind": "local", "base_url": url, "timeout_s": 3600},
@@ -179,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                         "test": {"path": str(args.data_dir / f"{name}_test.jsonl")},
                     },
                     "shots": shots,
-                    "seeds": args.seeds,
-                    "methods": ["dect", "bbt"] if bbt_on else methods,
+                    "seeds": seeds,
+                    "methods": ["dect", "bbt"] if bbt_on else args.methods,
                     "icl": {
                         "test_limit": args.icl_test_limit,
                         "max_prompt_tokens": args.icl_max_prompt_tokens,
@@ -190,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                         "prompt_length": args.bbt_prompt_length,
                         "test_limit": args.bbt_test_limit,
                         "curve_every": args.bbt_curve_every,
+                        "concurrency": args.bbt_concurrency,
                     },
                     "cache_dir": f"{args.work}/cache",
                     "ledger_dir": f"{args.work}/ledger",
@@ -197,20 +224,34 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if args.test_limit:
                     cfg["data"]["test"]["limit"] = args.test_limit
-                t = time.perf_counter()
-                result = Experiment.from_config(cfg).run()
                 key = f"{name}+bbt" if bbt_on else name
-                rows = summarise(result, len(spec["label_words"]))
-                if bbt_on and name in out["sets"]:
-                    bbt_ratios(rows, out["sets"][name]["methods"])
-                out["sets"][key] = {
-                    "wall_seconds": time.perf_counter() - t,
-                    "report": str(result.output_dir),
-                    "methods": rows,
-                }
-                print(json.dumps({key: out["sets"][key]["methods"]}, indent=1), flush=True)
+                if args.estimate:
+                    est = Experiment.from_config(cfg).estimate()
+                    out["sets"][key] = {
+                        "queries": est.queries,
+                        "requests": est.requests,
+                        "input_tokens": est.input_tokens,
+                        "cached_queries": est.cached_queries,
+                        "by_method": est.by_method,
+                    }
+                    print(json.dumps({key: out["sets"][key]}, indent=1, default=str), flush=True)
+                else:
+                    t = time.perf_counter()
+                    result = Experiment.from_config(cfg).run()
+                    rows = summarise(result, len(spec["label_words"]))
+                    if "dect" not in args.methods or bbt_on:
+                        if name in out["sets"]:
+                            ratios(rows, out["sets"][name]["methods"])
+                        elif name in reference:
+                            ratios(rows, reference[name]["methods"])
+                    out["sets"][key] = {
+                        "wall_seconds": time.perf_counter() - t,
+                        "report": str(result.output_dir),
+                        "methods": rows,
+                    }
+                    print(json.dumps({key: out["sets"][key]["methods"]}, indent=1), flush=True)
                 if args.json:
-                    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+                    Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
         return out
 
     if args.server_url:
