@@ -379,3 +379,55 @@ def test_estimate_covers_icl_and_bbt_within_15_percent_of_what_the_run_records(
     row = icl_est.by_method["icl+calibrated_icl"]
     dect_per_query = first.usage["input_tokens"] / first.queries_paid
     assert row["tokens_per_prediction"] > 1.5 * dect_per_query
+
+
+# -- the benchmark that puts the paper's ratios on the ledger -------------------------------------
+
+
+def test_input_side_benchmark_writes_its_json_and_the_papers_ratios(
+    server_url: str, tmp_path: Path
+) -> None:
+    """benchmarks/input_side.py end to end: its --json (Path arguments included) and the ratios,
+    DecT's taken from the run that paid its queries, ICL and BBT run apart with --reference."""
+    import importlib.util
+    import json
+    import shutil
+
+    pytest.importorskip("cma")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "input_side.py"
+    spec = importlib.util.spec_from_file_location("bench_input_side", path)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    train, test = short_data(tmp_path / "src")
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(train, data / "movies_binary_train.jsonl")
+    shutil.copy(test, data / "movies_binary_test.jsonl")
+    common = ["--server-url", server_url, "--data-dir", str(data), "--sets", "movies_binary"]
+    common += ["--shots", "2", "--seeds", "0", "--work", str(tmp_path / "work")]
+    first, second = tmp_path / "dect.json", tmp_path / "input_side.json"
+    assert bench.main([*common, "--methods", "dect", "--json", str(first)]) == 0
+    dect = json.loads(first.read_text())["sets"]["movies_binary"]["methods"]["dect@2"]
+    assert dect["train_queries"] == 2 * 2 + 1
+    assert dect["tokens_per_prediction"] > 0
+    assert dect["train_query_seconds"] > 0
+    argv = [*common, "--methods", "icl", "--bbt-sets", "movies_binary", "--bbt-budget", "3"]
+    argv += ["--bbt-prompt-length", "2", "--reference", str(first), "--json", str(second)]
+    assert bench.main(argv) == 0
+    out = json.loads(second.read_text())
+    assert out["args"]["data_dir"] == str(data)
+    icl = out["sets"]["movies_binary"]["methods"]["icl@2"]
+    assert icl["ratio_tokens_per_prediction_over_dect"] == pytest.approx(
+        icl["tokens_per_prediction"] / dect["tokens_per_prediction"]
+    )
+    assert icl["ratio_tokens_per_prediction_over_dect"] > 1  # the demonstrations ride along
+    bbt = out["sets"]["movies_binary+bbt"]["methods"]["bbt@2"]
+    assert bbt["calls"] == 3
+    assert bbt["train_queries"] == 3 * 5
+    assert bbt["ratio_train_queries_over_dect"] == pytest.approx(3.0)
+    assert bbt["ratio_train_wall_over_dect"] == pytest.approx(
+        (bbt["train_query_seconds"] + bbt["train_local_seconds"])
+        / (dect["train_query_seconds"] + dect["train_local_seconds"])
+    )
