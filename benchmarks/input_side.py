@@ -85,6 +85,8 @@ def summarise(result: Any, n_classes: int) -> dict[str, Any]:
                 "accuracy_mean": float(np.mean(acc)),
                 "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
                 "seeds": len(runs),
+                "accuracies": acc,
+                "seed_list": [r.seed for r in runs],
             }
             if runs[0].cost is None:  # DecT-like: k·C + 1 training queries, then the decoder
                 q = k * n_classes + 1

@@ -18,20 +18,48 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from input_side import ratios
 
 ORDER = ("dect", "auto_dect", "icl", "calibrated_icl", "bbt")
 
 
+def pool(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One row from two runs of the same method and shots on other seeds: the accuracies pooled,
+    every other number the mean weighted by seeds (what one run over all the seeds reports)."""
+    acc = [*a["accuracies"], *b["accuracies"]]
+    out = dict(a)
+    for key, va in a.items():
+        vb = b.get(key)
+        if isinstance(va, int | float) and isinstance(vb, int | float) and va != vb:
+            out[key] = (va * a["seeds"] + vb * b["seeds"]) / (a["seeds"] + b["seeds"])
+    out.update(
+        accuracies=acc,
+        seed_list=[*a["seed_list"], *b["seed_list"]],
+        seeds=len(acc),
+        accuracy_mean=float(np.mean(acc)),
+        accuracy_std=float(np.std(acc, ddof=1)),
+    )
+    if "curves" in a:
+        out["curves"] = [*a["curves"], *b.get("curves", [])]
+    return out
+
+
 def merge(outputs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per set (``+bbt`` runs folded in), its method rows, the first file's row for each key."""
+    """Per set (``+bbt`` runs folded in), its method rows: the first file's row for each key, or
+    the rows of runs on other seeds pooled (``pool``)."""
     sets: dict[str, dict[str, Any]] = {}
     for out in outputs:
         for key, part in out["sets"].items():
             rows = sets.setdefault(key.split("+")[0], {})
             for mk, row in part.get("methods", {}).items():
-                rows.setdefault(mk, row)
+                old = rows.get(mk)
+                if old is None:
+                    rows[mk] = row
+                elif not set(old.get("seed_list", [None])) & set(row.get("seed_list", [None])):
+                    rows[mk] = pool(old, row)  # the same method on other seeds
     for rows in sets.values():
         ratios(rows, {k: v for k, v in rows.items() if k.startswith("dect@")})
     return sets
