@@ -13,8 +13,15 @@ Prints (and writes with ``--json``) per set and shot count: the mean accuracy ov
 training queries and tokens, querying and local seconds, the tokens per prediction, and the
 ratios the DecT paper states: BBT's training queries and wall time over DecT's, ICL's tokens per
 prediction over DecT's. DecT's training wall time is its share of the querying time (its k·C + 1
-training queries at the run's seconds per query) plus its local training time; its tokens per
-prediction are the run's input tokens per query (test and training prompts alike).
+training queries at the run's seconds per paid query) plus its local training time; its tokens
+per prediction are the run's input tokens per paid query (test and training prompts alike).
+
+On a slow machine run it in parts against one server (fixed port: the cache key holds the URL),
+each part resumable from the cache: ``--methods dect auto_dect --json dect.json`` first, then
+``--methods icl calibrated_icl`` and ``--methods --bbt-sets ...`` (BBT alone) with
+``--reference dect.json``, so the ratios use DecT's figures from the part that paid its queries
+(a later part gets them from the cache, at no time). ``--estimate`` prints what each part would
+send and cost, sending nothing; ``input_side_table.py`` merges the parts into one table.
 
 On a GPU (a larger model, the BBT paper's full budget):
     python benchmarks/input_side.py --model HuggingFaceTB/SmolLM2-1.7B-Instruct --device cuda \\
