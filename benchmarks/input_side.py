@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,9 @@ def ratios(rows: dict[str, Any], reference: dict[str, Any]) -> None:
             row["ratio_train_wall_over_dect"] = (
                 row["train_query_seconds"] + row["train_local_seconds"]
             ) / dect_wall
-        elif method in ("icl", "calibrated_icl") and dect["tokens_per_prediction"]:
+        elif method in ("icl", "calibrated_icl"):
+            if not (row["tokens_per_prediction"] and dect["tokens_per_prediction"]):
+                continue  # answered from the cache: read it from the run that paid
             row["ratio_tokens_per_prediction_over_dect"] = (
                 row["tokens_per_prediction"] / dect["tokens_per_prediction"]
             )
@@ -73,6 +76,13 @@ def dect_rows(name: str, *runs: dict[str, Any]) -> dict[str, Any]:
         rows = sets.get(name, {}).get("methods", {})
         found.update({k: v for k, v in rows.items() if k.startswith("dect@")})
     return found
+
+
+def mean_paid(values: Iterable[float | None]) -> float | None:
+    """The mean over the seeds whose queries this run paid (a seed answered from the cache
+    reports no tokens or time per prediction: it is left out, not counted as 0)."""
+    paid = [v for v in values if v is not None]
+    return float(np.mean(paid)) if paid else None
 
 
 def summarise(result: Any, n_classes: int) -> dict[str, Any]:
@@ -114,9 +124,7 @@ def summarise(result: Any, n_classes: int) -> dict[str, Any]:
                     train_tokens=float(np.mean([x["train_input_tokens"] for x in c])),
                     train_query_seconds=float(np.mean([x["train_query_seconds"] for x in c])),
                     train_local_seconds=float(np.mean([x["train_local_seconds"] for x in c])),
-                    tokens_per_prediction=float(
-                        np.mean([x["tokens_per_prediction"] or 0 for x in c])
-                    ),
+                    tokens_per_prediction=mean_paid(x["tokens_per_prediction"] for x in c),
                     n_test=c[0]["n_test"],
                     curves=[x["curve"] for x in c],
                 )
@@ -127,16 +135,17 @@ def summarise(result: Any, n_classes: int) -> dict[str, Any]:
                     train_tokens=0,
                     train_query_seconds=0.0,
                     train_local_seconds=0.0,
-                    tokens_per_prediction=float(
-                        np.mean([x["tokens_per_prediction"] or 0 for x in c])
-                    ),
-                    predict_seconds_per_example=float(
-                        np.mean([x["query_seconds"] / x["queries"] for x in c])
+                    tokens_per_prediction=mean_paid(x["tokens_per_prediction"] for x in c),
+                    predict_seconds_per_example=mean_paid(
+                        x["query_seconds"] / x["queries"] if x["tokens_per_prediction"] else None
+                        for x in c
                     ),
                     demonstrations=c[0]["demonstrations"],
                     demonstrations_kept_mean=float(
                         np.mean([x["demonstrations_kept_mean"] for x in c])
                     ),
+                    demonstrations_kept_min=min(x["demonstrations_kept_min"] for x in c),
+                    prompts_cut=float(np.mean([x["prompts_cut"] for x in c])),
                     n_test=c[0]["n_test"],
                 )
             out[f"{m}@{k}"] = row
@@ -153,7 +162,7 @@ def summarise(result: Any, n_classes: int) -> dict[str, Any]:
             ) / dect_wall
         for m in ("icl", "calibrated_icl"):
             icl = out.get(f"{m}@{k}")
-            if icl is not None and dect["tokens_per_prediction"]:
+            if icl is not None and icl["tokens_per_prediction"] and dect["tokens_per_prediction"]:
                 icl["ratio_tokens_per_prediction_over_dect"] = (
                     icl["tokens_per_prediction"] / dect["tokens_per_prediction"]
                 )

@@ -400,6 +400,9 @@ def test_input_side_benchmark_writes_its_json_and_the_papers_ratios(
     assert spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    # a seed answered from the cache reports no tokens per prediction: left out, not a 0
+    assert bench.mean_paid([None, 300.0, 250.0]) == pytest.approx(275.0)
+    assert bench.mean_paid([None, None]) is None
     train, test = short_data(tmp_path / "src")
     data = tmp_path / "data"
     data.mkdir()
