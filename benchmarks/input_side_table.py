@@ -58,8 +58,9 @@ def merge(outputs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 old = rows.get(mk)
                 if old is None:
                     rows[mk] = row
-                elif not set(old.get("seed_list", [None])) & set(row.get("seed_list", [None])):
-                    rows[mk] = pool(old, row)  # the same method on other seeds
+                elif "seed_list" in old and "seed_list" in row:
+                    if not set(old["seed_list"]) & set(row["seed_list"]):  # noqa: SIM102
+                        rows[mk] = pool(old, row)  # the same method on other seeds
     for rows in sets.values():
         ratios(rows, {k: v for k, v in rows.items() if k.startswith("dect@")})
     return sets
