@@ -47,6 +47,13 @@ def pool(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _other_seeds(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether ``a`` and ``b`` both name their seeds and share none."""
+    if "seed_list" not in a or "seed_list" not in b:
+        return False
+    return not set(a["seed_list"]) & set(b["seed_list"])
+
+
 def merge(outputs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per set (``+bbt`` runs folded in), its method rows: the first file's row for each key, or
     the rows of runs on other seeds pooled (``pool``)."""
@@ -58,9 +65,8 @@ def merge(outputs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 old = rows.get(mk)
                 if old is None:
                     rows[mk] = row
-                elif "seed_list" in old and "seed_list" in row:
-                    if not set(old["seed_list"]) & set(row["seed_list"]):  # noqa: SIM102
-                        rows[mk] = pool(old, row)  # the same method on other seeds
+                elif _other_seeds(old, row):
+                    rows[mk] = pool(old, row)
     for rows in sets.values():
         ratios(rows, {k: v for k, v in rows.items() if k.startswith("dect@")})
     return sets
