@@ -89,7 +89,9 @@ def summarise(result: Any, n_classes: int) -> dict[str, Any]:
     """Per method and shot count: accuracy and cost on one footing, means over seeds."""
     usage = result.usage
     # per *paid* query: a run resumed from the cache spends its querying time on the rest
-    per_query_s = result.query_seconds / max(1, usage.get("queries_paid", 0))
+    # (none paid, all from the cache: no time to share out)
+    paid = usage.get("queries_paid", 0)
+    per_query_s = result.query_seconds / paid if paid else 0.0
     dect_tpp = usage["input_tokens"] / usage["queries_paid"] if usage.get("queries_paid") else None
     out: dict[str, Any] = {}
     for m in result.methods:
