@@ -276,6 +276,9 @@ def test_class_prior_shifts_a_trained_choice_and_helps_on_that_mix() -> None:
     assert shifted.best_params_["method"] != "zero_shot"
     np.testing.assert_allclose(shifted.prior_shift_, np.log(prior) - np.log(1 / 3), rtol=1e-6)
     assert not plain.prior_shift_.any()
+    # the mix used, as shares, is recorded (the runner's report shows it); None without one
+    assert shifted.class_prior_ == {"c0": 0.8, "c1": 0.1, "c2": 0.1}
+    assert plain.class_prior_ is None
     rest = np.setdiff1d(np.arange(len(y)), train)
     test_f, test_y = _skewed_test(feats[rest], y[rest], prior, 400, seed=1)
     if plain.best_params_ == {**shifted.best_params_, "reason": plain.best_params_["reason"]}:
@@ -325,6 +328,7 @@ def test_prior_shift_survives_save_and_load(tmp_path: Path) -> None:
     assert model.prior_shift_.any()
     back = AutoDecTClassifier.load(model.save(tmp_path / "m"))
     np.testing.assert_array_equal(back.prior_shift_, model.prior_shift_)
+    assert back.class_prior_ == model.class_prior_ == {"c0": 0.6, "c1": 0.2, "c2": 0.2}
     np.testing.assert_allclose(back.decision_function(feats), model.decision_function(feats))
 
 

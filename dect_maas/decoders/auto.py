@@ -203,8 +203,9 @@ class AutoDecTClassifier(FeatureClassifier):
     Fitted attributes (plain, JSON-serialisable): ``best_params_`` (the chosen setting; its
     ``"reason"`` says why), ``best_score_`` (its cross-validated accuracy), ``cv_results_``
     (every candidate's name, settings, accuracy, log-loss, the standard error of its gap to
-    the best, and its rank, on held-out rows), ``n_splits_``, ``n_repeats_``, ``prior_shift_``
-    (added to the chosen model's class scores; zeros without a prior), ``blend_weight_`` (w if
+    the best, and its rank, on held-out rows), ``n_splits_``, ``n_repeats_``, ``class_prior_``
+    (the class mix used, as shares summing to 1, or None), ``prior_shift_`` (added to the chosen
+    model's class scores; zeros without a prior), ``blend_weight_`` (w if
     the blend was kept, else 0) and ``blend_`` (the blend's held-out accuracy, log-loss, SE of
     its gap to the best, whether it was kept, and why). The refitted model is
     ``best_estimator_``, a public estimator; predictions come from it plus ``prior_shift_``,
@@ -242,6 +243,7 @@ class AutoDecTClassifier(FeatureClassifier):
     n_repeats_: int
     best_estimator_: FeatureClassifier
     prior_shift_: npt.NDArray[np.float32]
+    class_prior_: dict[str, float] | None
     blend_weight_: float
     blend_: dict[str, Any]
 
@@ -274,6 +276,12 @@ class AutoDecTClassifier(FeatureClassifier):
             else int(self.random_state)
         )
         shift, row_weights = _resolve_prior(self.class_prior, classes, counts, labels)
+        share = np.exp(shift) * counts / counts.sum()  # the prior, normalised
+        self.class_prior_ = (
+            None
+            if self.class_prior is None
+            else {str(c): round(float(p), 6) for c, p in zip(classes.tolist(), share, strict=True)}
+        )
         ctx = _Fit(features, labels, seed, shift, row_weights, float(len(classes) / len(labels)))
         self.classes_ = classes
         prompts = _prompt_candidates(ctx)
@@ -536,6 +544,7 @@ class AutoDecTClassifier(FeatureClassifier):
             "n_repeats_": self.n_repeats_,
             "blend_weight_": self.blend_weight_,
             "blend_": self.blend_,
+            "class_prior_": self.class_prior_,
             "best_estimator": type(inner).__name__,
             "best_estimator_params": inner.get_params(),
             "best_estimator_fitted": inner._fitted_scalars(),
@@ -571,6 +580,7 @@ class AutoDecTClassifier(FeatureClassifier):
         self.n_repeats_ = int(scalars["n_repeats_"])
         self.blend_weight_ = float(scalars.get("blend_weight_", 0.0))
         self.blend_ = dict(scalars.get("blend_", {"weight": 0.0, "kept": False}))
+        self.class_prior_ = scalars.get("class_prior_")
 
 
 # -- search policy helpers (no state) -------------------------------------------------------------
