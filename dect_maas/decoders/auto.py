@@ -294,6 +294,11 @@ class AutoDecTClassifier(FeatureClassifier):
                 else "a class has one example: nothing trained can be checked, so the prompt alone"
             )
             self.n_splits_, self.n_repeats_ = 0, 0
+            if features.hidden is not None and len(prompts) == 2 and self.prompt_blend > 0:
+                # One row per class cannot tell the two prompts apart: no pick, their mixture
+                # (calibrated first: it is the form that takes the class prior)
+                cands = [prompts[1], prompts[0]]
+                return self._finish(ctx, cands, _score_fixed(ctx, cands), why, mix_unchecked=True)
             cands = _order_prompts(prompts, _score_fixed(ctx, prompts))
             return self._finish(ctx, cands, _score_fixed(ctx, cands), why)
         if counts.min() < 2:
@@ -413,9 +418,17 @@ class AutoDecTClassifier(FeatureClassifier):
     # -- choice and refit ---------------------------------------------------------------
 
     def _finish(
-        self, ctx: _Fit, cands: list[Candidate], results: list[_Scored], reason: str
+        self,
+        ctx: _Fit,
+        cands: list[Candidate],
+        results: list[_Scored],
+        reason: str,
+        mix_unchecked: bool = False,
     ) -> AutoDecTClassifier:
+        """Rank, record, choose, blend, refit; ``mix_unchecked``: cands[0] mixed, no gate."""
         order, top, gap_se = _rank(results, self.selection)
+        if mix_unchecked:
+            order = [0, *(i for i in order if i != 0)]
         best = cands[order[0]]
         rank = np.empty(len(cands), dtype=np.int64)
         rank[order] = np.arange(1, len(cands) + 1)
@@ -437,8 +450,14 @@ class AutoDecTClassifier(FeatureClassifier):
             )
         else:
             reason += ": the highest accuracy"
+        if mix_unchecked:
+            reason = (
+                "a class has one example: nothing trained can be checked, and one row per class "
+                "cannot choose between the prompts, so calibrated zero-shot (shifted to the "
+                "class prior, if given)"
+            )
         self.best_params_ = {**best.to_dict(), "reason": reason}
-        self._choose_blend(ctx, cands, results, order[0], top, gap_se[order[0]])
+        self._choose_blend(ctx, cands, results, order[0], top, gap_se[order[0]], mix_unchecked)
         return self._refit(ctx, best)
 
     def _choose_blend(
@@ -449,6 +468,7 @@ class AutoDecTClassifier(FeatureClassifier):
         chosen: int,
         top: int,
         chosen_se: float,
+        unchecked: bool = False,
     ) -> None:
         """Mix the chosen model with the plain prompt where the held-out rows allow it.
 
@@ -472,7 +492,9 @@ class AutoDecTClassifier(FeatureClassifier):
         diff = results[top].per_row - mixed.per_row
         n = len(diff)
         se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-        if self.selection == "1se":
+        if unchecked:
+            kept, rule = True, "kept unchecked: one example per class"
+        elif self.selection == "1se":
             kept = float(diff.mean()) <= _TIE_SE * se + 1e-12
             rule = "within one standard error of the best" if kept else "clearly behind the best"
         else:
