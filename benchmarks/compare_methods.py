@@ -7,7 +7,11 @@ linear probe, the paper's DecT and AutoDecTClassifier, at 1/4/16/64 shots x 5 se
 
 AutoDecTClassifier appears twice: ``auto_dect`` sees the k-shot training examples only;
 ``auto_dect_prior`` is also told the class mix of the whole training file (its label counts: no
-query, nothing from the test file), which the balanced k-shot sets cannot show.
+query, nothing from the test file), which the balanced k-shot sets cannot show; it is what
+``dect-maas run`` gives auto DecT by default (``decoder.class_prior = "auto"``). The fair footing
+for it: the ``*_prior`` rows are the baselines and the paper's DecT given the same mix (Bayes'
+shift, log(prior / training share) added to their class scores; plain zero-shot keeps the
+model's own prior), and ``auto_dect_prior`` is also compared with the best of those.
 
 ``--eval-on dev`` scores every method on up to 1,000 training-file examples outside every shot
 sample instead of the test file: the development set on which AutoDecT's design was checked.
