@@ -51,6 +51,7 @@ from dect_maas._exceptions import (
     Interrupted,
     LedgerError,
     MalformedResponse,
+    ProviderError,
     ProviderStatusError,
     TransportError,
     UnsupportedCapability,
@@ -379,7 +380,7 @@ class Client:
             try:
                 adapter = await self._discover(attempts=1)
                 assumptions = []
-            except (TransportError, MalformedResponse) as exc:
+            except ProviderError as exc:
                 down[_root(self.adapter.info_request())] = _why(exc)
         if variant is not None:
             adapter = variant(adapter)
@@ -390,7 +391,7 @@ class Client:
             try:
                 labels = await self._resolve_labels(adapter, task, roles, attempts=1)
                 missing = []
-            except (TransportError, MalformedResponse) as exc:
+            except ProviderError as exc:
                 down[_root(adapter.tokenize_request(missing[0]))] = _why(exc)
         if missing:
             assumptions.append(
@@ -473,8 +474,12 @@ class Client:
                     out[todo[j]] = int(n)
 
             try:
-                await asyncio.gather(*(ask(s) for s in specs))
-            except (TransportError, MalformedResponse) as exc:
+                await ask(specs[0])  # alone first: a server with no such route answers once
+                done = await asyncio.gather(*(ask(s) for s in specs[1:]), return_exceptions=True)
+                for result in done:
+                    if isinstance(result, BaseException):
+                        raise result
+            except ProviderError as exc:
                 down[root] = _why(exc)
                 return None
             found = {keys[i]: {"n": out[i]} for i in todo}

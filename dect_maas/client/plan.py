@@ -254,9 +254,11 @@ def count_key(spec: RequestSpec, adapter: Adapter) -> str:
     )
 
 
-def count_sample(misses: Sequence[Prompt], limit: int = COUNT_SAMPLE) -> list[Prompt]:
-    """The prompts to count with the tokenizer: all of them, or a sample of ``limit`` drawn with
-    a fixed seed (the same prompts every time, so a repeated estimate finds its counts cached)."""
+def count_sample(misses: Sequence[Prompt], limit: int | None = None) -> list[Prompt]:
+    """The prompts to count with the tokenizer: all of them, or a sample of ``limit`` (default
+    ``COUNT_SAMPLE``) drawn with a fixed seed (the same prompts every time, so a repeated estimate
+    finds its counts cached)."""
+    limit = COUNT_SAMPLE if limit is None else limit
     if len(misses) <= limit:
         return list(misses)
     picked = sorted(random.Random(0).sample(range(len(misses)), limit))
