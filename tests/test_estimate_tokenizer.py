@@ -46,15 +46,10 @@ def _adapter(route: str, url: str) -> Any:
         return LocalAdapter(url, prices=PRICES)
     if route == "chat":
         return OpenAIChatAdapter(url, "tiny", tokenize_api="dect-maas", prices=PRICES)
-    # completions with vectors from /v1/embeddings: two roles, each counted (one text per
-    # embeddings request: no batching check, whose three small paid requests estimate omits)
+    # completions with vectors from /v1/embeddings: two roles, each counted, and the one-time
+    # batching check's three small paid requests before the first batched vectors request
     return OpenAICompatibleAdapter(
-        url,
-        "tiny",
-        tokenize_api="dect-maas",
-        embeddings_model="tiny",
-        max_embedding_inputs=1,
-        prices=PRICES,
+        url, "tiny", tokenize_api="dect-maas", embeddings_model="tiny", prices=PRICES
     )
 
 

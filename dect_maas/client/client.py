@@ -415,7 +415,28 @@ class Client:
             f"{root or 'the server'} was asked what is free (model, tokenizer) and failed: {why}"
             for root, why in down.items()
         ]
-        return estimate_of(adapter, plans, labels, [*assumptions, *notes], counts)
+        checks = [
+            spec
+            for plan in plans
+            if plan.role == "vectors" and any(len(s.indices) > 1 for s in plan.specs)
+            for spec in await self._check_pending(adapter)
+        ]
+        return estimate_of(adapter, plans, labels, [*assumptions, *notes], counts, checks)
+
+    async def _check_pending(self, adapter: Adapter) -> list[RequestSpec]:
+        """The paid requests of the embeddings batching check (``_check_batching``) that the
+        run would send first: none once its verdict is known."""
+        base, path = adapter.endpoint("vectors")
+        key = verdict_key(base + path, adapter.model_for("vectors"), adapter.hidden_kind("vectors"))
+        if key in self._verdicts:
+            return []
+        if self._cache is not None and await asyncio.to_thread(self._cache.get, key) is not None:
+            return []
+        prompts = [Prompt(i, text) for i, text in enumerate(PROBES)]
+        specs = adapter.build_requests("vectors", prompts, ())
+        if len(specs) != 1:
+            return []
+        return [specs[0], *(adapter.build_requests("vectors", [p], ())[0] for p in prompts)]
 
     async def _count(self, adapter: Any, plan: Plan, down: dict[str, str]) -> Counted | None:
         """The server's token counts of ``plan``'s prompts (or a seeded sample of them), asked of

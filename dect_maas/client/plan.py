@@ -327,9 +327,12 @@ def estimate_of(
     labels: Sequence[Label],
     assumptions: Sequence[str],
     counts: Mapping[str, Counted] | None = None,
+    checks: Sequence[RequestSpec] = (),
 ) -> Estimate:
     """The estimate for plans whose ``found`` and requests are set (``split``); ``counts``: the
-    roles whose prompts the server's tokenizer counted (the client asks it, free)."""
+    roles whose prompts the server's tokenizer counted (the client asks it, free); ``checks``:
+    the embeddings batching check's paid requests, sent before the vectors (tokens scaled as
+    the vectors role's)."""
     out = dict(queries=0, requests=0, input_tokens=0, cached=0, total=0)
     basis: list[str] = []  # how each role's tokens were counted
     methods: dict[str, str] = {}
@@ -371,12 +374,21 @@ def estimate_of(
                 for s, n in zip(plan.specs, unscaled, strict=True)
             ]
         price = price_for(adapter, role)
+        extra = list(checks) if role == "vectors" else []
+        if extra:
+            bound = sum(s.input_tokens for s in plan.specs) - sum(unscaled)
+            scale = (sum(sizes) - sum(unscaled)) / bound if bound > 0 else 1.0
+            sizes = [*sizes, *(math.ceil(s.input_tokens * scale) for s in extra)]
+            basis.append(
+                f"vectors: +{len(extra)} request(s), {sum(len(s.indices) for s in extra)} "
+                "queries for the one-time check that the endpoint batches correctly"
+            )
         dollars = sum(price.cost(requests=1, input_tokens=n) for n in sizes)
         tokens = sum(sizes)
         methods[role] = method if plan.specs else "cached"
         row: dict[str, Any] = {
-            "queries": len(plan.misses),
-            "requests": len(plan.specs),
+            "queries": len(plan.misses) + sum(len(s.indices) for s in extra),
+            "requests": len(plan.specs) + len(extra),
             "input_tokens": tokens,
             "cached_queries": len(plan.prompts) - len(plan.misses),
             "cost_usd": dollars,
@@ -387,7 +399,7 @@ def estimate_of(
         out["requests"] += row["requests"]
         out["input_tokens"] += tokens
         out["cached"] += row["cached_queries"]
-        out["total"] += len(plan.prompts)
+        out["total"] += len(plan.prompts) + sum(len(s.indices) for s in extra)
         cost += dollars
     return Estimate(
         queries=out["queries"],
