@@ -22,8 +22,9 @@ Per route, in a fresh cache and ledger:
    ``--test-limit`` test texts); its ledger's tokens and dollars against each estimate.
 Prices are example list prices (per million input / output tokens) so that dollars mean something.
 Only the queries matter here, so the run trains the cheapest method (the queries do not depend on
-the methods). Prints JSON: per route and estimate, tokens and dollars, the method per role, and
-the ratios estimate / recorded.
+the methods). ``--count-sample N`` counts at most N prompts per role (the rest scaled by bytes),
+to measure the sampled path on a small run. Prints JSON: per route and estimate, tokens and
+dollars, the method per role, and the ratios estimate / recorded.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dect_maas import CensoredScoreWarning
+from dect_maas.client import plan
 from dect_maas.client.ledger import Ledger
 from dect_maas.experiments.config_file import ExperimentConfig
 from dect_maas.experiments.demo import demo_config
@@ -135,8 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routes", nargs="+", default=["local", "chat"])
     ap.add_argument("--test-limit", type=int, default=100)
     ap.add_argument("--probe-rows", type=int, default=0)
+    ap.add_argument(
+        "--count-sample",
+        type=int,
+        default=None,
+        help="count at most this many prompts per role with the tokenizer (default 512)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.count_sample is not None:
+        plan.COUNT_SAMPLE = args.count_sample
     urls = {
         "server": args.server_url.rstrip("/"),
         "llama": args.llama_url.rstrip("/"),
