@@ -30,6 +30,8 @@ import numpy as np
 from dect_maas import CacheConfig, ResponseCache
 
 FAULTS = ("429", "500", "503", "slow", "drop", "truncate")
+# Not in FAULTS (no retry survives it): a 200 whose JSON lacks the fields the adapter reads.
+BAD_SHAPE = "badshape"
 DIM = 8
 
 
@@ -242,6 +244,8 @@ class FaultServer:
                     time.sleep(server.slow_s)
                 if fault == "truncate":
                     payload = payload[: len(payload) // 2]
+                if fault == BAD_SHAPE:
+                    payload = json.dumps({"model": "fake", "results": "not a list"}).encode()
                 if server.delay_s and self.path == "/v1/features":
                     time.sleep(server.delay_s)
                 self._send(status, payload, {})

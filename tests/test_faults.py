@@ -9,9 +9,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from faultserver import FAULTS, FaultServer
+from faultserver import BAD_SHAPE, FAULTS, FaultServer
 
-from dect_maas import CacheConfig, Client, Features, Ledger, RetryPolicy, Task, TransportError
+from dect_maas import (
+    CacheConfig,
+    Client,
+    Features,
+    Ledger,
+    MalformedResponse,
+    RetryPolicy,
+    Task,
+    TransportError,
+)
 from dect_maas.adapters import LocalAdapter
 
 TASK = Task("{text} Overall, it was {mask}", {"neg": "bad", "pos": "great"})
@@ -93,3 +102,26 @@ def test_a_server_that_never_answers_fails_with_bounded_attempts(tmp_path: Path)
     assert summary.attempts == 3
     assert summary.queries_paid == 0
     assert summary.queries_unknown == 3 * 4  # 3 texts and the content-free prompt, 3 times
+
+
+def test_a_2xx_body_the_adapter_rejects_is_counted_never_refunded(tmp_path: Path) -> None:
+    """The provider computed (and billed) a 200, whatever its shape: it counts at its worst
+    case, is not retried (the same request would get the same body) and is not cached."""
+    server = FaultServer(rate=1.0, faults=(BAD_SHAPE,), paths=("/v1/features",))
+    with server.run() as url:
+        client = Client(
+            LocalAdapter(url, max_inputs_per_request=64),
+            cache=CacheConfig(tmp_path / "c"),
+            ledger=tmp_path / "l",
+            retry=POLICY,
+        )
+        with client, pytest.raises(MalformedResponse, match="/v1/features"):
+            client.features(TASK, TEXTS[:3])
+        summary = client.ledger.summary()
+        records = client.ledger.records()
+    assert server.injected[BAD_SHAPE] == 1  # not retried
+    assert [r.status for r in records] == ["unknown"]
+    assert "MalformedResponse" in (records[0].error or "")
+    assert summary.queries_paid == 0
+    assert summary.queries_unknown == 4  # 3 texts and the content-free prompt
+    assert summary.input_tokens > 0  # at the reserved worst case

@@ -28,7 +28,7 @@ from dect_maas import (
     LedgerSummary,
     Usage,
 )
-from dect_maas.client.ledger import LEDGER_FILENAME, Reservation, Settlement, _pid_start
+from dect_maas.client.ledger import LEDGER_FILENAME, _pid_start
 
 
 class FakeClock:
@@ -57,53 +57,6 @@ def test_settle_replaces_the_reservation_by_actual_usage(tmp_path: Path) -> None
     (rec,) = ledger.records()
     assert (rec.queries, rec.input_tokens, rec.cost_usd) == (8, 612, 0.0612)
     assert (rec.run_id, rec.cache, rec.status, rec.attempts) == ("r1", "miss", "ok", 2)
-
-
-def test_settle_then_reserve_is_one_step_and_a_refusal_keeps_the_settlement(
-    tmp_path: Path,
-) -> None:
-    ledger = Ledger(tmp_path, BudgetLimits(max_queries=10), run_id="r1")
-    first = ledger.reserve(Usage(queries=4, requests=1), provider="p", endpoint="http://h/v1/x")
-    nxt = ledger.settle(first, Usage(4, 1, 40), _record(), then_reserve=Usage(queries=4))
-    assert isinstance(nxt, Reservation)
-    assert (ledger.spent().queries, ledger.reserved().queries) == (4, 4)
-    # 4 spent + 4 settled now + 4 asked = 12 > 10: refused, returned, and the settlement stands
-    refused = ledger.settle(nxt, Usage(4, 1, 40), _record(), then_reserve=Usage(queries=4))
-    assert isinstance(refused, BudgetExceeded)
-    assert (refused.limit, refused.spent, refused.asked) == ("queries", 8, 4)
-    assert (ledger.spent().queries, ledger.reserved().queries) == (8, 0)
-    assert [r.status for r in ledger.records()] == ["ok", "ok"]
-    assert ledger.settle(ledger.reserve(Usage(1)), Usage(1), _record()) is None
-
-
-def test_settle_many_settles_everything_before_it_reserves(tmp_path: Path) -> None:
-    # 10 queries allowed, three requests of 3 reserved. Each used 1 and asks for 3 more.
-    # Settled one by one, the second would be refused (2 spent + 6 held + 3 > 10). All settled
-    # first (3 spent), the first two fit (3 + 3 + 3 = 9) and the third is refused (12 > 10).
-    ledger = Ledger(tmp_path, BudgetLimits(max_queries=10), run_id="r1")
-    held = [ledger.reserve(Usage(queries=3, requests=1)) for _ in range(3)]
-    outcomes = ledger.settle_many(
-        [Settlement(r, Usage(1, 1), _record(), then_reserve=Usage(queries=3)) for r in held]
-    )
-    assert [type(o).__name__ for o in outcomes] == ["Reservation", "Reservation", "BudgetExceeded"]
-    assert (ledger.spent().queries, ledger.reserved().queries) == (3, 6)
-    assert [r.queries for r in ledger.records()] == [1, 1, 1]
-
-
-def test_settle_many_is_one_transaction(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path)
-    good = ledger.reserve(Usage(1, 1))
-    closed = ledger.reserve(Usage(1, 1))
-    ledger.settle(closed, Usage(1, 1), _record())
-    with pytest.raises(ConfigError, match="already settled"):
-        ledger.settle_many(
-            [Settlement(good, Usage(1, 1), _record()), Settlement(closed, Usage(1, 1), _record())]
-        )
-    # the first settlement was rolled back with the second: still reserved, not spent
-    assert (ledger.reserved().queries, ledger.spent().queries) == (1, 1)
-    assert len(ledger.records()) == 1
-    assert ledger.settle_many([Settlement(good, Usage(1, 1), _record())]) == [None]
-    assert ledger.spent().queries == 2
 
 
 def test_release_gives_back_an_unsent_reservation_without_a_record(tmp_path: Path) -> None:

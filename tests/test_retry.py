@@ -267,7 +267,6 @@ def test_refused_connections_at_a_server_that_answered_are_ridden_out_for_connec
     assert run(retrier.call(fn, attempts, URL)) == "ok"  # 14 attempts, max_attempts is 3
     assert attempts.count == 14
     assert attempts.ridden == 12
-    assert attempts.delivered
     ridden = t.sleeps[1:]
     assert all(w <= 2.0 for w in ridden)
     assert sum(ridden) < 30.0
@@ -284,7 +283,6 @@ def test_refused_connections_at_a_server_that_answered_are_ridden_out_for_connec
     with pytest.raises(TransportError):
         run(retrier.call(down, attempts, URL))
     assert sum(t2.sleeps) == pytest.approx(30.0)  # the window, to the second
-    assert not attempts.delivered  # it never left: the ledger refunds it
     assert 15 <= attempts.count <= 60
 
 

@@ -23,7 +23,6 @@ from dect_maas import BudgetExceeded, BudgetLimits, ConfigError, Ledger, LedgerR
 from dect_maas.adapters import LocalAdapter
 from dect_maas.client.cache import CacheConfig, ResponseCache, cache_key
 from dect_maas.client.client import Client
-from dect_maas.client.ledger import Settlement
 
 
 @dataclass(frozen=True)
@@ -75,22 +74,6 @@ def test_reserve_settle_refund_keep_exact_totals(target: Target) -> None:
         assert [r.status for r in ledger.records()] == ["ok", "error"]
         with pytest.raises(ConfigError, match="already settled"):
             ledger.settle(a, Usage(4, 1), _record(3))
-
-
-def test_settle_many_is_all_or_nothing(target: Target) -> None:
-    with Ledger(target.ledger) as ledger:
-        a = ledger.reserve(Usage(1, 1))
-        b = ledger.reserve(Usage(1, 1))
-        ledger.settle(b, Usage(1, 1), _record(0))
-        with pytest.raises(ConfigError):  # b closes twice: a's settlement is rolled back too
-            ledger.settle_many(
-                [
-                    Settlement(a, Usage(1, 1), _record(1)),
-                    Settlement(b, Usage(1, 1), _record(2)),
-                ]
-            )
-        assert ledger.spent() == Usage(1, 1)
-        assert ledger.reserved() == Usage(1, 1)
 
 
 _WORKER = textwrap.dedent(

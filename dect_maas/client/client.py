@@ -5,8 +5,9 @@ One request reads on one page (``Client._request``): reserve its worst case in t
 (write ahead: after a crash it counts at its worst case, never as zero) -> send, retrying per
 ``RetryPolicy`` -> parse -> store the answer in the cache -> settle the ledger to the actual
 usage. Only what never left (or was answered with an error status) is refunded; a request that
-left and whose outcome is unknown (timed out, cut off, cancelled while waiting) counts at its
-worst case, and so does each attempt of it that may have been answered before a retry.
+left and whose outcome is unknown (timed out, cut off, cancelled while waiting, or answered 2xx
+with a body the adapter rejects) counts at its worst case, and so does each attempt of it that
+may have been answered before a retry.
 
 Around it, ``_send_all`` is a plain loop of ``max_concurrency`` workers. A failure, or a stop
 request (``request_stop``, from the CLI's SIGINT/SIGTERM handler), ends sending: nothing new
@@ -622,7 +623,12 @@ class Client:
         except BaseException as exc:
             flight.billed = _may_be_billed(exc)
             raise
-        return adapter.parse_response(spec, status, headers, body)
+        try:
+            return adapter.parse_response(spec, status, headers, body)
+        except MalformedResponse:
+            # A 2xx answer was computed and billed, whatever its shape: count it (never refund).
+            flight.billed = 200 <= status < 300
+            raise
 
     def _recount(self, adapter: Adapter, spec: RequestSpec, flight: _Flight) -> None:
         """Before retrying an attempt that may have been answered: reserve the retry's worst
@@ -688,8 +694,8 @@ class Client:
         """Close the reservation of a request that failed.
 
         Its last attempt left and may have been answered (timed out, cut off, cancelled while
-        waiting, a 2xx cut short): ``unknown``, counted at its reserved worst case. Never left,
-        or answered with an error status or a body we reject: refunded (``cancelled`` or
+        waiting, a 2xx cut short or with a body we reject): ``unknown``, counted at its reserved
+        worst case. Never left, or answered with an error status: refunded (``cancelled`` or
         ``error``). The ledger itself failing (``LedgerError``): a reservation never marked sent
         is given back if possible; one marked sent stays, and is settled at its worst case when
         the ledger is next opened.

@@ -54,7 +54,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -249,17 +249,6 @@ class Reservation:
 
 
 @dataclass(frozen=True)
-class Settlement:
-    """One ``settle`` for ``Ledger.settle_many``: a request's reservation, what it actually
-    used, its record, and optionally a next request's usage to reserve."""
-
-    reservation: Reservation
-    actual: Usage
-    record: LedgerRecord
-    then_reserve: Usage | None = None
-
-
-@dataclass(frozen=True)
 class Balance:
     """Spent and reserved totals read in one snapshot."""
 
@@ -451,81 +440,40 @@ class Ledger:
         )
         return reservation
 
-    def settle(
-        self,
-        reservation: Reservation,
-        actual: Usage,
-        record: LedgerRecord,
-        *,
-        then_reserve: Usage | None = None,
-    ) -> Reservation | BudgetExceeded | None:
+    def settle(self, reservation: Reservation, actual: Usage, record: LedgerRecord) -> None:
         """Replace the reservation by the actual usage and append ``record`` (a cache miss).
 
         The record's queries, input tokens and cost are taken from ``actual``. Actual usage
         above the reservation is recorded as it is (it was spent) and logged as a warning.
-
-        ``then_reserve``: in the same transaction, after settling, reserve that usage for the
-        caller's next request (described like this one) and return the reservation, or the
-        ``BudgetExceeded`` refusal (returned, not raised: the settlement stands either way).
-        One transaction instead of two per request when requests follow one another.
         """
-        return self.settle_many([Settlement(reservation, actual, record, then_reserve)])[0]
-
-    def settle_many(
-        self, settlements: Sequence[Settlement]
-    ) -> list[Reservation | BudgetExceeded | None]:
-        """Several ``settle`` calls in one transaction: all of them stand, or none.
-
-        Every request is settled first; then each ``then_reserve`` is reserved in order, so
-        each reservation sees every settlement. One outcome per settlement, as ``settle``'s.
-        """
-        closing = []
-        for s in settlements:
-            s.actual.validate("actual usage")
-            if s.then_reserve is not None:
-                s.then_reserve.validate("reserved usage")
-            if s.record.cache != "miss":
-                raise ConfigError(
-                    "settle records a request sent to the provider: cache must be 'miss'"
-                )
-            record = self._complete(
-                s.record,
-                s.reservation.run_id,
-                queries=s.actual.queries,
-                input_tokens=s.actual.input_tokens,
-                cost_usd=s.actual.cost_usd,
-            )
-            closing.append((s, record))
-        outcomes: list[Reservation | BudgetExceeded | None] = []
+        actual.validate("actual usage")
+        if record.cache != "miss":
+            raise ConfigError("settle records a request sent to the provider: cache must be 'miss'")
+        record = self._complete(
+            record,
+            reservation.run_id,
+            queries=actual.queries,
+            input_tokens=actual.input_tokens,
+            cost_usd=actual.cost_usd,
+        )
         with self._transaction(durable=False) as conn:
-            for s, record in closing:
-                self._close_in(conn, s.reservation, s.actual, record)
-            for s, record in closing:
-                outcomes.append(
-                    None
-                    if s.then_reserve is None
-                    else self._reserve_in(
-                        conn, s.then_reserve, record.provider, record.model, record.endpoint
-                    )
-                )
-        for s, record in closing:
-            over = [
-                name
-                for name, a, r in zip(
-                    ("queries", "requests", "input_tokens", "cost_usd"),
-                    s.actual.as_ints(),
-                    s.reservation.usage.as_ints(),
-                    strict=True,
-                )
-                if a > r
-            ]
-            if over:
-                logger.warning(
-                    "request %s used more than it reserved (%s); recorded as spent",
-                    record.request_id,
-                    ", ".join(over),
-                )
-        return outcomes
+            self._close_in(conn, reservation, actual, record)
+        over = [
+            name
+            for name, a, r in zip(
+                ("queries", "requests", "input_tokens", "cost_usd"),
+                actual.as_ints(),
+                reservation.usage.as_ints(),
+                strict=True,
+            )
+            if a > r
+        ]
+        if over:
+            logger.warning(
+                "request %s used more than it reserved (%s); recorded as spent",
+                record.request_id,
+                ", ".join(over),
+            )
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation whose request was never sent: no record, nothing spent.

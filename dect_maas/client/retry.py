@@ -174,14 +174,12 @@ def error_for_status(
 class Attempts:
     """How many attempts a request took (for the ledger), whatever the outcome.
 
-    ``delivered``: some failed attempt may have reached the server and been worked on (the
-    connection broke after the request was sent), so the request's outcome is ``unknown`` even
-    when a later attempt failed only to connect. ``ridden``: connection failures retried under
-    ``RetryPolicy.connect_retry_s`` (not counted against ``max_attempts``).
+    ``ridden``: connection failures retried under ``RetryPolicy.connect_retry_s`` (not counted
+    against ``max_attempts``). Whether a failed attempt may have been billed is the client's
+    call (``client._may_be_billed``), made per attempt.
     """
 
     count: int = 0
-    delivered: bool = False
     ridden: int = 0
     refused_since: float | None = None
 
@@ -268,16 +266,12 @@ class Retrier:
         return min(self.wait_s(attempts.count - attempts.ridden, exc), remaining)
 
     def _note(self, exc: BaseException, attempts: Attempts, where: str) -> None:
-        """Classify one failed attempt: the server answered (an HTTP status), the request may
-        have been delivered, or nothing took the connection (ridden out if the server had
-        answered before)."""
+        """Note a server that answered (an HTTP status, a body), and ride out connection
+        failures at a server that has answered before (a restart)."""
         if isinstance(exc, (ProviderStatusError, MalformedResponse)):
             self._answered.add(where)  # it answered, if not as we wished
             return
-        if not isinstance(exc, TransportError):
-            return
-        if not is_connect_failure(exc):
-            attempts.delivered = True
+        if not isinstance(exc, TransportError) or not is_connect_failure(exc):
             return
         if where not in self._answered or self.policy.connect_retry_s <= 0:
             return
