@@ -265,21 +265,24 @@ def count_sample(misses: Sequence[Prompt], limit: int | None = None) -> list[Pro
     return [misses[i] for i in picked]
 
 
-def _sampling_margin(pairs: Sequence[tuple[int, int]], population: int) -> float:
-    """Two standard errors of the ratio estimator sum(tokens) / sum(bytes) over a sample of
-    ``pairs`` (bytes, tokens) from ``population`` prompts, relative to the ratio."""
+def _fit(pairs: Sequence[tuple[int, int]], population: int) -> tuple[float, float, float]:
+    """Tokens as ``a + b * bytes``, fitted by least squares on a sample of ``pairs`` (bytes,
+    tokens) from ``population`` prompts (a constant part, such as a chat template's, is then
+    not scaled with the text), and two standard errors of the predicted mean, relative to it:
+    (a, b, margin). Fewer than 3 pairs or equal byte counts: the ratio, no intercept."""
     n = len(pairs)
-    if n >= population or n < 2:
-        return 0.0
     xs = [float(x) for x, _ in pairs]
     ys = [float(y) for _, y in pairs]
-    ratio = sum(ys) / sum(xs) if sum(xs) else 0.0
-    if ratio <= 0:
-        return 0.0
-    resid = sum((y - ratio * x) ** 2 for x, y in zip(xs, ys, strict=True)) / (n - 1)
-    mean_x = sum(xs) / n
-    se = math.sqrt((1 - n / population) * resid / n) / mean_x
-    return 2 * se / ratio
+    mean_x, mean_y = (sum(xs) / n, sum(ys) / n) if n else (1.0, 1.0)
+    var_x = sum((x - mean_x) ** 2 for x in xs)
+    if n < 3 or var_x == 0 or mean_y <= 0:
+        return 0.0, (mean_y / mean_x if mean_x else 1.0), 0.0
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var_x
+    base = mean_y - slope * mean_x
+    if n >= population:
+        return base, slope, 0.0
+    resid = sum((y - base - slope * x) ** 2 for x, y in zip(xs, ys, strict=True)) / (n - 2)
+    return base, slope, 2 * math.sqrt((1 - n / population) * resid / n) / mean_y
 
 
 def worst(adapter: Adapter, spec: RequestSpec) -> Usage:
@@ -423,14 +426,12 @@ def _counted(plan: Plan, counted: Counted, unscaled: Sequence[int]) -> tuple[lis
     bytes_of = {p.index: estimate_tokens(p.text) for p in plan.misses}
     pairs = [(bytes_of[i], n) for i, n in counted.tokens.items() if i in bytes_of]
     n_all = len(plan.misses)
-    total_bytes = sum(b for b, _ in pairs)
-    ratio = sum(n for _, n in pairs) / total_bytes if total_bytes else 1.0
-    margin = _sampling_margin(pairs, n_all)
+    base, slope, margin = _fit(pairs, n_all)
 
     def tokens(index: int) -> int:
         n = counted.tokens.get(index)
         if n is None:
-            n = math.ceil(bytes_of[index] * ratio * (1 + margin))
+            n = math.ceil(max(0.0, base + slope * bytes_of[index]) * (1 + margin))
         return n + counted.overhead
 
     sizes = [
@@ -444,8 +445,8 @@ def _counted(plan: Plan, counted: Counted, unscaled: Sequence[int]) -> tuple[lis
         method = f"tokenizer (sample of {len(pairs)} of {n_all} prompts)"
         words = (
             f"input tokens counted by the server's tokenizer for a seeded sample of {len(pairs)} "
-            f"of {n_all} prompts, the rest scaled by bytes (x{ratio:.3f}, +{margin:.1%} for "
-            "sampling error)"
+            f"of {n_all} prompts, the rest predicted from their bytes ({base:.1f} + "
+            f"{slope:.3f} x bytes, fitted on the sample, +{margin:.1%} for sampling error)"
         )
     if counted.how:
         words += f"; {counted.how}"
