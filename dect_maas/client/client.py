@@ -374,6 +374,7 @@ class Client:
         *,
         variant: Callable[[Adapter], Adapter] | None = None,
     ) -> Estimate:
+        """``estimate`` for asyncio code."""
         pairs = pairs_of(task, texts, texts_b)
         adapter, assumptions = self._discovered_offline()
         down: dict[str, str] = {}  # server root -> why nothing free could be asked there
