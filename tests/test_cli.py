@@ -392,14 +392,19 @@ def test_class_prior_from_the_config_reaches_auto_dect(tmp_path: Path) -> None:
 def test_estimate_says_when_the_run_would_pass_the_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = write_config(tmp_path, "http://127.0.0.1:1")  # nothing is sent: no server needed
+    # nothing answers there: the estimate says so and falls back on the byte bound
+    cfg = write_config(tmp_path, "http://127.0.0.1:1")
     cfg.write_text(cfg.read_text() + "\n[budget]\nmax_queries = 3\nmax_cost_usd = 5.0\n")
     assert main(["estimate", str(cfg)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "warning: budget.max_queries = 3 but this run would need about" in out
     assert "max_cost_usd" not in out  # unpriced: within that limit
     assert "  features: " in out  # per role
+    assert "input tokens (byte bound)" in out
+    assert "http://127.0.0.1:1 was asked what is free (model, tokenizer) and failed" in out
     assert main(["estimate", str(cfg), "--json"]) == EXIT_OK
     est = json.loads(capsys.readouterr().out)
     assert len(est["over_budget"]) == 1
     assert est["by_role"]["features"]["queries"] == est["queries"]
+    assert est["by_role"]["features"]["tokens_method"] == "byte bound"
+    assert est["by_role"]["features"]["cost_usd"] == 0.0
