@@ -344,8 +344,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     print(f"input tokens (estimate): {est.input_tokens}")
     print(f"cost (estimate): {_money(est.cost_usd)}")
     for role, row in est.by_role.items():
+        how = f" ({row['tokens_method']})" if row.get("tokens_method") else ""
         print(f"  {role}: {row['queries']} queries, {row['requests']} requests, "
-              f"{row['input_tokens']} input tokens")  # fmt: skip
+              f"{row['input_tokens']} input tokens{how}")  # fmt: skip
     for method, row in est.by_method.items():
         tpp = row.get("tokens_per_prediction")
         calls = f", {row['calls']} calls" if "calls" in row else ""
@@ -356,7 +357,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     for limit in est.over_budget:
         print(f"warning: {limit}: the run would stop there (raise the limit or run fewer shots)")
-    print("nothing was sent")
+    print("nothing was paid (only free requests: model, label words, token counts)")
     return EXIT_OK
 
 

@@ -276,6 +276,9 @@ def test_class_prior_shifts_a_trained_choice_and_helps_on_that_mix() -> None:
     assert shifted.best_params_["method"] != "zero_shot"
     np.testing.assert_allclose(shifted.prior_shift_, np.log(prior) - np.log(1 / 3), rtol=1e-6)
     assert not plain.prior_shift_.any()
+    # the mix used, as shares, is recorded (the runner's report shows it); None without one
+    assert shifted.class_prior_ == {"c0": 0.8, "c1": 0.1, "c2": 0.1}
+    assert plain.class_prior_ is None
     rest = np.setdiff1d(np.arange(len(y)), train)
     test_f, test_y = _skewed_test(feats[rest], y[rest], prior, 400, seed=1)
     if plain.best_params_ == {**shifted.best_params_, "reason": plain.best_params_["reason"]}:
@@ -325,6 +328,7 @@ def test_prior_shift_survives_save_and_load(tmp_path: Path) -> None:
     assert model.prior_shift_.any()
     back = AutoDecTClassifier.load(model.save(tmp_path / "m"))
     np.testing.assert_array_equal(back.prior_shift_, model.prior_shift_)
+    assert back.class_prior_ == model.class_prior_ == {"c0": 0.6, "c1": 0.2, "c2": 0.2}
     np.testing.assert_allclose(back.decision_function(feats), model.decision_function(feats))
 
 
@@ -366,7 +370,7 @@ def test_calibrated_zero_shot_wins_over_plain_when_it_is_better_on_the_shots() -
     cf = np.full(4, -6.0, dtype=np.float32)
     cf[0] += 6.0
     f = Features(biased, feats.hidden, content_free=cf, meta=feats.meta)
-    model = AutoDecTClassifier(random_state=0).fit(f, y)
+    model = AutoDecTClassifier(random_state=0, prompt_blend=0.0).fit(f, y)
     assert model.best_params_["name"] == "zero_shot+calibrated"
     assert model.cv_results_["name"][0] == "zero_shot+calibrated"
     assert model.cv_results_["mean_accuracy"][0] > model.cv_results_["mean_accuracy"][1]
@@ -410,6 +414,39 @@ def test_a_kept_prompt_blend_mixes_the_choice_with_the_plain_prompt(tmp_path: Pa
     assert back.blend_ == model.blend_
     with pytest.raises(FeaturesError, match="scores"):
         model.decision_function(Features(None, feats.hidden))
+
+
+def test_one_shot_mixes_calibrated_and_plain_prompts_whatever_the_rows_say() -> None:
+    """One row per class cannot tell the prompts apart: at one shot the model is always
+    ½ calibrated zero-shot (shifted to the class prior) + ½ plain zero-shot, even where the
+    plain prompt is right on every shot and the calibrated one on one of three."""
+    feats, y = _data(shots=1, n_classes=3, score_signal=2.0, seed=4)
+    assert feats.scores is not None
+    assert feats.content_free is not None
+    # plain scores right on every shot; the content-free scores make calibration favour c0
+    cf = np.zeros(3, dtype=np.float32)
+    scores = np.zeros((3, 3), dtype=np.float32)
+    for row, label in enumerate(y):
+        scores[row, int(label[1:])] = 1.0
+    cf[:] = 2.0
+    cf[0] = 0.0  # calibrated = scores - cf: +2 for class 0 on every row
+    f = Features(scores, feats.hidden, content_free=cf, meta=feats.meta)
+    prior = {"c0": 1.0, "c1": 1.0, "c2": 3.0}
+    model = AutoDecTClassifier(random_state=0, class_prior=prior).fit(f, y)
+    acc = dict(zip(model.cv_results_["name"], model.cv_results_["mean_accuracy"], strict=True))
+    assert acc["zero_shot"] > acc["zero_shot+calibrated"]  # the rows favour the plain prompt
+    assert model.best_params_["name"] == "zero_shot+calibrated"
+    assert model.blend_["kept"] is True
+    assert model.blend_weight_ == 0.5
+    assert "one row per class cannot choose" in model.best_params_["reason"]
+    shift = np.log(np.array([0.2, 0.2, 0.6])) - np.log(1 / 3)
+    np.testing.assert_allclose(model.prior_shift_, shift, rtol=1e-6)
+    cal = ZeroShotClassifier("auto").fit(f).decision_function(f)
+    want = np.log(0.5 * _softmax(cal + shift) + 0.5 * _softmax(scores))
+    np.testing.assert_allclose(model.decision_function(f), want, rtol=1e-5, atol=1e-5)
+    # prompt_blend=0 keeps the pick by evidence on the shots
+    alone = AutoDecTClassifier(random_state=0, class_prior=prior, prompt_blend=0.0).fit(f, y)
+    assert alone.best_params_["name"] == "zero_shot"
 
 
 def test_the_blend_is_dropped_when_held_out_rows_show_it_costs() -> None:

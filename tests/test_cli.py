@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dect_maas import DecTClassifier, Ledger
+from dect_maas import ConfigError, DecTClassifier, Ledger
 from dect_maas.cli import EXIT_BUDGET, EXIT_CONFIG, EXIT_OK, main
 
 dect_maas_server = pytest.importorskip("dect_maas_server")
@@ -331,7 +331,7 @@ def test_auto_dect_runs_and_its_chosen_settings_are_in_the_report(
     text = cfg.read_text().replace(
         f"methods = {json.dumps(METHODS)}", 'methods = ["auto_dect", "dect"]'
     )
-    cfg.write_text(text + '\n[decoder]\nclass_prior = "train"\n')
+    cfg.write_text(text)  # decoder.class_prior left at its default, "auto"
     assert main(["run", str(cfg)]) == EXIT_OK
     capsys.readouterr()
     (run_id,) = run_ids(tmp_path)
@@ -346,10 +346,18 @@ def test_auto_dect_runs_and_its_chosen_settings_are_in_the_report(
             assert "a class has one example" in r["chosen"]["reason"]
             assert r["chosen"]["method"] == "zero_shot"
 
+        # by default auto DecT is told the training file's mix: 193 negative, 207 positive
+        assert r["class_prior"] == pytest.approx({"negative": 0.4825, "positive": 0.5175})
+
     plain = [r for r in report["runs"] if r["method"] == "dect"]
     assert all(r["chosen"] is None for r in plain)
+    assert all(r["class_prior"] is None for r in plain)
     md = (run_dir / "report.md").read_text()
     assert "Settings chosen by cross-validation" in md
+    assert (
+        'Class mix given to auto DecT (`decoder.class_prior = "auto"`): '
+        "negative 48.2 %, positive 51.7 %." in md
+    )
     assert "| DecT, auto (CV) |" in md
 
 
@@ -360,7 +368,16 @@ def test_class_prior_from_the_config_reaches_auto_dect(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "http://127.0.0.1:1")
     base = cfg.read_text()
     labels = ["negative"] * 30 + ["positive"] * 10
+    est = make_estimator("auto_dect", load_config(cfg), labels)  # the default: "auto"
+    assert est.get_params()["class_prior"] == {"negative": 30.0, "positive": 10.0}
+    # "auto" gives no mix where the training file lacks a class; "train" says what is wrong
+    cfg.write_text(base + '\n[decoder]\nclass_prior = "auto"\n')
+    assert make_estimator("auto_dect", load_config(cfg), ["negative"] * 5).class_prior is None
+    cfg.write_text(base + '\n[decoder]\nclass_prior = "train"\n')
+    with pytest.raises(ConfigError, match=r"no example of \['positive'\]"):
+        make_estimator("auto_dect", load_config(cfg), ["negative"] * 5)
     for setting, expected in [
+        ('"auto"', {"negative": 30.0, "positive": 10.0}),
         ('"train"', {"negative": 30.0, "positive": 10.0}),
         ("{ negative = 1, positive = 4 }", {"negative": 1.0, "positive": 4.0}),
         ('"none"', None),
@@ -375,14 +392,19 @@ def test_class_prior_from_the_config_reaches_auto_dect(tmp_path: Path) -> None:
 def test_estimate_says_when_the_run_would_pass_the_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = write_config(tmp_path, "http://127.0.0.1:1")  # nothing is sent: no server needed
+    # nothing answers there: the estimate says so and falls back on the byte bound
+    cfg = write_config(tmp_path, "http://127.0.0.1:1")
     cfg.write_text(cfg.read_text() + "\n[budget]\nmax_queries = 3\nmax_cost_usd = 5.0\n")
     assert main(["estimate", str(cfg)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "warning: budget.max_queries = 3 but this run would need about" in out
     assert "max_cost_usd" not in out  # unpriced: within that limit
     assert "  features: " in out  # per role
+    assert "input tokens (byte bound)" in out
+    assert "http://127.0.0.1:1 was asked what is free (model, tokenizer) and failed" in out
     assert main(["estimate", str(cfg), "--json"]) == EXIT_OK
     est = json.loads(capsys.readouterr().out)
     assert len(est["over_budget"]) == 1
     assert est["by_role"]["features"]["queries"] == est["queries"]
+    assert est["by_role"]["features"]["tokens_method"] == "byte bound"
+    assert est["by_role"]["features"]["cost_usd"] == 0.0

@@ -200,8 +200,15 @@ def test_estimate_matches_what_the_run_then_spends(tmp_path: Path) -> None:
     provider = MockProvider()
     with make(provider, tmp_path) as client:
         cold = client.estimate(TASK, TEXTS)
-        assert provider.requests == []  # an estimate sends nothing
-        assert cold.assumptions  # the server was never asked: said so
+        # only what is free was asked: the model, the label words, the prompts' token counts
+        assert {p for _, p, _, _ in provider.requests} == {"/v1/models", "/v1/tokenize"}
+        assert provider.sent() == []
+        assert client.ledger.spent().queries == 0
+        assert cold.assumptions == ()
+        assert cold.tokens_method == {"features": "tokenizer"}
+        asked = len(provider.requests)
+        assert client.estimate(TASK, TEXTS) == cold  # counts cached: nothing asked again
+        assert len(provider.requests) == asked
         client.features(TASK, TEXTS[:4])
         est = client.estimate(TASK, TEXTS)
         assert est.assumptions == ()
@@ -209,11 +216,14 @@ def test_estimate_matches_what_the_run_then_spends(tmp_path: Path) -> None:
         client.features(TASK, TEXTS)
         spent = client.ledger.spent() - before
         after = client.estimate(TASK, TEXTS)
+        total = client.ledger.spent()
     assert (est.queries, est.requests, est.cached_queries) == (6, 2, 5)
     assert (spent.queries, spent.requests) == (est.queries, est.requests)
-    # scaled from the provider's counts in the cache: never more than 5% below what is spent
-    assert 0 < 0.95 * spent.input_tokens <= est.input_tokens
+    # counted by the (fake) server's tokenizer: exactly what the run is billed
+    assert spent.input_tokens == est.input_tokens
+    assert cold.input_tokens == total.input_tokens
     assert (after.queries, after.requests, after.cached_queries) == (0, 0, 11)
+    assert after.tokens_method == {"features": "cached"}
 
 
 def test_progress_reports_every_example(tmp_path: Path) -> None:

@@ -37,7 +37,9 @@ __all__ = [
     "Prompt",
     "RequestSpec",
     "Role",
+    "TokenCounter",
     "check_urls",
+    "count_of",
     "decode_vector",
     "encode_vector",
     "estimate_tokens",
@@ -268,7 +270,58 @@ class Adapter(Protocol):
     def extra_meta(self) -> dict[str, JSON]: ...
 
 
+@runtime_checkable
+class TokenCounter(Protocol):
+    """What an adapter whose server has a tokenizer route adds, so that ``estimate`` counts the
+    prompts it would send instead of bounding them (free requests, sent by the client)."""
+
+    def count_requests(self, role: Role, texts: Sequence[str]) -> list[RequestSpec]:
+        """Requests that count the tokens ``role``'s endpoint bills for each of ``texts`` (its
+        prompts; a spec's ``indices`` are positions in ``texts``), or [] when none is known."""
+        ...
+
+    def parse_count(self, spec: RequestSpec, body: JSON) -> list[int]:
+        """Tokens per text of ``spec``, in order; MalformedResponse on a bad body."""
+        ...
+
+    def uncounted(self, role: Role) -> int:
+        """Tokens per request that the count of its prompt does not include, at most (a chat
+        template's markers where the route counts text only); 0 when the count is complete."""
+        ...
+
+
 # -- helpers shared by the adapters -------------------------------------------------------------
+
+
+def count_of(spec: RequestSpec, body: JSON) -> list[int]:
+    """Token counts from a tokenize answer, one per text of ``spec``: ``{"data": [{"ids"}]}``
+    (dect-maas-server, several texts), ``{"count": n}`` (vLLM), ``{"tokens"|"ids": [...]}``.
+    dect-maas-server states its truncation (``max_input_tokens``): no input bills more."""
+    counts = _counts(spec, body)
+    limit = body.get("max_input_tokens") if isinstance(body, dict) else None
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        return [min(n, limit) for n in counts]
+    return counts
+
+
+def _counts(spec: RequestSpec, body: JSON) -> list[int]:
+    n = len(spec.indices)
+    if isinstance(body, dict):
+        data = body.get("data")
+        if isinstance(data, list) and len(data) == n:
+            ids = [d.get("ids") if isinstance(d, dict) else None for d in data]
+            lengths = [len(i) for i in ids if isinstance(i, list)]
+            if len(lengths) == n:
+                return lengths
+        if n == 1:
+            count = body.get("count")
+            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                return [count]
+            for key in ("tokens", "ids", "token_ids", "input_ids"):
+                found = body.get(key)
+                if isinstance(found, list):
+                    return [len(found)]
+    raise malformed(spec, f"tokenize answer has no token count for {n} text(s)")
 
 
 def estimate_tokens(text: str) -> int:

@@ -30,6 +30,7 @@ from ._base import (
     check_causal,
     check_urls,
     chunks,
+    count_of,
     decode_vector,
     encode_vector,
     estimate_tokens,
@@ -232,6 +233,31 @@ class LocalAdapter:
 
     def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]:
         return parse_token_ids(spec, body)
+
+    def count_requests(self, role: Role, texts: Sequence[str]) -> list[RequestSpec]:
+        """``/v1/tokenize`` with the special tokens the server adds to every input (free)."""
+        prompts = [Prompt(i, t) for i, t in enumerate(texts)]
+        return [
+            RequestSpec(
+                role=role,
+                method="POST",
+                base_url=self.base_url,
+                path="/v1/tokenize",
+                body={
+                    "model": self.model,
+                    "texts": [p.text for p in part],
+                    "add_special_tokens": True,
+                },
+                indices=tuple(p.index for p in part),
+            )
+            for part in chunks(prompts, self.max_inputs_per_request)
+        ]
+
+    def parse_count(self, spec: RequestSpec, body: JSON) -> list[int]:
+        return count_of(spec, body)
+
+    def uncounted(self, role: Role) -> int:
+        return 0  # the soft prompt's rows are counted apart (soft_rows)
 
     def known_label_ids(self, word: str) -> list[int] | None:
         if self.label_token_ids is not None and word in self.label_token_ids:

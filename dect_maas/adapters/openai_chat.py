@@ -42,7 +42,7 @@ from ._base import (
     number,
     refuse,
 )
-from .openai_compat import OpenAICompatibleAdapter, _prompt_tokens
+from .openai_compat import _TOKENIZE, OpenAICompatibleAdapter, _prompt_tokens, server_root
 
 __all__ = ["OPENAI_TOP_LOGPROBS_MAX", "OpenAIChatAdapter", "surface_forms"]
 
@@ -229,6 +229,35 @@ class OpenAIChatAdapter(OpenAICompatibleAdapter):
         if self.tokenizer is not None:
             return [int(t) for t in self.tokenizer(word.strip())]
         return None
+
+    def count_requests(self, role: Role, texts: Sequence[str]) -> list[RequestSpec]:
+        """vLLM's ``/tokenize`` and dect-maas-server's ``/v1/tokenize`` take the conversation
+        itself (``messages``, rendered with the model's chat template): exact. llama.cpp's
+        routes count text only: the user message, the template's overhead apart (``uncounted``)."""
+        if role == "vectors" or self.tokenize_api not in ("vllm", "dect-maas"):
+            return super().count_requests(role, texts)
+        base = server_root(self.base_url)
+        path = _TOKENIZE[self.tokenize_api][0]
+        return [
+            RequestSpec(
+                role=role,
+                method="POST",
+                base_url=base,
+                path=path,
+                body={
+                    "model": self.model,
+                    "messages": self.messages(text),
+                    "add_generation_prompt": True,
+                },
+                indices=(i,),
+            )
+            for i, text in enumerate(texts)
+        ]
+
+    def uncounted(self, role: Role) -> int:
+        if role == "vectors" or self.tokenize_api in ("vllm", "dect-maas"):
+            return 0
+        return (estimate_tokens(self.system) if self.system else 0) + CHAT_OVERHEAD
 
     def extra_meta(self) -> dict[str, JSON]:
         extra = super().extra_meta()

@@ -32,6 +32,7 @@ from ._base import (
     check_causal,
     check_urls,
     chunks,
+    count_of,
     encode_vector,
     estimate_tokens,
     get,
@@ -270,6 +271,45 @@ class OpenAICompatibleAdapter(NoDiscovery):
 
     def parse_tokenize(self, spec: RequestSpec, body: JSON) -> list[int]:
         return parse_token_ids(spec, body)
+
+    def count_requests(self, role: Role, texts: Sequence[str]) -> list[RequestSpec]:
+        """The ``tokenize_api`` route at the role's server, asked for each prompt with the special
+        tokens the server adds (BOS where the model wants one); dect-maas-server takes many
+        texts per request, the others one. [] with ``tokenize_api="none"``."""
+        if self.tokenize_api == "none":
+            return []
+        base = server_root(self.endpoint(role)[0])
+        path, key = _TOKENIZE[self.tokenize_api]
+        model = self.model_for(role)
+
+        def spec(body: dict[str, JSON], indices: tuple[int, ...]) -> RequestSpec:
+            return RequestSpec(
+                role=role, method="POST", base_url=base, path=path, body=body, indices=indices
+            )
+
+        if self.tokenize_api == "dect-maas":
+            prompts = [Prompt(i, t) for i, t in enumerate(texts)]
+            return [
+                spec(
+                    {"model": model, "texts": [p.text for p in part], "add_special_tokens": True},
+                    tuple(p.index for p in part),
+                )
+                for part in chunks(prompts, 64)
+            ]
+        return [spec(self._count_body(key, model, t), (i,)) for i, t in enumerate(texts)]
+
+    def _count_body(self, key: str, model: str, text: str) -> dict[str, JSON]:
+        if self.tokenize_api == "vllm":
+            return {"model": model, key: text, "add_special_tokens": True}
+        if self.tokenize_api == "llama.cpp":
+            return {key: text, "add_special": True}
+        return {key: text}  # llama-cpp-python adds BOS where the model does, as its completions
+
+    def parse_count(self, spec: RequestSpec, body: JSON) -> list[int]:
+        return count_of(spec, body)
+
+    def uncounted(self, role: Role) -> int:
+        return 0
 
     def known_label_ids(self, word: str) -> list[int] | None:
         if self.label_token_ids is not None and word in self.label_token_ids:

@@ -52,13 +52,14 @@ from dect_maas._exceptions import (
     Interrupted,
     LedgerError,
     MalformedResponse,
+    ProviderError,
     ProviderStatusError,
     TransportError,
     UnsupportedCapability,
 )
 from dect_maas._features import Features
 from dect_maas._task import Task
-from dect_maas.adapters._base import Adapter, Label, Prompt, RequestSpec, Role
+from dect_maas.adapters._base import Adapter, Label, Prompt, RequestSpec, Role, TokenCounter
 
 from .assemble import assemble, label_lookups, labels_of
 from .batch_check import MIN_COSINE, PROBES, agreement, probe_key, verdict_key
@@ -66,10 +67,13 @@ from .budget import BudgetLimits
 from .cache import CacheConfig, ResponseCache
 from .ledger import Ledger, LedgerRecord, Reservation
 from .plan import (
+    Counted,
     Estimate,
     Plan,
     Record,
     actual,
+    count_key,
+    count_sample,
     estimate_of,
     label_key,
     meta_key,
@@ -348,20 +352,49 @@ class Client:
         *,
         variant: Callable[[Adapter], Adapter] | None = None,
     ) -> Estimate:
-        """What ``features`` would cost now; sends nothing.
+        """What ``features`` would cost now; pays nothing (the ledger is not touched).
 
-        Server metadata and label token ids come from what earlier runs stored in the cache; where
-        they are unknown, the estimate says so in ``assumptions`` and counts nothing as cached
-        for that role. ``variant``: estimate ``features_as(variant(adapter), ...)`` instead (its
-        soft-prompt rows, billed per input, are counted as they are, never scaled).
+        It asks the server only what is free: what it serves, the label words' token ids and,
+        where the adapter names a tokenizer route (``tokenize_api``, dect-maas-server's
+        ``/v1/tokenize``), the token count of every prompt it would send (a seeded sample of
+        ``COUNT_SAMPLE`` when there are more), all cached. Without a tokenizer it scales from the
+        provider's counts in cached answers, else takes the byte bound; ``tokens_method`` says
+        which, per role. A server that does not answer leaves what earlier runs stored in the
+        cache; where that is missing, ``assumptions`` says so. ``variant``: estimate
+        ``features_as(variant(adapter), ...)`` instead (its soft-prompt rows, billed per input,
+        are counted as they are, never scaled).
         """
+        return self._run(self.aestimate(task, texts, texts_b, variant=variant))
+
+    async def aestimate(
+        self,
+        task: Task,
+        texts: Sequence[str],
+        texts_b: Sequence[str] | None = None,
+        *,
+        variant: Callable[[Adapter], Adapter] | None = None,
+    ) -> Estimate:
+        """``estimate`` for asyncio code."""
         pairs = pairs_of(task, texts, texts_b)
         adapter, assumptions = self._discovered_offline()
+        down: dict[str, str] = {}  # server root -> why nothing free could be asked there
+        if assumptions:  # never asked what it serves: ask now (free), once
+            try:
+                adapter = await self._discover(attempts=1)
+                assumptions = []
+            except ProviderError as exc:
+                down[_root(self.adapter.info_request())] = _why(exc)
         if variant is not None:
             adapter = variant(adapter)
         _check_variant(self.adapter, adapter)
         roles = adapter.roles(task)
         labels, missing = self._labels_offline(adapter, task, roles)
+        if missing and not down:
+            try:
+                labels = await self._resolve_labels(adapter, task, roles, attempts=1)
+                missing = []
+            except ProviderError as exc:
+                down[_root(adapter.tokenize_request(missing[0]))] = _why(exc)
         if missing:
             assumptions.append(
                 f"label token ids of {', '.join(repr(w) for w in missing)} not resolved yet "
@@ -374,7 +407,111 @@ class Client:
             plan.found = self._cache_get_many(plan.keys) if known else {}
             split(adapter, plan, labels)
             plans.append(plan)
-        return estimate_of(adapter, plans, labels, assumptions)
+        counts: dict[str, Counted] = {}
+        for plan in plans:
+            if plan.specs and isinstance(adapter, TokenCounter):
+                counted = await self._count(adapter, plan, down)
+                if counted is not None:
+                    counts[plan.role] = counted
+        notes = [
+            f"{root or 'the server'} was asked what is free (model, tokenizer) and failed: {why}"
+            for root, why in down.items()
+        ]
+        checks = [
+            spec
+            for plan in plans
+            if plan.role == "vectors" and any(len(s.indices) > 1 for s in plan.specs)
+            for spec in await self._check_pending(adapter)
+        ]
+        return estimate_of(adapter, plans, labels, [*assumptions, *notes], counts, checks)
+
+    async def _check_pending(self, adapter: Adapter) -> list[RequestSpec]:
+        """The paid requests of the embeddings batching check (``_check_batching``) that the
+        run would send first: none once its verdict is known."""
+        base, path = adapter.endpoint("vectors")
+        key = verdict_key(base + path, adapter.model_for("vectors"), adapter.hidden_kind("vectors"))
+        if key in self._verdicts:
+            return []
+        if self._cache is not None and await asyncio.to_thread(self._cache.get, key) is not None:
+            return []
+        prompts = [Prompt(i, text) for i, text in enumerate(PROBES)]
+        specs = adapter.build_requests("vectors", prompts, ())
+        if len(specs) != 1:
+            return []
+        return [specs[0], *(adapter.build_requests("vectors", [p], ())[0] for p in prompts)]
+
+    async def _count(self, adapter: Any, plan: Plan, down: dict[str, str]) -> Counted | None:
+        """The server's token counts of ``plan``'s prompts (or a seeded sample of them), asked of
+        its tokenizer route (free, never in the ledger) and cached per prompt; None where the
+        adapter names no route or the route does not answer (``down`` says why)."""
+        sample = count_sample(plan.misses)
+        tokens = await self._count_texts(adapter, plan.role, [p.text for p in sample], down)
+        if tokens is None:
+            return None
+        counted = {p.index: n for p, n in zip(sample, tokens, strict=True)}
+        bound = int(adapter.uncounted(plan.role))
+        if not bound:
+            return Counted(counted)
+        # the count misses a per-request overhead (a chat template): learn it from one cached
+        # answer's usage, else take its bound
+        for p, k in zip(plan.prompts, plan.keys, strict=True):
+            record = plan.found.get(k)
+            if record is not None and isinstance(record.get("t"), int):
+                alone = await self._count_texts(adapter, plan.role, [p.text], down)
+                if alone:
+                    extra = max(0, int(record["t"]) - alone[0])
+                    how = f"+{extra} token(s) per request beyond the text, from a cached answer"
+                    return Counted(counted, extra, how)
+                break
+        how = (
+            f"+{bound} token(s) per request for the chat template, a bound (the route counts "
+            "text only; one cached answer makes it exact)"
+        )
+        return Counted(counted, bound, how)
+
+    async def _count_texts(
+        self, adapter: Any, role: Role, texts: Sequence[str], down: dict[str, str]
+    ) -> list[int] | None:
+        if not texts:
+            return []
+        singles = [adapter.count_requests(role, [t]) for t in texts]
+        if any(len(s) != 1 for s in singles):
+            return None  # no tokenizer route named
+        root = _root(singles[0][0])
+        if root in down:
+            return None
+        keys = [count_key(s[0], adapter) for s in singles]
+        stored = await asyncio.to_thread(self._cache_get_many, keys)
+        out: list[int | None] = [
+            int(r["n"]) if (r := stored.get(k)) is not None else None for k in keys
+        ]
+        todo = [i for i, n in enumerate(out) if n is None]
+        if todo:
+            specs = adapter.count_requests(role, [texts[i] for i in todo])
+            gate = asyncio.Semaphore(self._max_concurrency)
+
+            async def ask(spec: RequestSpec) -> None:
+                async with gate:
+                    _, _, body = await self._http_json(adapter, spec)
+                for j, n in zip(spec.indices, adapter.parse_count(spec, body), strict=True):
+                    out[todo[j]] = int(n)
+
+            try:
+                await ask(specs[0])  # alone first: a server with no such route answers once
+                done = await asyncio.gather(*(ask(s) for s in specs[1:]), return_exceptions=True)
+                for result in done:
+                    if isinstance(result, BaseException):
+                        raise result
+            except ProviderError as exc:
+                down[root] = _why(exc)
+                return None
+            found = {keys[i]: {"n": out[i]} for i in todo}
+            if self._cache is not None:
+                await asyncio.to_thread(self._cache.set_many, found)
+            logger.info(
+                "%s %s: %d prompt(s) counted, free", adapter.provider, specs[0].path, len(todo)
+            )
+        return [int(n) for n in out if n is not None]
 
     # -- sending: a plain loop around one request ------------------------------------------------
 
@@ -707,14 +844,13 @@ class Client:
                 endpoint=base.rstrip("/") + path,
             )
 
-    async def _discover(self) -> Adapter:
-        """Ask the server what it serves (free, unbilled), once per call; remember the answer."""
+    async def _discover(self, attempts: int | None = None) -> Adapter:
+        """Ask the server what it serves (free, unbilled), once per call; remember the answer.
+        ``attempts=1``: one try, no retries (``estimate``, which can do without)."""
         spec = self.adapter.info_request()
         if spec is None:
             return self.adapter
-        _, _, body = await self._retrier.call(
-            lambda: self._http_json(self.adapter, spec), Attempts()
-        )
+        _, _, body = await self._free(lambda: self._http_json(self.adapter, spec), attempts)
         adapter = self.adapter.with_info(body)
         logger.info("%s %s: model %s, free", adapter.provider, spec.path, adapter.model)
         if self._cache is not None:
@@ -733,8 +869,12 @@ class Client:
             ]
         return self.adapter.with_info(stored["body"]), []
 
+    async def _free(self, fn: Callable[[], Awaitable[T]], attempts: int | None) -> T:
+        """A free request: retried per the policy, or tried ``attempts=1`` time only."""
+        return await (fn() if attempts == 1 else self._retrier.call(fn, Attempts()))
+
     async def _resolve_labels(
-        self, adapter: Adapter, task: Task, roles: Sequence[Role]
+        self, adapter: Adapter, task: Task, roles: Sequence[Role], attempts: int | None = None
     ) -> tuple[Label, ...]:
         """Each label word's token ids: known to the adapter, stored by an earlier run, or
         asked of the server's tokenizer (free) and stored."""
@@ -749,19 +889,21 @@ class Client:
                 if stored is not None:
                     ids = list(stored["ids"])
                 else:
-                    ids = await self._tokenize(adapter, look.spec)
+                    ids = await self._tokenize(adapter, look.spec, attempts)
                     if self._cache is not None:
                         await asyncio.to_thread(self._cache.set, key, {"ids": ids})
             resolved.append((look.word, ids))
         return labels_of(resolved)
 
-    async def _tokenize(self, adapter: Adapter, spec: RequestSpec) -> list[int]:
+    async def _tokenize(
+        self, adapter: Adapter, spec: RequestSpec, attempts: int | None = None
+    ) -> list[int]:
         async def once() -> list[int]:
             _, _, body = await self._http_json(adapter, spec)
             return adapter.parse_tokenize(spec, body)
 
         try:
-            ids = await self._retrier.call(once, Attempts())
+            ids = await self._free(once, attempts)
         except ProviderStatusError as exc:
             if not getattr(adapter, "tokenize_optional", False) or exc.status not in (404, 405):
                 raise
@@ -888,6 +1030,22 @@ def _may_be_billed(exc: BaseException) -> bool:
     if isinstance(exc, TransportError) and not isinstance(exc, ProviderStatusError):
         return not isinstance(exc.__cause__, _NOT_SENT)
     return False
+
+
+def _root(spec: RequestSpec | None) -> str:
+    """The server a free request goes to (the estimate asks nothing more of one that failed)."""
+    return "" if spec is None else spec.base_url.rstrip("/")
+
+
+def _why(exc: BaseException) -> str:
+    """A failed free request in a few words (its status and URL, or that nothing answered)."""
+    if isinstance(exc, ProviderStatusError):
+        if exc.status in (404, 405):
+            return f"no tokenizer route there (HTTP {exc.status})"
+        return f"HTTP {exc.status}"
+    if isinstance(exc, MalformedResponse):
+        return "its answer was not understood"
+    return "not reachable"
 
 
 def _cache_error(cache: ResponseCache | None, exc: BaseException) -> BaseException:

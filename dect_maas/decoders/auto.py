@@ -203,8 +203,9 @@ class AutoDecTClassifier(FeatureClassifier):
     Fitted attributes (plain, JSON-serialisable): ``best_params_`` (the chosen setting; its
     ``"reason"`` says why), ``best_score_`` (its cross-validated accuracy), ``cv_results_``
     (every candidate's name, settings, accuracy, log-loss, the standard error of its gap to
-    the best, and its rank, on held-out rows), ``n_splits_``, ``n_repeats_``, ``prior_shift_``
-    (added to the chosen model's class scores; zeros without a prior), ``blend_weight_`` (w if
+    the best, and its rank, on held-out rows), ``n_splits_``, ``n_repeats_``, ``class_prior_``
+    (the class mix used, as shares summing to 1, or None), ``prior_shift_`` (added to the chosen
+    model's class scores; zeros without a prior), ``blend_weight_`` (w if
     the blend was kept, else 0) and ``blend_`` (the blend's held-out accuracy, log-loss, SE of
     its gap to the best, whether it was kept, and why). The refitted model is
     ``best_estimator_``, a public estimator; predictions come from it plus ``prior_shift_``,
@@ -242,6 +243,7 @@ class AutoDecTClassifier(FeatureClassifier):
     n_repeats_: int
     best_estimator_: FeatureClassifier
     prior_shift_: npt.NDArray[np.float32]
+    class_prior_: dict[str, float] | None
     blend_weight_: float
     blend_: dict[str, Any]
 
@@ -274,6 +276,12 @@ class AutoDecTClassifier(FeatureClassifier):
             else int(self.random_state)
         )
         shift, row_weights = _resolve_prior(self.class_prior, classes, counts, labels)
+        share = np.exp(shift) * counts / counts.sum()  # the prior, normalised
+        self.class_prior_ = (
+            None
+            if self.class_prior is None
+            else {str(c): round(float(p), 6) for c, p in zip(classes.tolist(), share, strict=True)}
+        )
         ctx = _Fit(features, labels, seed, shift, row_weights, float(len(classes) / len(labels)))
         self.classes_ = classes
         prompts = _prompt_candidates(ctx)
@@ -286,6 +294,11 @@ class AutoDecTClassifier(FeatureClassifier):
                 else "a class has one example: nothing trained can be checked, so the prompt alone"
             )
             self.n_splits_, self.n_repeats_ = 0, 0
+            if features.hidden is not None and len(prompts) == 2 and self.prompt_blend > 0:
+                # One row per class cannot tell the two prompts apart: no pick, their mixture
+                # (calibrated first: it is the form that takes the class prior)
+                cands = [prompts[1], prompts[0]]
+                return self._finish(ctx, cands, _score_fixed(ctx, cands), why, mix_unchecked=True)
             cands = _order_prompts(prompts, _score_fixed(ctx, prompts))
             return self._finish(ctx, cands, _score_fixed(ctx, cands), why)
         if counts.min() < 2:
@@ -405,9 +418,17 @@ class AutoDecTClassifier(FeatureClassifier):
     # -- choice and refit ---------------------------------------------------------------
 
     def _finish(
-        self, ctx: _Fit, cands: list[Candidate], results: list[_Scored], reason: str
+        self,
+        ctx: _Fit,
+        cands: list[Candidate],
+        results: list[_Scored],
+        reason: str,
+        mix_unchecked: bool = False,
     ) -> AutoDecTClassifier:
+        """Rank, record, choose, blend, refit; ``mix_unchecked``: cands[0] mixed, no gate."""
         order, top, gap_se = _rank(results, self.selection)
+        if mix_unchecked:
+            order = [0, *(i for i in order if i != 0)]
         best = cands[order[0]]
         rank = np.empty(len(cands), dtype=np.int64)
         rank[order] = np.arange(1, len(cands) + 1)
@@ -429,8 +450,14 @@ class AutoDecTClassifier(FeatureClassifier):
             )
         else:
             reason += ": the highest accuracy"
+        if mix_unchecked:
+            reason = (
+                "a class has one example: nothing trained can be checked, and one row per class "
+                "cannot choose between the prompts, so calibrated zero-shot (shifted to the "
+                "class prior, if given)"
+            )
         self.best_params_ = {**best.to_dict(), "reason": reason}
-        self._choose_blend(ctx, cands, results, order[0], top, gap_se[order[0]])
+        self._choose_blend(ctx, cands, results, order[0], top, gap_se[order[0]], mix_unchecked)
         return self._refit(ctx, best)
 
     def _choose_blend(
@@ -441,6 +468,7 @@ class AutoDecTClassifier(FeatureClassifier):
         chosen: int,
         top: int,
         chosen_se: float,
+        unchecked: bool = False,
     ) -> None:
         """Mix the chosen model with the plain prompt where the held-out rows allow it.
 
@@ -464,7 +492,9 @@ class AutoDecTClassifier(FeatureClassifier):
         diff = results[top].per_row - mixed.per_row
         n = len(diff)
         se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-        if self.selection == "1se":
+        if unchecked:
+            kept, rule = True, "kept unchecked: one example per class"
+        elif self.selection == "1se":
             kept = float(diff.mean()) <= _TIE_SE * se + 1e-12
             rule = "within one standard error of the best" if kept else "clearly behind the best"
         else:
@@ -536,6 +566,7 @@ class AutoDecTClassifier(FeatureClassifier):
             "n_repeats_": self.n_repeats_,
             "blend_weight_": self.blend_weight_,
             "blend_": self.blend_,
+            "class_prior_": self.class_prior_,
             "best_estimator": type(inner).__name__,
             "best_estimator_params": inner.get_params(),
             "best_estimator_fitted": inner._fitted_scalars(),
@@ -571,6 +602,7 @@ class AutoDecTClassifier(FeatureClassifier):
         self.n_repeats_ = int(scalars["n_repeats_"])
         self.blend_weight_ = float(scalars.get("blend_weight_", 0.0))
         self.blend_ = dict(scalars.get("blend_", {"weight": 0.0, "kept": False}))
+        self.class_prior_ = scalars.get("class_prior_")
 
 
 # -- search policy helpers (no state) -------------------------------------------------------------

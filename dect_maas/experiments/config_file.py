@@ -233,10 +233,11 @@ class DecoderSection(_Section):
     # The paper initialises the decoder identically for every data seed (global seed 123).
     random_state: int = 123
     save_models: Literal["none", "first_seed", "all"] = "first_seed"
-    # auto_dect only: the class mix expected at prediction time. "train": the label counts of the
-    # whole data.train file (labels only, no query), a table {class: weight}, or "none" (the
-    # balanced k-shot sets' own mix).
-    class_prior: Literal["none", "train"] | dict[str, float] = "none"
+    # auto_dect only: the class mix expected at prediction time. "auto" (default): the label
+    # counts of the whole data.train file (labels only, no query) when it has an example of every
+    # class, else none; "train": the same, an error if a class is missing; a table
+    # {class: weight}; or "none" (the balanced k-shot sets' own mix). docs/decoders.md says why.
+    class_prior: Literal["auto", "none", "train"] | dict[str, float] = "auto"
 
 
 class BudgetSection(_Section):

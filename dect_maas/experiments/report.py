@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,8 @@ class MethodRun:
     # AutoDecT only: the settings cross-validation chose and their CV accuracy
     chosen: Mapping[str, Any] | None = None
     chosen_cv_accuracy: float | None = None
+    # AutoDecT only: the class mix it was given (shares summing to 1), or None
+    class_prior: Mapping[str, float] | None = None
     # input-side methods: what this run itself asked of the provider (queries, tokens, dollars,
     # query seconds; BBT's loss curve), since its queries are not the shared DecT features
     cost: Mapping[str, Any] | None = None
@@ -85,6 +87,7 @@ class MethodRun:
             "model_file": self.model_file,
             "chosen": None if self.chosen is None else dict(self.chosen),
             "chosen_cv_accuracy": self.chosen_cv_accuracy,
+            "class_prior": None if self.class_prior is None else dict(self.class_prior),
             "cost": None if self.cost is None else dict(self.cost),
         }
 
@@ -370,7 +373,7 @@ def render_markdown(
             assert r.chosen is not None
             cv = "—" if r.chosen_cv_accuracy is None else f"{100 * r.chosen_cv_accuracy:.1f}"
             parts.append(f"| {r.shots} | {r.seed} | {r.chosen.get('name', '?')} | {cv} |")
-        parts.append("")
+        parts += ["", _prior_line(chosen, result.config.decoder.class_prior), ""]
     if note:
         parts += [f"_{note}_", ""]
     models = [r for r in result.runs if r.model_file]
@@ -495,3 +498,20 @@ def _money(x: float) -> str:
         return f"${x:.4f}"
     digits = min(12, 2 - math.floor(math.log10(x)))
     return f"${x:.{digits}f}"
+
+
+def _prior_line(runs: Sequence[MethodRun], setting: Any) -> str:
+    """Which class mix auto DecT was given, in words: its choices and scores depend on it."""
+    priors = {tuple(sorted(r.class_prior.items())) if r.class_prior else () for r in runs}
+    named = f"`decoder.class_prior = {json.dumps(setting)}`"
+    if priors == {()}:
+        return (
+            f"Class mix: none given ({named}); auto DecT assumed the balanced mix of its k-shot "
+            "sets. The other methods are never given one."
+        )
+    shown = "; ".join(", ".join(f"{c} {100 * p:.1f} %" for c, p in mix) for mix in priors if mix)
+    return (
+        f"Class mix given to auto DecT ({named}): {shown}. Its cross-validation weighted the "
+        "held-out rows to this mix and its class scores were shifted to it; the other methods "
+        'are never given one (`"none"` turns it off).'
+    )

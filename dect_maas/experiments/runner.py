@@ -333,6 +333,7 @@ class Experiment:
                         model_file=model_file,
                         chosen=getattr(est, "best_params_", None),
                         chosen_cv_accuracy=getattr(est, "best_score_", None),
+                        class_prior=getattr(est, "class_prior_", None),
                     )
                 )
                 bar.update(1)

@@ -204,7 +204,8 @@ def make_estimator(
 ) -> FeatureClassifier:
     """The one table from method names to estimators.
 
-    ``train_labels`` are the whole training file's labels, for ``decoder.class_prior = "train"``.
+    ``train_labels`` are the whole training file's labels, for ``decoder.class_prior`` "auto"
+    (the default) and "train".
     """
     # The one import inside a function: the estimators load torch, which the client, the
     # ledger and the CLI's dry runs (`dect-maas estimate`) never need.
@@ -232,7 +233,7 @@ def make_estimator(
         "auto_dect": lambda: AutoDecTClassifier(
             projection_dim=d.projection_dim,
             random_state=d.random_state,
-            class_prior=_class_prior(d.class_prior, train_labels),
+            class_prior=_class_prior(d.class_prior, train_labels, list(config.task.label_words)),
         ),
         "zero_shot": lambda: ZeroShotClassifier(calibration="none"),
         "calibrated_zero_shot": lambda: ZeroShotClassifier(calibration=cal),
@@ -246,12 +247,33 @@ def make_estimator(
 
 
 def _class_prior(
-    setting: Literal["none", "train"] | dict[str, float], train_labels: Sequence[str]
+    setting: Literal["auto", "none", "train"] | dict[str, float],
+    train_labels: Sequence[str],
+    classes: Sequence[str] = (),
 ) -> dict[str, float] | None:
+    """The class mix that ``decoder.class_prior`` gives auto DecT, as label counts, or None.
+
+    "auto" is "train" where the training file has an example of every class in ``classes`` (its
+    mix is then the best guess at the mix in use: the k-shot sets are balanced by construction
+    and cannot show it), and None otherwise (no training labels, or a class missing).
+    """
+    if isinstance(setting, dict):
+        return dict(setting)
     if setting == "none":
         return None
-    if setting == "train":
-        if not train_labels:
+    if setting in ("auto", "train"):
+        counts = Counter(str(v) for v in train_labels)
+        missing = [c for c in classes if c not in counts]
+        if setting == "auto":
+            return None if not counts or missing else {k: float(v) for k, v in counts.items()}
+        if not counts:
             raise ConfigError('decoder.class_prior = "train" needs the training labels')
-        return {str(k): float(v) for k, v in Counter(train_labels).items()}
-    return dict(setting)
+        if missing:
+            raise ConfigError(
+                f'decoder.class_prior = "train": the training file has no example of {missing}; '
+                'give the mix as a table { class = weight } or use "none"'
+            )
+        return {k: float(v) for k, v in counts.items()}
+    raise ConfigError(
+        f'decoder.class_prior must be "auto", "train", "none" or a table, not {setting!r}'
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,9 @@ class FeaturesRequest(_Body):
 class TokenizeRequest(_Body):
     text: str | None = None
     texts: list[str] | None = None
+    # a conversation (vLLM's form), rendered with the model's chat template as chat completions
+    messages: list[Any] | None = None
+    add_generation_prompt: bool = True
     add_special_tokens: bool = False
     model: str | None = None
 

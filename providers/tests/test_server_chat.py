@@ -90,6 +90,41 @@ def test_chat_without_logprobs_has_null_logprobs(chat: httpx.Client) -> None:
     assert resp.json()["choices"][0]["logprobs"] is None
 
 
+def test_tokenize_counts_a_conversation_as_chat_completions_bills_it(
+    chat: httpx.Client, tiny_chat: Path
+) -> None:
+    """vLLM's form: ``messages`` rendered with the model's chat template (what ``estimate``
+    counts); ``texts`` with ``add_special_tokens`` as /v1/features tokenizes."""
+    ref = Reference(tiny_chat, "causal")
+    ids = list(ref.tokenizer(RENDERED, add_special_tokens=False)["input_ids"])
+    body = {"messages": [{"role": "user", "content": USER}]}
+    got = chat.post("/v1/tokenize", json=body).json()
+    billed = chat.post("/v1/chat/completions", json=_body()).json()["usage"]["prompt_tokens"]
+    assert got["ids"] == ids
+    assert got["count"] == len(ids) == billed
+    assert got["max_input_tokens"] > 0
+    bare = chat.post("/v1/tokenize", json={**body, "add_generation_prompt": False}).json()
+    assert bare["count"] < got["count"]  # without "<|im_start|>assistant\n"
+    many = chat.post("/v1/tokenize", json={"texts": [USER, ""], "add_special_tokens": True})
+    assert [d["ids"] for d in many.json()["data"]] == [
+        list(ref.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in (USER, "")
+    ]
+    for wrong, status, words in (
+        ({"text": "a", "messages": body["messages"]}, 422, "exactly one"),
+        ({"messages": []}, 422, "messages is empty"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 422, "messages"),
+    ):
+        resp = chat.post("/v1/tokenize", json=wrong)
+        assert resp.status_code == status, resp.text
+        assert words in resp.json()["error"]["message"]
+
+
+def test_tokenize_refuses_a_conversation_without_a_chat_template(causal: httpx.Client) -> None:
+    resp = causal.post("/v1/tokenize", json={"messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 400
+    assert "no chat template" in resp.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("extra", "status", "words"),
     [

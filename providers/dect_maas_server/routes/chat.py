@@ -76,13 +76,7 @@ def _logprob(x: float) -> float:
 
 def check_chat(req: ChatRequest, engine: Engine, max_logprobs: int) -> list[int]:
     """Refuse what the route cannot answer; return the ``logprob_token_ids`` to report."""
-    if engine.kind != "causal":
-        raise ChatError(400, "this server runs a masked LM: chat completions need a causal LM")
-    if getattr(engine.tokenizer, "chat_template", None) is None:
-        raise ChatError(
-            400,
-            f"model {engine.name!r} has no chat template; use /v1/completions with a plain prompt",
-        )
+    check_template(engine)
     max_tokens = req.max_completion_tokens or req.max_tokens or 1
     if max_tokens != 1:
         raise ChatError(400, "max_tokens must be 1: this server scores, it does not generate")
@@ -104,13 +98,32 @@ def check_chat(req: ChatRequest, engine: Engine, max_logprobs: int) -> list[int]
     return listed
 
 
-def render_chat(engine: Engine, req: ChatRequest) -> Encoded:
-    """The messages through the model's chat template, tokenized as the template wrote them."""
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+def check_template(engine: Engine) -> None:
+    """Refuse a model that cannot render a conversation."""
+    if engine.kind != "causal":
+        raise ChatError(400, "this server runs a masked LM: chat completions need a causal LM")
+    if getattr(engine.tokenizer, "chat_template", None) is None:
+        raise ChatError(
+            400,
+            f"model {engine.name!r} has no chat template; use /v1/completions with a plain prompt",
+        )
+
+
+def chat_ids(
+    engine: Engine, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> list[int]:
+    """The messages through the model's chat template, tokenized as the template wrote them
+    (before truncation): what ``/v1/chat/completions`` scores and ``/v1/tokenize`` counts."""
+    plain = [{"role": m.role, "content": m.text()} for m in messages]
     text = engine.tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
+        plain, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    ids = list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_chat(engine: Engine, req: ChatRequest) -> Encoded:
+    """The messages through the model's chat template, tokenized and truncated."""
+    ids = chat_ids(engine, req.messages)
     try:
         return engine.encode_ids(ids)
     except InputError as exc:
