@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 import warnings
@@ -14,10 +15,11 @@ from pathlib import Path
 
 from dect_maas_server.testing import run_server
 
-__all__ = ["fresh_schema", "postgres", "run_server", "write_config"]
-
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "examples" / "data"
+sys.path.insert(0, str(REPO / "tests"))
+from movie_config import DATA, local_provider, write_movie_config  # noqa: E402
+
+__all__ = ["DATA", "REPO", "fresh_schema", "postgres", "run_server", "write_config"]
 
 
 @contextlib.contextmanager
@@ -49,33 +51,14 @@ def write_config(
 ) -> Path:
     """A zero-shot run of ``n_test`` examples from ``test`` with ledger and cache at ``store``
     (a folder or a postgresql:// URL)."""
-    budget = f"[budget]\nmax_queries = {limit}\n" if limit is not None else ""
-    path.write_text(
-        f"""
-name = "bench"
-shots = [1]
-seeds = [0]
-methods = ["zero_shot"]
-cache_dir = "{store if "://" in store else Path(store) / "cache"}"
-ledger_dir = "{store if "://" in store else Path(store) / "ledger"}"
-output_dir = "runs"
-{budget}
-[provider]
-kind = "local"
-base_url = "{url}"
-max_concurrency = 4
-
-[task]
-template = "{{text}} In summary, it was {{mask}}"
-label_words = {{ negative = "terrible", positive = "great" }}
-
-[data.train]
-path = "{DATA / "movies_train.jsonl"}"
-
-[data.test]
-path = "{test}"
-limit = {n_test}
-""",
-        encoding="utf-8",
+    where = store if "://" in store else None
+    return write_movie_config(
+        path,
+        local_provider(url, max_concurrency=4),
+        name="bench",
+        n_test=n_test,
+        test=test,
+        cache_dir=where or Path(store) / "cache",
+        ledger_dir=where or Path(store) / "ledger",
+        max_queries=limit,
     )
-    return path

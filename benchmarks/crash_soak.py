@@ -34,44 +34,15 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "examples" / "data"
+sys.path.insert(0, str(REPO / "tests"))
+from movie_config import local_provider, write_movie_config  # noqa: E402
 
 
 def write_config(folder: Path, url: str, limit: int, n_test: int) -> Path:
-    path = folder / "soak.toml"
-    path.write_text(
-        f"""
-name = "soak"
-shots = [1]
-seeds = [0]
-methods = ["zero_shot"]
-cache_dir = "cache"
-ledger_dir = "ledger"
-output_dir = "runs"
-
-[budget]
-max_queries = {limit}
-
-[provider]
-kind = "local"
-base_url = "{url}"
-max_prompts_per_request = 1
-max_concurrency = 4
-
-[task]
-template = "{{text}} In summary, it was {{mask}}"
-label_words = {{ negative = "terrible", positive = "great" }}
-
-[data.train]
-path = "{DATA / "movies_train.jsonl"}"
-
-[data.test]
-path = "{DATA / "movies_test.jsonl"}"
-limit = {n_test}
-""",
-        encoding="utf-8",
+    provider = local_provider(url, max_prompts_per_request=1, max_concurrency=4)
+    return write_movie_config(
+        folder / "soak.toml", provider, name="soak", n_test=n_test, max_queries=limit
     )
-    return path
 
 
 def ledger_state(folder: Path) -> dict[str, int]:

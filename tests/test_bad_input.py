@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from movie_config import DATA, local_provider, write_movie_config
 
 from dect_maas import (
     Client,
@@ -30,40 +31,19 @@ from dect_maas import (
 )
 from dect_maas.cli import EXIT_CONFIG, main
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "examples" / "data"
 SECRET = "s3cr3t-Pa55"
 
 
 def write_config(folder: Path, *, base_url: str = "http://127.0.0.1:1", train: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "exp.toml"
-    path.write_text(
-        f"""
-name = "bad-input"
-cache_dir = "cache"
-ledger_dir = "ledger"
-shots = [1]
-seeds = [0]
-
-[provider]
-kind = "local"
-base_url = "{base_url}"
-
-[task]
-template = "{{text}} It was {{mask}}"
-label_words = {{ negative = "terrible", positive = "great" }}
-
-[data.train]
-path = "{train or DATA / "movies_train.jsonl"}"
-
-[data.test]
-path = "{DATA / "movies_test.jsonl"}"
-limit = 4
-""",
-        encoding="utf-8",
+    return write_movie_config(
+        folder / "exp.toml",
+        local_provider(base_url),
+        name="bad-input",
+        methods=None,
+        output_dir=None,
+        train=train or DATA / "movies_train.jsonl",
+        template="{text} It was {mask}",
     )
-    return path
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from movie_config import local_provider, write_movie_config
 
 from dect_maas import ConfigError, DecTClassifier, Ledger
 from dect_maas.cli import EXIT_BUDGET, EXIT_CONFIG, EXIT_OK, main
@@ -40,38 +41,16 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def write_config(folder: Path, url: str, extra: str = "", provider_extra: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "exp.toml"
-    path.write_text(
-        f"""
-name = "cli-test"
-shots = {SHOTS}
-seeds = {SEEDS}
-methods = {json.dumps(METHODS)}
-cache_dir = "cache"
-ledger_dir = "ledger"
-output_dir = "runs"
-{extra}
-
-[provider]
-kind = "local"
-base_url = "{url}"
-{provider_extra}
-
-[task]
-template = "{{text}} In summary, it was {{mask}}"
-label_words = {{ negative = "terrible", positive = "great" }}
-
-[data.train]
-path = "{DATA / "movies_train.jsonl"}"
-
-[data.test]
-path = "{DATA / "movies_test.jsonl"}"
-limit = {N_TEST}
-""",
-        encoding="utf-8",
+    return write_movie_config(
+        folder / "exp.toml",
+        local_provider(url) + "\n" + provider_extra,
+        name="cli-test",
+        shots=SHOTS,
+        seeds=SEEDS,
+        methods=METHODS,
+        n_test=N_TEST,
+        extra=extra,
     )
-    return path
 
 
 def n_train_union() -> int:

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from movie_config import write_movie_config
 
 from dect_maas.cli import EXIT_OK, EXIT_PROVIDER, main
 
 dect_maas_server = pytest.importorskip("dect_maas_server")
 from dect_maas_server.testing import make_tiny_model, run_server  # noqa: E402
-
-DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 
 def closed_port() -> int:
@@ -26,35 +25,7 @@ def closed_port() -> int:
 
 
 def config(folder: Path, provider: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "exp.toml"
-    path.write_text(
-        f"""
-name = "unreachable"
-shots = [1]
-seeds = [0]
-methods = ["dect"]
-cache_dir = "cache"
-ledger_dir = "ledger"
-output_dir = "runs"
-
-[provider]
-{provider}
-
-[task]
-template = "{{text}} In summary, it was {{mask}}"
-label_words = {{ negative = "terrible", positive = "great" }}
-
-[data.train]
-path = "{DATA / "movies_train.jsonl"}"
-
-[data.test]
-path = "{DATA / "movies_test.jsonl"}"
-limit = 4
-""",
-        encoding="utf-8",
-    )
-    return path
+    return write_movie_config(folder / "exp.toml", provider, name="unreachable", methods=["dect"])
 
 
 def last_error(err: str) -> str:

@@ -12,45 +12,16 @@ from pathlib import Path
 
 import pytest
 from faultserver import FaultServer
+from movie_config import local_provider, write_movie_config
 
 from dect_maas import Ledger, Usage
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "examples" / "data"
 
 
 def config(folder: Path, url: str) -> Path:
-    path = folder / "exp.toml"
-    path.write_text(
-        f"""
-name = "signals"
-shots = [1]
-seeds = [0]
-methods = ["zero_shot"]
-cache_dir = "cache"
-ledger_dir = "ledger"
-output_dir = "runs"
-
-[provider]
-kind = "local"
-base_url = "{url}"
-max_prompts_per_request = 1
-max_concurrency = 2
-
-[task]
-template = "{{text}} In summary, it was {{mask}}"
-label_words = {{ negative = "terrible", positive = "great" }}
-
-[data.train]
-path = "{DATA / "movies_train.jsonl"}"
-
-[data.test]
-path = "{DATA / "movies_test.jsonl"}"
-limit = 40
-""",
-        encoding="utf-8",
-    )
-    return path
+    provider = local_provider(url, max_prompts_per_request=1, max_concurrency=2)
+    return write_movie_config(folder / "exp.toml", provider, name="signals", n_test=40)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
