@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         # DecT's training: its k·C + 1 queries at the run's seconds per query, plus its fit
         n_classes = len(spec["label_words"])
         dect_queries = args.shots * n_classes + 1
-        paid = r.usage.get("queries_paid", 0) - c.get("queries_paid", 0)
-        non_bbt_query_s = r.query_seconds - c.get("query_seconds", 0.0)
-        # a resumed run finds DecT's queries in the cache: their time is not measured here, and a
-        # fit-only figure would flatter DecT (measure it with a fresh --work)
-        dect_wall = dect_queries * non_bbt_query_s / paid + dect.fit_seconds if paid > 0 else None
+        # r.usage and r.query_seconds are the features phase alone (DecT's queries, not BBT's).
+        # A resumed run finds them in the cache: their time is not measured, and a fit-only
+        # figure would flatter DecT (measure it with a fresh --work)
+        paid = r.usage.get("queries_paid", 0)
+        dect_wall = dect_queries * r.query_seconds / paid + dect.fit_seconds if paid > 0 else None
         bbt_wall = c["train_query_seconds"] + c["train_local_seconds"]
         return {
             "wall": wall,

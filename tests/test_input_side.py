@@ -434,3 +434,42 @@ def test_input_side_benchmark_writes_its_json_and_the_papers_ratios(
         (bbt["train_query_seconds"] + bbt["train_local_seconds"])
         / (dect["train_query_seconds"] + dect["train_local_seconds"])
     )
+
+
+def test_bbt_curve_takes_dects_time_from_the_run_that_paid_it_and_none_from_a_replay(
+    server_url: str, tmp_path: Path
+) -> None:
+    """benchmarks/bbt_curve.py: DecT's training time is its k·C + 1 queries at the features
+    phase's seconds per query plus its fit; run again, everything is replayed from the cache and
+    DecT's time is not reported (a fit-only figure would flatter it)."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bbt_curve.py"
+    spec = importlib.util.spec_from_file_location("bench_bbt_curve", path)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pytest.importorskip("cma")
+    train, test = short_data(tmp_path / "data")
+    argv = ["--server-url", server_url, "--train", str(train), "--test", str(test)]
+    argv += ["--shots", "2", "--budget", "3", "--curve-every", "3", "--bbt-test-limit", "4"]
+    argv += ["--work", str(tmp_path / "work")]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert bench.main([*argv, "--json", str(first)]) == 0
+    out = json.loads(first.read_text())
+    assert out["dect_train_queries"] == 2 * 2 + 1
+    assert out["dect_train_wall_seconds"] > out["dect_fit_seconds"] > 0
+    assert out["ratio_train_queries_bbt_over_dect"] == pytest.approx(3.0)
+    assert out["ratio_train_wall_bbt_over_dect"] == pytest.approx(
+        out["bbt_train_wall_seconds"] / out["dect_train_wall_seconds"]
+    )
+    assert out["bbt_calls_replayed_from_cache"] == 0
+    assert bench.main([*argv, "--json", str(second)]) == 0
+    again = json.loads(second.read_text())
+    assert again["usage"]["queries_paid"] == 0
+    assert again["dect_train_wall_seconds"] is None
+    assert again["ratio_train_wall_bbt_over_dect"] is None
+    assert again["bbt_calls_replayed_from_cache"] == 3
+    assert again["bbt_accuracy"] == out["bbt_accuracy"]
