@@ -148,12 +148,14 @@ class Guard:
             else:
                 await self.app(scope, replay, tracked_send)
         except asyncio.CancelledError:
-            # Ours alone (no other cancel pending, e.g. a server shutdown): the client is gone,
-            # there is no one to answer, and uvicorn must not log it as a failure.
-            if not abandoned or task.uncancel() > 0:
+            if not abandoned:
                 raise
             abandoned = False
             self._abandoned(scope, started, record)
+            # Ours alone: the client is gone, there is no one to answer, and uvicorn must not
+            # log it as a failure. Another cancel pending too (a server shutdown): let it go on.
+            if task.uncancel() > 0:
+                raise
         finally:
             watcher.cancel()
             dropped_rows.reset(token)
@@ -165,11 +167,12 @@ class Guard:
         headers, no query string: nothing a client sent can reach the log)."""
         with self.metrics.lock:
             self.metrics.requests_abandoned += 1
+        path = "".join(c if c.isprintable() else "?" for c in str(scope.get("path", ""))[:200])
         logger.info(
             "client went away after %.2f s, before the answer to %s %s: %d queued rows dropped",
             time.monotonic() - started,
             scope.get("method", ""),
-            scope.get("path", ""),
+            path,  # one line whatever the client put in its path
             record.rows,
         )
 

@@ -73,12 +73,17 @@ def _request(kind: str, texts: list[str], soft: str) -> tuple[str, dict[str, Any
         return "/v1/features", {"inputs": texts, "label_token_ids": LABELS}
     if kind == "soft_prompt":
         return "/v1/features", {"inputs": texts, "label_token_ids": LABELS, "prompt_embeds": soft}
+    if kind == "completions":
+        return "/v1/completions", {"prompt": texts, "max_tokens": 1, "logprobs": 3}
     assert kind == "embeddings"
     return "/v1/embeddings", {"input": texts}
 
 
 def _values(kind: str, resp: httpx.Response) -> list[np.ndarray]:
     assert resp.status_code == 200, resp.text
+    if kind == "completions":
+        choices = resp.json()["choices"]
+        return [np.asarray(sorted(c["logprobs"]["top_logprobs"][0].values())) for c in choices]
     data = resp.json()["data"]
     if kind == "embeddings":
         return [np.asarray(d["embedding"]) for d in data]
@@ -123,7 +128,7 @@ def _held(server: Server) -> Iterator[None]:
         server.hold.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("kind", ["features", "soft_prompt", "embeddings"])
+@pytest.mark.parametrize("kind", ["features", "soft_prompt", "embeddings", "completions"])
 def test_rows_of_a_client_that_went_away_are_never_computed(
     server: Server, soft_prompt: str, kind: str
 ) -> None:
