@@ -9,6 +9,7 @@ does); those that stay use httpx.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -203,3 +204,51 @@ def test_a_client_that_stays_is_never_dropped(server: Server, soft_prompt: str) 
     assert after["requests_abandoned_total"] == before["requests_abandoned_total"]
     assert after["rows_dropped_total"] == before["rows_dropped_total"]
     assert after["queries_total"] - before["queries_total"] == 2 * len(TEXTS[:3])
+
+
+def test_rows_taken_for_a_later_pass_of_the_same_batch_are_dropped_too(
+    tiny_causal: Path, tmp_path: Path
+) -> None:
+    """A batch of very different lengths runs as several passes; when the first is running,
+    the rows of the later ones are not started yet, so a cancelled request loses them too."""
+    from dect_maas_server.batcher import Batcher, Metrics, split_by_length
+    from dect_maas_server.engine import load_engine
+
+    engine = load_engine(str(tiny_causal))
+    short, long = engine.encode_many(["good", " ".join(TEXTS)])
+    assert len(split_by_length([len(short.ids), len(long.ids)], 4096)) == 2
+    hold = tmp_path / "hold"
+    hold.touch()
+    metrics = Metrics()
+    batcher = Batcher(
+        engine,
+        max_batch_size=8,
+        max_wait_ms=200,  # both requests are in the queue long before the batch is taken
+        max_queue=64,
+        max_batch_tokens=4096,
+        metrics=metrics,
+        test_hold_file=str(hold),
+    )
+    batcher.start()
+
+    async def main() -> None:
+        stays = asyncio.create_task(batcher.submit_labels([short], LABELS))
+        leaves = asyncio.create_task(batcher.submit_labels([long, long], LABELS))
+        while not hold.with_name("hold.held").exists():  # the short pass is held
+            await asyncio.sleep(0.01)
+        assert batcher.depth == 0  # the long rows were taken with it, for the next pass
+        leaves.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaves
+        assert metrics.rows_dropped == 2
+        hold.unlink()
+        result = await stays
+        assert result.logits.shape == (1, len(LABELS))
+
+    try:
+        asyncio.run(main())
+    finally:
+        hold.unlink(missing_ok=True)
+        batcher.stop()
+    assert metrics.queries == 1  # the long pass never ran
+    assert metrics.batches == 1
