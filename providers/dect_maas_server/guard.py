@@ -38,6 +38,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("dect_maas_server")
 
 
+def _uncancel(task: asyncio.Task[Any]) -> int:
+    """``Task.uncancel()``, which Python 3.10 lacks: there a caught cancellation leaves no
+    pending count behind (and a shutdown's cancel meeting a disconnect is taken for ours)."""
+    uncancel = getattr(task, "uncancel", None)
+    return int(uncancel()) if uncancel is not None else 0
+
+
 class Guard:
     """ASGI middleware: key check, body limit, request counter, raw routes (see the module)."""
 
@@ -154,13 +161,13 @@ class Guard:
             self._abandoned(scope, started, record)
             # Ours alone: the client is gone, there is no one to answer, and uvicorn must not
             # log it as a failure. Another cancel pending too (a server shutdown): let it go on.
-            if task.uncancel() > 0:
+            if _uncancel(task) > 0:
                 raise
         finally:
             watcher.cancel()
             dropped_rows.reset(token)
             if abandoned:  # the route swallowed the cancellation and answered anyway
-                task.uncancel()
+                _uncancel(task)
 
     def _abandoned(self, scope: Scope, started: float, record: DroppedRows) -> None:
         """Count and log a request whose client went away before its answer (no body, no
