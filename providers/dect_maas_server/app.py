@@ -28,6 +28,7 @@ from .engine import Engine
 from .guard import Guard
 from .routes import chat, completions, embeddings, features, fill_mask, info, tokenize
 from .routes.features import features_body
+from .soft_prompt import SoftPromptBatcher
 from .state import ApiError, AppState, Limits, error_response, validation_message
 
 __all__ = [
@@ -73,8 +74,11 @@ def create_app(
     max_batch_tokens: int = 16384,
     limits: Limits | None = None,
     on_startup: Callable[[], None] | None = None,
+    test_hold_file: str | None = None,
 ) -> Guard:
-    """Build the ASGI app (FastAPI wrapped in ``Guard``); the batcher lives with the app."""
+    """Build the ASGI app (FastAPI wrapped in ``Guard``); the batcher lives with the app.
+
+    ``test_hold_file`` is for tests only (see ``batcher.TEST_HOLD_ENV``)."""
     limits = limits or Limits()
     metrics = Metrics()
     state = AppState(
@@ -86,6 +90,7 @@ def create_app(
             max_queue=max_queue,
             max_batch_tokens=max_batch_tokens,
             metrics=metrics,
+            test_hold_file=test_hold_file,
         ),
         metrics=metrics,
         limits=limits,
@@ -93,6 +98,7 @@ def create_app(
             max_workers=max(1, min(4, os.cpu_count() or 1)),
             thread_name_prefix="dect-maas-tokenize",
         ),
+        soft_batcher=SoftPromptBatcher(engine, metrics=metrics, test_hold_file=test_hold_file),
     )
 
     @asynccontextmanager

@@ -7,6 +7,11 @@ releases the GIL, so the event loop keeps answering) and resolves the handlers' 
 
 A request's queries may land in different forward passes; each request has one future, resolved
 when its last query is scored, and each forward pass wakes the event loop once, not per query.
+
+When a handler is cancelled (its client went away: ``Guard`` watches the connection), its
+queries that no forward pass has started are dropped at once, so a killed client's queued work
+is never computed; those already inside a running pass finish (torch cannot be interrupted) and
+their results are discarded.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +34,33 @@ import numpy.typing as npt
 from .engine import Encoded, Engine, ItemOutput
 
 logger = logging.getLogger("dect_maas_server")
+
+#: Test-only: while the file named here exists, every forward pass waits before it starts (its
+#: rows already taken from the queue), and ``<file>.held`` is created, so that a test can build
+#: a queue behind a pass deterministically. Read by the CLI; never set it in production.
+TEST_HOLD_ENV = "DECT_MAAS_SERVER_TEST_HOLD"
+
+
+def wait_while_held(hold_file: str | None) -> None:
+    """In the model thread, before a forward pass: wait while the test hold file exists."""
+    if not hold_file or not os.path.exists(hold_file):
+        return
+    with open(hold_file + ".held", "w"):
+        pass
+    while os.path.exists(hold_file):
+        time.sleep(0.005)
+
+
+@dataclass
+class DroppedRows:
+    """How many of one HTTP request's queued rows were dropped because its client went away."""
+
+    rows: int = 0
+
+
+#: Set by ``Guard`` around each request, so the batchers, which drop rows in the cancelled
+#: handler's own context, can tell the one log line per abandoned request how many there were.
+dropped_rows: ContextVar[DroppedRows | None] = ContextVar("dect_maas_dropped_rows", default=None)
 
 
 class QueueFull(Exception):
@@ -129,6 +163,9 @@ class Metrics:
         self.header_timeouts = 0
         self.body_timeouts = 0
         self.headers_too_large = 0
+        # Clients that went away before their answer, and the queued rows not computed for them.
+        self.requests_abandoned = 0
+        self.rows_dropped = 0
         self.lock = threading.Lock()
 
     def record_batch(self, size: int, seconds: float, cpu_seconds: float = 0.0) -> None:
@@ -143,6 +180,14 @@ class Metrics:
     def record_tokenize(self, cpu_seconds: float) -> None:
         with self.lock:
             self.tokenize_cpu_seconds += cpu_seconds
+
+    def record_dropped(self, rows: int) -> None:
+        """Rows of a cancelled handler taken off a queue; call it in the handler's context."""
+        with self.lock:
+            self.rows_dropped += rows
+        record = dropped_rows.get()
+        if record is not None:
+            record.rows += rows
 
     def snapshot(self, queue_depth: int) -> dict[str, Any]:
         with self.lock:
@@ -172,6 +217,8 @@ class Metrics:
                 "header_timeouts_total": self.header_timeouts,
                 "body_timeouts_total": self.body_timeouts,
                 "headers_too_large_total": self.headers_too_large,
+                "requests_abandoned_total": self.requests_abandoned,
+                "rows_dropped_total": self.rows_dropped,
                 "throughput_qps_60s": (recent_q / span) if span > 0 else 0.0,
                 "forward_qps": (self.queries / self.forward_seconds)
                 if self.forward_seconds
@@ -191,6 +238,7 @@ class Batcher:
         max_queue: int,
         max_batch_tokens: int,
         metrics: Metrics,
+        test_hold_file: str | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -198,7 +246,10 @@ class Batcher:
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
+        self.test_hold_file = test_hold_file
         self._pending: collections.deque[_Job] = collections.deque()
+        # Groups taken from ``_pending`` by the worker whose forward pass has not started yet.
+        self._taken: collections.deque[list[_Job]] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="dect-maas-model", daemon=True)
@@ -261,7 +312,24 @@ class Batcher:
                 raise QueueFull(retry_after=self._retry_after(len(jobs)))
             self._pending.extend(jobs)
             self._cond.notify()
-        return await req.future
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            self._drop(req)
+            raise
+
+    def _drop(self, req: _Request) -> None:
+        """The handler of ``req`` was cancelled: take its rows that no pass has started off the
+        queue (and off the groups the worker has taken but not started), so they are never
+        computed; a pass already running finishes and ``_resolve`` skips the cancelled future."""
+        with self._cond:
+            before = len(self._pending) + sum(len(g) for g in self._taken)
+            self._pending = collections.deque(j for j in self._pending if j.request is not req)
+            groups = [[j for j in g if j.request is not req] for g in self._taken]
+            self._taken = collections.deque(g for g in groups if g)
+            dropped = before - len(self._pending) - sum(len(g) for g in self._taken)
+        if dropped:
+            self.metrics.record_dropped(dropped)
 
     def _retry_after(self, extra: int) -> int:
         snap = self.metrics.snapshot(len(self._pending))
@@ -270,12 +338,15 @@ class Batcher:
 
     # -- worker thread ------------------------------------------------------------------
 
-    def _take(self) -> list[_Job] | None:
+    def _take(self) -> bool:
+        """Move the next batch from ``_pending`` to ``_taken``, split into groups of similar
+        length, under one hold of the lock, so that ``_drop`` always finds a row not started;
+        False when stopping."""
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
             if not self._pending:
-                return None
+                return False
             deadline = self._pending[0].enqueued + self.max_wait
             while len(self._pending) < self.max_batch_size and not self._stopping:
                 remaining = deadline - time.monotonic()
@@ -285,7 +356,8 @@ class Batcher:
             if len(self._pending) <= self.max_batch_size:
                 batch = list(self._pending)
                 self._pending.clear()
-                return batch
+                self._split(batch)
+                return True
             # More than a batch waiting: the oldest job plus those closest to it in length.
             pending = list(self._pending)
             order = sorted(range(len(pending)), key=lambda i: len(pending[i].encoded.ids))
@@ -302,16 +374,31 @@ class Batcher:
             chosen = set(order[best_lo : best_lo + self.max_batch_size])
             batch = [pending[i] for i in sorted(chosen)]
             self._pending = collections.deque(p for i, p in enumerate(pending) if i not in chosen)
-            return batch
+            self._split(batch)
+            return True
+
+    def _split(self, batch: list[_Job]) -> None:
+        """Queue ``batch``'s forward passes: groups that pad little and fit the token cap."""
+        lengths = [len(j.encoded.ids) for j in batch]
+        for group in split_by_length(lengths, self.max_batch_tokens):
+            self._taken.append([batch[i] for i in group])
+
+    def _next_group(self) -> list[_Job] | None:
+        """The jobs of the next forward pass (a group of the last batch taken, or of a new one);
+        None when stopping."""
+        while True:
+            with self._cond:
+                if self._taken:
+                    return self._taken.popleft()
+            if not self._take():
+                return None
 
     def _run(self) -> None:
         while True:
-            batch = self._take()
-            if batch is None:
+            jobs = self._next_group()
+            if jobs is None:
                 return
-            lengths = [len(j.encoded.ids) for j in batch]
-            for group in split_by_length(lengths, self.max_batch_tokens):
-                self._forward([batch[i] for i in group])
+            self._forward(jobs)
 
     def _forward(self, jobs: list[_Job]) -> None:
         """One forward pass; scatter its rows into the requests; wake each event loop once."""
@@ -326,6 +413,7 @@ class Batcher:
         for req in by_request:
             for t in req.labels or ():
                 union.setdefault(t, len(union))
+        wait_while_held(self.test_hold_file)
         started, cpu = time.monotonic(), time.thread_time()
         try:
             scores = self.engine.score(

@@ -192,6 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(args, api_key)
 
 
+def _test_hold_file(env: str) -> str | None:
+    """The test-only hold file from ``env`` (see ``batcher.TEST_HOLD_ENV``), with a warning, so
+    that a server started with it by mistake says why its forward passes may stall."""
+    path = os.environ.get(env) or None
+    if path is not None:
+        logger.warning("%s is set: forward passes wait while %s exists (a test hook)", env, path)
+    return path
+
+
 def serve(args: argparse.Namespace, api_key: str | None) -> int:
     import uvicorn
 
@@ -206,6 +215,7 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
                 captured.clear()
 
     from .app import Limits, create_app
+    from .batcher import TEST_HOLD_ENV
     from .engine import load_engine
     from .protocol import guarded_protocol
 
@@ -287,6 +297,7 @@ def serve(args: argparse.Namespace, api_key: str | None) -> int:
         max_batch_tokens=args.max_batch_tokens,
         limits=limits,
         on_startup=announce,
+        test_hold_file=_test_hold_file(TEST_HOLD_ENV),
     )
     config = uvicorn.Config(
         app,

@@ -16,6 +16,8 @@ own prompt) on the model's own forward with ``logits_to_keep``, which the causal
 uses; no hook of the batcher's is involved. Soft-prompt requests that arrive while a forward pass
 runs are merged into the next one (``SoftPromptBatcher``: every row carries its own request's
 prompt), so BBT's population, sent concurrently, is scored in a few passes rather than twenty.
+A request whose client went away (its handler cancelled) leaves the queue before its pass starts:
+a killed BBT run stops costing forward passes at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .batcher import LabelResult
+from .batcher import LabelResult, Metrics, wait_while_held
 from .engine import Encoded, Engine
 
 __all__ = [
@@ -54,7 +57,7 @@ class SoftPromptError(ValueError):
 Arrays = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue removes a cancelled job by itself
 class _Job:
     items: list[Encoded]
     label_ids: tuple[int, ...]
@@ -67,14 +70,30 @@ class SoftPromptBatcher:
 
     Requests share a pass when they ask for the same label ids and have prompts of the same
     length (BBT's candidates do), up to ``max_rows`` inputs; a request larger than that goes
-    alone. One pass at a time, so concurrent requests never compete for the cores.
+    alone. One pass at a time, so concurrent requests never compete for the cores. With
+    ``metrics``, each pass counts in ``queries_total``/``batches_total`` as the batcher's do, and
+    the rows of cancelled requests in ``rows_dropped_total``.
     """
 
-    def __init__(self, engine: Engine, max_rows: int = 512) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_rows: int = 512,
+        *,
+        metrics: Metrics | None = None,
+        test_hold_file: str | None = None,
+    ) -> None:
         self._engine = engine
         self._max_rows = max_rows
+        self._metrics = metrics
+        self._test_hold_file = test_hold_file
         self._queue: list[_Job] = []
         self._drainer: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Rows queued for a pass not yet started (``/metrics``' ``queue_depth`` counts them)."""
+        return sum(len(job.items) for job in self._queue)
 
     async def score(
         self, items: list[Encoded], label_ids: Sequence[int], prompt: torch.Tensor
@@ -83,7 +102,16 @@ class SoftPromptBatcher:
         self._queue.append(job)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
-        return await job.done
+        try:
+            return await job.done
+        except asyncio.CancelledError:
+            # The client went away: a job still queued is never computed; one in the running
+            # pass is computed and its result dropped by ``_drain``.
+            if job in self._queue:
+                self._queue.remove(job)
+                if self._metrics is not None:
+                    self._metrics.record_dropped(len(job.items))
+            raise
 
     async def _drain(self) -> None:
         while self._queue:
@@ -106,7 +134,7 @@ class SoftPromptBatcher:
             )  # [N, P, H]
             try:
                 logits, logprobs, hidden = await asyncio.to_thread(
-                    score_with_soft_prompt, self._engine, items, key[0], prompts
+                    self._pass, items, key[0], prompts
                 )
             except Exception as exc:
                 for job in batch:
@@ -119,6 +147,19 @@ class SoftPromptBatcher:
                 if not job.done.done():  # its client may have gone
                     job.done.set_result((logits[start:end], logprobs[start:end], hidden[start:end]))
                 start = end
+
+    def _pass(
+        self, items: list[Encoded], label_ids: tuple[int, ...], prompts: torch.Tensor
+    ) -> Arrays:
+        """One forward pass in a worker thread, counted in ``/metrics`` like the batcher's."""
+        wait_while_held(self._test_hold_file)
+        started, cpu = time.monotonic(), time.thread_time()
+        out = score_with_soft_prompt(self._engine, items, label_ids, prompts)
+        if self._metrics is not None:
+            self._metrics.record_batch(
+                len(items), time.monotonic() - started, time.thread_time() - cpu
+            )
+        return out
 
 
 async def soft_prompt_labels(

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from .batcher import Batcher, LabelResult, Metrics, QueueFull
 from .engine import Encoded, Engine, InputError, ItemOutput
+from .soft_prompt import SoftPromptBatcher
 
 __all__ = [
     "ApiError",
@@ -100,6 +101,7 @@ class AppState:
     metrics: Metrics
     limits: Limits
     tokenizer_pool: ThreadPoolExecutor
+    soft_batcher: SoftPromptBatcher
     created: int = field(default_factory=lambda: int(time.time()))
     raw_routes: dict[tuple[str, str], RawRoute] = field(default_factory=dict)
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from dect_maas_server.schemas import FeaturesRequest
-from dect_maas_server.soft_prompt import SoftPromptBatcher, SoftPromptError, soft_prompt_labels
+from dect_maas_server.soft_prompt import SoftPromptError, soft_prompt_labels
 from dect_maas_server.state import ApiError, AppState, error_response, validation_message
 
 __all__ = ["features_body", "register"]
@@ -84,7 +84,7 @@ def features_body(
 
 def register(app: FastAPI, state: AppState) -> None:
     engine = state.engine
-    soft_batcher = SoftPromptBatcher(engine)
+    soft_batcher = state.soft_batcher
 
     async def features_raw(body: bytes) -> Response:
         """``POST /v1/features`` from the raw body (``Guard`` calls it; FastAPI is bypassed)."""

@@ -19,7 +19,8 @@ def register(app: FastAPI, state: AppState) -> None:
 
     @app.get("/metrics")
     async def read_metrics() -> dict[str, Any]:
-        snap = state.metrics.snapshot(batcher.depth)
+        # Rows waiting for a forward pass, in either queue (soft prompts have their own).
+        snap = state.metrics.snapshot(batcher.depth + state.soft_batcher.depth)
         snap.update(
             max_batch_size=batcher.max_batch_size,
             max_wait_ms=batcher.max_wait * 1000.0,
