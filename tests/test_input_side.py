@@ -151,6 +151,19 @@ def config(url: str, folder: Path, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
+def load_benchmark(name: str) -> Any:
+    """A script of ``benchmarks/`` as a module, to call its ``main`` with arguments."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def paid(folder: Path, run_id: str) -> int:
     ledger = Ledger(folder / "ledger")
     try:
@@ -389,17 +402,11 @@ def test_input_side_benchmark_writes_its_json_and_the_papers_ratios(
 ) -> None:
     """benchmarks/input_side.py end to end: its --json (Path arguments included) and the ratios,
     DecT's taken from the run that paid its queries, ICL and BBT run apart with --reference."""
-    import importlib.util
     import json
     import shutil
 
     pytest.importorskip("cma")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "input_side.py"
-    spec = importlib.util.spec_from_file_location("bench_input_side", path)
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("input_side")
     # a seed answered from the cache reports no tokens per prediction: left out, not a 0
     assert bench.mean_paid([None, 300.0, 250.0]) == pytest.approx(275.0)
     assert bench.mean_paid([None, None]) is None
@@ -442,16 +449,10 @@ def test_bbt_curve_takes_dects_time_from_the_run_that_paid_it_and_none_from_a_re
     """benchmarks/bbt_curve.py: DecT's training time is its k·C + 1 queries at the features
     phase's seconds per query plus its fit; run again, everything is replayed from the cache and
     DecT's time is not reported (a fit-only figure would flatter it)."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bbt_curve.py"
-    spec = importlib.util.spec_from_file_location("bench_bbt_curve", path)
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     pytest.importorskip("cma")
+    bench = load_benchmark("bbt_curve")
     train, test = short_data(tmp_path / "data")
     argv = ["--server-url", server_url, "--train", str(train), "--test", str(test)]
     argv += ["--shots", "2", "--budget", "3", "--curve-every", "3", "--bbt-test-limit", "4"]
