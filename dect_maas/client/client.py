@@ -428,17 +428,8 @@ class Client:
     async def _check_pending(self, adapter: Adapter) -> list[RequestSpec]:
         """The paid requests of the embeddings batching check (``_check_batching``) that the
         run would send first: none once its verdict is known."""
-        base, path = adapter.endpoint("vectors")
-        key = verdict_key(base + path, adapter.model_for("vectors"), adapter.hidden_kind("vectors"))
-        if key in self._verdicts:
-            return []
-        if self._cache is not None and await asyncio.to_thread(self._cache.get, key) is not None:
-            return []
-        prompts = [Prompt(i, text) for i, text in enumerate(PROBES)]
-        specs = adapter.build_requests("vectors", prompts, ())
-        if len(specs) != 1:
-            return []
-        return [specs[0], *(adapter.build_requests("vectors", [p], ())[0] for p in prompts)]
+        _, verdict = await self._known_verdict(adapter)
+        return [] if verdict is not None else _probe_specs(adapter)
 
     async def _count(self, adapter: Any, plan: Plan, down: dict[str, str]) -> Counted | None:
         """The server's token counts of ``plan``'s prompts (or a seeded sample of them), asked of
@@ -794,19 +785,13 @@ class Client:
     async def _check_batching(self, adapter: Adapter) -> None:
         """Refuse a vectors endpoint whose batched answers differ from single ones (checked once
         per endpoint, model and pooling; the verdict is cached). See ``_batch_check``."""
-        base, path = adapter.endpoint("vectors")
-        key = verdict_key(base + path, adapter.model_for("vectors"), adapter.hidden_kind("vectors"))
-        verdict = self._verdicts.get(key)
-        if verdict is None and self._cache is not None:
-            verdict = await asyncio.to_thread(self._cache.get, key)
+        key, verdict = await self._known_verdict(adapter)
         if verdict is None:
-            prompts = [Prompt(i, text) for i, text in enumerate(PROBES)]
-            specs = adapter.build_requests("vectors", prompts, ())
-            if len(specs) != 1:
+            specs = _probe_specs(adapter)
+            if not specs:
                 return  # the endpoint takes one input per request: nothing to check
-            alone = [adapter.build_requests("vectors", [p], ())[0] for p in prompts]
             got = []
-            for spec in [specs[0], *alone]:
+            for spec in specs:
                 keys = [probe_key(spec.to_json(), i) for i in range(len(spec.indices))]
                 got.append([r["h"] for r in await self._paid(adapter, spec, keys)])
             cosine = agreement(got[0], [got[1][0], got[2][0]])
@@ -815,12 +800,23 @@ class Client:
                 await asyncio.to_thread(self._cache.set, key, verdict)
         self._verdicts[key] = verdict  # also without a cache: checked once per client
         if not verdict["ok"]:
+            base, path = adapter.endpoint("vectors")
             raise UnsupportedCapability(
                 f"the embeddings endpoint {base}{path} answers a batch of texts differently "
                 f"from the same texts sent alone (cosine {float(verdict['cosine']):.2f}): it "
                 "mis-batches, as llama-cpp-python does. Send one text per request: "
                 "embeddings_batch_size = 1 in the config (max_embedding_inputs=1 in Python)"
             )
+
+    async def _known_verdict(self, adapter: Adapter) -> tuple[str, dict[str, Any] | None]:
+        """The batching check's cache key for ``adapter``'s vectors endpoint, and its verdict
+        if this client or an earlier run already reached one."""
+        base, path = adapter.endpoint("vectors")
+        key = verdict_key(base + path, adapter.model_for("vectors"), adapter.hidden_kind("vectors"))
+        verdict = self._verdicts.get(key)
+        if verdict is None and self._cache is not None:
+            verdict = await asyncio.to_thread(self._cache.get, key)
+        return key, verdict
 
     # -- cache, ledger and label words ------------------------------------------------------------
 
@@ -1030,6 +1026,16 @@ def _may_be_billed(exc: BaseException) -> bool:
     if isinstance(exc, TransportError) and not isinstance(exc, ProviderStatusError):
         return not isinstance(exc.__cause__, _NOT_SENT)
     return False
+
+
+def _probe_specs(adapter: Adapter) -> list[RequestSpec]:
+    """The batching check's paid requests: the probes in one request, then each alone; [] when
+    the vectors endpoint takes one input per request (nothing to check)."""
+    prompts = [Prompt(i, text) for i, text in enumerate(PROBES)]
+    specs = adapter.build_requests("vectors", prompts, ())
+    if len(specs) != 1:
+        return []
+    return [specs[0], *(adapter.build_requests("vectors", [p], ())[0] for p in prompts)]
 
 
 def _root(spec: RequestSpec | None) -> str:
