@@ -40,6 +40,7 @@ __all__ = [
     "TokenCounter",
     "check_urls",
     "count_of",
+    "count_texts_requests",
     "decode_vector",
     "encode_vector",
     "estimate_tokens",
@@ -322,6 +323,25 @@ def _counts(spec: RequestSpec, body: JSON) -> list[int]:
                 if isinstance(found, list):
                     return [len(found)]
     raise malformed(spec, f"tokenize answer has no token count for {n} text(s)")
+
+
+def count_texts_requests(
+    role: Role, base_url: str, model: str, texts: Sequence[str], per_request: int
+) -> list[RequestSpec]:
+    """dect-maas-server's ``/v1/tokenize`` asked for the tokens of ``texts``, ``per_request``
+    at a time, with the special tokens the server adds to every input (free)."""
+    prompts = [Prompt(i, t) for i, t in enumerate(texts)]
+    return [
+        RequestSpec(
+            role=role,
+            method="POST",
+            base_url=base_url,
+            path="/v1/tokenize",
+            body={"model": model, "texts": [p.text for p in part], "add_special_tokens": True},
+            indices=tuple(p.index for p in part),
+        )
+        for part in chunks(prompts, per_request)
+    ]
 
 
 def estimate_tokens(text: str) -> int:

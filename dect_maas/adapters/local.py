@@ -31,6 +31,7 @@ from ._base import (
     check_urls,
     chunks,
     count_of,
+    count_texts_requests,
     decode_vector,
     encode_vector,
     estimate_tokens,
@@ -235,23 +236,9 @@ class LocalAdapter:
         return parse_token_ids(spec, body)
 
     def count_requests(self, role: Role, texts: Sequence[str]) -> list[RequestSpec]:
-        """``/v1/tokenize`` with the special tokens the server adds to every input (free)."""
-        prompts = [Prompt(i, t) for i, t in enumerate(texts)]
-        return [
-            RequestSpec(
-                role=role,
-                method="POST",
-                base_url=self.base_url,
-                path="/v1/tokenize",
-                body={
-                    "model": self.model,
-                    "texts": [p.text for p in part],
-                    "add_special_tokens": True,
-                },
-                indices=tuple(p.index for p in part),
-            )
-            for part in chunks(prompts, self.max_inputs_per_request)
-        ]
+        return count_texts_requests(
+            role, self.base_url, self.model, texts, self.max_inputs_per_request
+        )
 
     def parse_count(self, spec: RequestSpec, body: JSON) -> list[int]:
         return count_of(spec, body)

@@ -33,6 +33,7 @@ from ._base import (
     check_urls,
     chunks,
     count_of,
+    count_texts_requests,
     encode_vector,
     estimate_tokens,
     get,
@@ -288,14 +289,7 @@ class OpenAICompatibleAdapter(NoDiscovery):
             )
 
         if self.tokenize_api == "dect-maas":
-            prompts = [Prompt(i, t) for i, t in enumerate(texts)]
-            return [
-                spec(
-                    {"model": model, "texts": [p.text for p in part], "add_special_tokens": True},
-                    tuple(p.index for p in part),
-                )
-                for part in chunks(prompts, 64)
-            ]
+            return count_texts_requests(role, base, model, texts, 64)
         return [spec(self._count_body(key, model, t), (i,)) for i, t in enumerate(texts)]
 
     def _count_body(self, key: str, model: str, text: str) -> dict[str, JSON]:
