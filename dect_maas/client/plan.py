@@ -348,10 +348,10 @@ def estimate_of(
         counted = (counts or {}).get(role)
         factor = token_factor(adapter, plan, labels)
         unscaled = [soft * len(s.indices) for s in plan.specs]
+        bound = sum(s.input_tokens for s in plan.specs) - sum(unscaled)  # the text's byte bound
         if counted is not None and plan.specs:
             sizes, method, words = _counted(plan, counted, unscaled)
             basis.append(f"{role}: {words}")
-            bound = sum(s.input_tokens for s in plan.specs) - sum(unscaled)
             if ratio is None and bound > 0:
                 ratio = (sum(sizes) - sum(unscaled)) / bound
         else:
@@ -379,7 +379,6 @@ def estimate_of(
         price = price_for(adapter, role)
         extra = list(checks) if role == "vectors" else []
         if extra:
-            bound = sum(s.input_tokens for s in plan.specs) - sum(unscaled)
             scale = (sum(sizes) - sum(unscaled)) / bound if bound > 0 else 1.0
             sizes = [*sizes, *(math.ceil(s.input_tokens * scale) for s in extra)]
             basis.append(
