@@ -298,6 +298,11 @@ class AutoDecTClassifier(FeatureClassifier):
                 # One row per class cannot tell the two prompts apart: no pick, their mixture
                 # (calibrated first: it is the form that takes the class prior)
                 cands = [prompts[1], prompts[0]]
+                why = (
+                    "a class has one example: nothing trained can be checked, and one row per "
+                    "class cannot choose between the prompts, so calibrated zero-shot (shifted to "
+                    "the class prior, if given)"
+                )
                 return self._finish(ctx, cands, _score_fixed(ctx, cands), why, mix_unchecked=True)
             cands = _order_prompts(prompts, _score_fixed(ctx, prompts))
             return self._finish(ctx, cands, _score_fixed(ctx, cands), why)
@@ -441,7 +446,9 @@ class AutoDecTClassifier(FeatureClassifier):
             "rank": [int(v) for v in rank],
         }
         self.best_score_ = float(results[order[0]].accuracy)
-        if self.selection == "1se":
+        if mix_unchecked:
+            pass  # no ranking chose: the reason says why as it is
+        elif self.selection == "1se":
             reason += (
                 ": the first candidate in the search order (DecT with the prompt at λ=2, "
                 "zero-shot, DecT from prompt-heavy to decoder alone, paper, prototype, probe) "
@@ -450,12 +457,6 @@ class AutoDecTClassifier(FeatureClassifier):
             )
         else:
             reason += ": the highest accuracy"
-        if mix_unchecked:
-            reason = (
-                "a class has one example: nothing trained can be checked, and one row per class "
-                "cannot choose between the prompts, so calibrated zero-shot (shifted to the "
-                "class prior, if given)"
-            )
         self.best_params_ = {**best.to_dict(), "reason": reason}
         self._choose_blend(ctx, cands, results, order[0], top, gap_se[order[0]], mix_unchecked)
         return self._refit(ctx, best)
