@@ -53,8 +53,9 @@ def register(app: FastAPI, state: AppState) -> None:
             except ChatError as exc:
                 raise ApiError(exc.status, exc.message) from None
             ids = chat_ids(engine, messages, req.add_generation_prompt)
-            body.update(entry(ids), count=len(ids))
-            body["data"] = [entry(ids)]
+            one = entry(ids)
+            body.update(one, count=len(ids))
+            body["data"] = [one]
             return body
         texts = [req.text] if req.text is not None else list(req.texts or [])
         state.check_count(len(texts))
